@@ -1,0 +1,41 @@
+"""deto: decoupled, network-aware distributed training (DeToNATION / FlexDeMo) for PyTorch.
+
+Inside a node FSDP2 shards everything; between nodes a *replicator* decides what crosses the
+slow network and when.
+"""
+
+from deto.comm import CommStats
+from deto.optim import DecoupledOptimizer
+from deto.prepare import prepare
+from deto.replicators import (
+    DeMo,
+    DiLoCo,
+    Full,
+    NoReplication,
+    RandomSubset,
+    Replicator,
+    Slicing,
+    Striding,
+    make_replicator,
+)
+from deto.schedule import SyncSchedule
+from deto.topology import Topology
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CommStats",
+    "DeMo",
+    "DecoupledOptimizer",
+    "DiLoCo",
+    "Full",
+    "NoReplication",
+    "RandomSubset",
+    "Replicator",
+    "Slicing",
+    "Striding",
+    "SyncSchedule",
+    "Topology",
+    "make_replicator",
+    "prepare",
+]

@@ -1,0 +1,134 @@
+"""The only module that issues collectives across nodes, and the one place bytes are counted.
+
+Every collective runs on the ``replicate`` process group (rank i of every node). Bytes follow
+the ring model for every scheme alike, per rank of the group with ``R`` members and a payload
+of ``n`` bytes:
+
+* all-reduce: ``2 (R - 1) / R * n`` sent and as many received (reduce-scatter + all-gather);
+* all-gather: ``(R - 1) * n`` sent and received (each rank forwards the others' payloads);
+* broadcast: ``(R - 1) / R * n`` sent and received on average (pipelined ring).
+
+Bytes are integers rounded up, so a count is never below what crossed the wire.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, fields
+
+import torch
+import torch.distributed as dist
+
+from deto.compress.packing import pack, unpack
+
+
+@dataclass
+class CommStats:
+    """Inter-node traffic of one optimizer step (or a sum of steps).
+
+    ``bytes_sent``/``bytes_received`` and ``collectives`` are this rank's; ``node_bytes_sent``
+    and ``node_bytes_received`` add up every rank of this node (each rank talks across the
+    network about its own shard only, so a node's traffic is the sum over its ranks).
+    """
+
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    collectives: int = 0
+    seconds: float = 0.0
+    node_bytes_sent: int = 0
+    node_bytes_received: int = 0
+    nonfinite_skipped: int = 0
+
+    def __add__(self, other: CommStats) -> CommStats:
+        return CommStats(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
+
+    def as_dict(self) -> dict[str, float]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def all_reduce_bytes(nbytes: int, group_size: int) -> int:
+    """Bytes one rank sends (and receives) in a ring all-reduce of ``nbytes``."""
+    return math.ceil(2 * (group_size - 1) * nbytes / group_size)
+
+
+def all_gather_bytes(nbytes: int, group_size: int) -> int:
+    """Bytes one rank sends (and receives) in a ring all-gather of ``nbytes`` per rank."""
+    return (group_size - 1) * nbytes
+
+
+def broadcast_bytes(nbytes: int, group_size: int) -> int:
+    """Bytes one rank sends (and receives), on average, in a pipelined ring broadcast."""
+    return math.ceil((group_size - 1) * nbytes / group_size)
+
+
+class Comm:
+    """Collectives over the replicate group, coalesced into one buffer per call, and counted.
+
+    ``group=None`` with ``size=1`` is a single-node run: every call is a local no-op, which is
+    also what the single-process unit tests use.
+    """
+
+    def __init__(self, group: dist.ProcessGroup | None, size: int | None = None) -> None:
+        self.group = group
+        self.size = size if size is not None else dist.get_world_size(group)
+        if self.size < 1:
+            raise ValueError(f"Invalid group size: {self.size}")
+        self.rank = dist.get_rank(group) if group is not None else 0
+        self._stats = CommStats()
+
+    def take_stats(self) -> CommStats:
+        """Return what was counted since the last call, and start counting afresh."""
+        stats, self._stats = self._stats, CommStats()
+        return stats
+
+    def _count(self, sent: int, start: float) -> None:
+        self._stats.bytes_sent += sent
+        self._stats.bytes_received += sent
+        self._stats.collectives += 1
+        self._stats.seconds += time.perf_counter() - start
+
+    def all_reduce_mean(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Average ``tensors`` over the nodes with one all-reduce; returns new tensors.
+
+        Sum then divide (``ReduceOp.AVG`` is NCCL-only). Ring all-reduce hands every rank the
+        same reduced bytes, so the results are bitwise identical across nodes.
+        """
+        if self.size == 1 or not tensors:
+            return [t.clone() for t in tensors]
+        dtype = tensors[0].dtype
+        if any(t.dtype != dtype for t in tensors):
+            raise TypeError("all_reduce_mean needs tensors of one dtype")
+        start = time.perf_counter()
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        dist.all_reduce(flat, group=self.group)
+        flat.div_(self.size)
+        self._count(all_reduce_bytes(flat.numel() * flat.element_size(), self.size), start)
+        return [c.view_as(t) for c, t in zip(flat.split([t.numel() for t in tensors]), tensors, strict=True)]
+
+    def all_gather(self, tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+        """Gather every node's ``tensors`` (same shapes and dtypes on every node), in one call.
+
+        Returns one list per node, in replicate-rank order.
+        """
+        if self.size == 1:
+            return [list(tensors)]
+        buffer, specs = pack(tensors)
+        if buffer.numel() == 0:
+            return [unpack(buffer, specs) for _ in range(self.size)]
+        start = time.perf_counter()
+        gathered = buffer.new_empty(self.size * buffer.numel())
+        dist.all_gather_into_tensor(gathered, buffer, group=self.group)
+        self._count(all_gather_bytes(buffer.numel(), self.size), start)
+        return [unpack(part, specs) for part in gathered.chunk(self.size)]
+
+    def broadcast(self, tensors: list[torch.Tensor], src: int = 0) -> None:
+        """Copy node ``src``'s ``tensors`` into every node's, in place, with one call."""
+        if self.size == 1 or not tensors:
+            return
+        start = time.perf_counter()
+        buffer, specs = pack(tensors)
+        dist.broadcast(buffer, group_src=src, group=self.group)
+        for t, new in zip(tensors, unpack(buffer, specs), strict=True):
+            t.copy_(new)
+        self._count(broadcast_bytes(buffer.numel(), self.size), start)

@@ -1,0 +1,72 @@
+"""Top-k selection per block, and the deterministic aggregation of what the nodes sent.
+
+Indices are stored in the smallest integer dtype that can address a block, so a 64-wide 1-D
+chunk needs one byte per index instead of the reference's four.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+Aggregation = Literal["selected", "all"]
+
+
+def index_dtype(block_numel: int) -> torch.dtype:
+    """Smallest integer dtype holding positions ``0 .. block_numel - 1``."""
+    if block_numel < 1:
+        raise ValueError(f"Invalid block size: {block_numel}")
+    if block_numel <= 256:
+        return torch.uint8
+    if block_numel <= 2**15:
+        return torch.int16
+    return torch.int32
+
+
+def topk_per_block(coeffs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep the ``k`` largest-magnitude entries of each row of ``(num_blocks, m)`` coefficients.
+
+    Returns ``(indices, values)``, both ``(num_blocks, k)``; indices in :func:`index_dtype`.
+    """
+    m = coeffs.shape[-1]
+    if not 1 <= k <= m:
+        raise ValueError(f"Invalid top-k: {k} (block has {m} coefficients)")
+    idx = coeffs.abs().topk(k, dim=-1, sorted=False).indices
+    return idx.to(index_dtype(m)), coeffs.gather(-1, idx)
+
+
+def scatter_blocks(indices: torch.Tensor, values: torch.Tensor, m: int) -> torch.Tensor:
+    """Dense ``(num_blocks, m)`` coefficients holding ``values`` at ``indices``, zero elsewhere."""
+    dense = values.new_zeros(values.shape[:-1] + (m,))
+    return dense.scatter_(-1, indices.long(), values)
+
+
+def aggregate(
+    indices: list[torch.Tensor],
+    values: list[torch.Tensor],
+    m: int,
+    mode: Aggregation = "selected",
+) -> torch.Tensor:
+    """Combine every node's sparse coefficients into one dense ``(num_blocks, m)`` tensor.
+
+    ``selected`` averages each coefficient over the nodes that sent it (the reference's
+    semantics; unsent coefficients are 0); ``all`` divides by the number of nodes.
+
+    Bitwise deterministic: nodes are summed one at a time in rank order, and within one node
+    the indices of a block are distinct, so no two writes race (unlike ``scatter_reduce``).
+    """
+    if len(indices) != len(values) or not indices:
+        raise ValueError("aggregate needs one (indices, values) pair per node")
+    if mode not in ("selected", "all"):
+        raise ValueError(f"Invalid aggregation: {mode!r} (expected 'selected' or 'all')")
+    total = scatter_blocks(indices[0], values[0], m)
+    for idx, val in zip(indices[1:], values[1:], strict=True):
+        total = total + scatter_blocks(idx, val, m)
+    if mode == "all":
+        return total / len(indices)
+    count = torch.zeros_like(total)
+    ones = torch.ones_like(values[0])
+    for idx in indices:
+        count.scatter_add_(-1, idx.long(), ones)
+    return total / count.clamp_(min=1)

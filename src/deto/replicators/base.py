@@ -1,0 +1,190 @@
+"""The replicator interface: what crosses the node boundary, and when.
+
+A replicator owns the parameters it covers (optionally filtered by name) and keeps its own
+per-parameter state, so several replicators never share or overwrite each other's buffers.
+Gradient replicators turn each node's (node-averaged, sharded) gradient into the gradient the
+base optimizer uses; parameter replicators act on parameters after the base step.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch.distributed.tensor import DTensor
+
+from deto._validate import check_float
+from deto.comm import Comm
+from deto.schedule import SyncSchedule
+
+ParamFilter = Callable[[str, torch.Tensor], bool]
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a (possibly sharded) tensor; in-place changes reach the parameter."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One parameter as a replicator sees it."""
+
+    index: int  # position among all the optimizer's parameters; equal on every node
+    name: str
+    param: torch.Tensor
+
+    @property
+    def local(self) -> torch.Tensor:
+        return local_tensor(self.param)
+
+
+class Replicator(ABC):
+    """Base class of every scheme; subclasses implement the math, this class the bookkeeping.
+
+    Args:
+        every: fire on every ``every``-th optimizer step.
+        skip_every: additionally skip every ``skip_every``-th step (0 = never).
+        offset: shift the schedule by this many steps.
+        include: ``(name, param) -> bool`` choosing the parameters this replicator covers
+            (default: all). With several gradient replicators, a parameter is replicated by the
+            first one in order that covers it and fires on the step.
+    """
+
+    name: ClassVar[str]
+    acts_on: ClassVar[Literal["grad", "param"]] = "grad"
+    promises_identical_replicas: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        *,
+        every: int = 1,
+        skip_every: int = 0,
+        offset: int = 0,
+        include: ParamFilter | None = None,
+    ) -> None:
+        self.schedule = SyncSchedule(every=every, skip_every=skip_every, offset=offset)
+        if include is not None and not callable(include):
+            raise TypeError(f"include must be callable, got {type(include).__name__}")
+        self.include = include
+        self.fired = 0  # replication steps done so far
+        self.slots: list[Slot] = []
+        self.state: list[dict[str, torch.Tensor]] = []
+
+    def covers(self, name: str, param: torch.Tensor) -> bool:
+        return self.include is None or bool(self.include(name, param))
+
+    def bind(self, slots: list[Slot]) -> None:
+        """Attach to the covered parameters and create their state."""
+        self.slots = slots
+        self.state = [self.init_state(s.local) for s in slots]
+
+    def init_state(self, local: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-parameter state for a local shard; stateless schemes keep the empty default."""
+        return {}
+
+    # -- gradient replicators ---------------------------------------------------------------
+    def replicate(
+        self, positions: list[int], grads: list[torch.Tensor], lrs: list[float], comm: Comm
+    ) -> list[torch.Tensor]:
+        """Exchange what this scheme sends for ``slots[positions]`` and return their gradients.
+
+        Every node calls this with the same positions (the schedule and coverage depend only on
+        the step and the model), so the collectives line up.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not replicate gradients")
+
+    def defer(self, positions: list[int], grads: list[torch.Tensor], lrs: list[float]) -> None:
+        """Fold a step's gradients into the state on a step the schedule skips; nothing is sent."""
+        raise NotImplementedError(f"{type(self).__name__} does not replicate gradients")
+
+    # -- parameter replicators --------------------------------------------------------------
+    def after_step(self, comm: Comm) -> None:
+        """Act on the covered parameters after the base optimizer's step."""
+        raise NotImplementedError(f"{type(self).__name__} does not replicate parameters")
+
+    # -- checkpointing ----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "fired": self.fired,
+            "params": [s.name for s in self.slots],
+            "state": [{k: v.clone() for k, v in st.items()} for st in self.state],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("name") != self.name:
+            raise ValueError(f"State of replicator {state.get('name')!r} loaded into {self.name!r}")
+        names = [s.name for s in self.slots]
+        if state["params"] != names:
+            raise ValueError(f"{self.name}: saved state covers other parameters than this model's")
+        self.fired = int(state["fired"])
+        self.state = []
+        for slot, saved in zip(self.slots, state["state"], strict=True):
+            self.state.append({k: v.to(slot.local.device) for k, v in saved.items()})
+
+    def extra_repr(self) -> str:
+        return ""
+
+    def __repr__(self) -> str:
+        s = self.schedule
+        sched = f"every={s.every}" + (f", skip_every={s.skip_every}" if s.skip_every else "")
+        extra = self.extra_repr()
+        return f"{type(self).__name__}({extra}{', ' if extra else ''}{sched})"
+
+
+class MomentumReplicator(Replicator):
+    """A gradient replicator with a decoupled momentum buffer ``delta`` per local shard.
+
+    ``delta <- decay * delta + lr * grad`` every step; what a scheme sends is subtracted from
+    ``delta`` (error feedback), so what is not sent now is sent later.
+    """
+
+    def __init__(self, *, decay: float, **schedule: Any) -> None:
+        self.decay = check_float("decay", decay, 0.0, 1.0, high_open=True)
+        super().__init__(**schedule)
+
+    def init_state(self, local: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"delta": torch.zeros_like(local, dtype=torch.float32)}
+
+    def defer(self, positions: list[int], grads: list[torch.Tensor], lrs: list[float]) -> None:
+        for pos, grad, lr in zip(positions, grads, lrs, strict=True):
+            self.state[pos]["delta"].mul_(self.decay).add_(grad, alpha=lr)
+
+    def replicate(
+        self, positions: list[int], grads: list[torch.Tensor], lrs: list[float], comm: Comm
+    ) -> list[torch.Tensor]:
+        self.defer(positions, grads, lrs)
+        out = self.exchange(positions, [self.state[p]["delta"] for p in positions], comm)
+        self.fired += 1
+        return out
+
+    @abstractmethod
+    def exchange(
+        self, positions: list[int], deltas: list[torch.Tensor], comm: Comm
+    ) -> list[torch.Tensor]:
+        """Send part of each ``delta`` (subtracting it in place); return the decoded averages."""
+
+
+REGISTRY: dict[str, type[Replicator]] = {}
+
+
+def register(cls: type[Replicator]) -> type[Replicator]:
+    """Class decorator adding a replicator to the name registry under ``cls.name``."""
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def make_replicator(name: str, **options: Any) -> Replicator:
+    """Build a replicator from its registry name; unknown names list the valid ones."""
+    if not isinstance(name, str):
+        raise TypeError(f"replicator name must be a str, got {type(name).__name__}")
+    try:
+        cls = REGISTRY[name.lower()]
+    except KeyError:
+        raise ValueError(
+            f"Unknown replicator: {name!r} (valid: {', '.join(sorted(REGISTRY))})"
+        ) from None
+    return cls(**options)

@@ -1,0 +1,102 @@
+"""Random, Striding and Slicing: all-reduce a subset of the rows of each ``delta``.
+
+No indices are sent: every node derives the same rows from the step count (and, for Random,
+a shared seed). Rows are those of the shard viewed as ``(shape[0], -1)``; a 1-D shard's rows
+are its elements. Every shard sends at least one row per replication, however small it is.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import abstractmethod
+from typing import Any
+
+import torch
+
+from deto._validate import check_float, check_int
+from deto.comm import Comm
+from deto.replicators.base import MomentumReplicator, register
+
+
+def subset_size(rows: int, rate: float) -> int:
+    """Rows sent per replication: ``round(rate * rows)``, at least 1, at most ``rows``."""
+    return min(rows, max(1, round(rate * rows)))
+
+
+def row_view(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(t.shape[0], -1) if t.dim() >= 2 else t.reshape(-1, 1)
+
+
+class SubsetReplicator(MomentumReplicator):
+    """Shared mechanics of the row-subset schemes; subclasses only choose the rows."""
+
+    def __init__(self, rate: float = 1 / 16, decay: float = 0.999, **schedule: Any) -> None:
+        self.rate = check_float("rate", rate, 0.0, 1.0, low_open=True)
+        super().__init__(decay=decay, **schedule)
+
+    def extra_repr(self) -> str:
+        return f"rate={self.rate}, decay={self.decay}"
+
+    @abstractmethod
+    def rows(self, index: int, n: int) -> torch.Tensor:
+        """Row indices (CPU, int64, distinct) of parameter ``index`` with ``n`` rows to send."""
+
+    def exchange(
+        self, positions: list[int], deltas: list[torch.Tensor], comm: Comm
+    ) -> list[torch.Tensor]:
+        views = [row_view(d) for d in deltas]
+        chosen = [
+            self.rows(self.slots[p].index, v.shape[0]).to(v.device) if v.numel() else None
+            for p, v in zip(positions, views, strict=True)
+        ]
+        picked = [v[c] for v, c in zip(views, chosen, strict=True) if c is not None]
+        averaged = iter(comm.all_reduce_mean(picked))
+        out = []
+        for d, v, c in zip(deltas, views, chosen, strict=True):
+            q = torch.zeros_like(d)
+            if c is not None:
+                row_view(q)[c] = next(averaged)
+                v[c] = 0.0  # error feedback: the sent rows leave delta, after sending them
+            out.append(q)
+        return out
+
+
+@register
+class RandomSubset(SubsetReplicator):
+    """A fresh random subset of rows each replication, drawn from a seed shared by all nodes."""
+
+    name = "random"
+
+    def __init__(self, rate: float = 1 / 16, decay: float = 0.999, *, seed: int = 0, **schedule: Any) -> None:
+        self.seed = check_int("seed", seed, 0)
+        super().__init__(rate, decay, **schedule)
+
+    def rows(self, index: int, n: int) -> torch.Tensor:
+        gen = torch.Generator().manual_seed((self.seed * 1_000_003 + self.fired) * 65_537 + index)
+        return torch.randperm(n, generator=gen)[: subset_size(n, self.rate)]
+
+
+@register
+class Striding(SubsetReplicator):
+    """Rows ``o, o + s, o + 2s, ...`` with stride ``s = round(1 / rate)`` and ``o`` cycling.
+
+    Over ``s`` consecutive replications every row is sent exactly once.
+    """
+
+    name = "striding"
+
+    def rows(self, index: int, n: int) -> torch.Tensor:
+        stride = max(1, round(1 / self.rate))
+        count = math.ceil(n / stride)
+        return (self.fired % stride + torch.arange(count) * stride) % n
+
+
+@register
+class Slicing(SubsetReplicator):
+    """A contiguous window of rows that moves on by its own length each replication (wrapping)."""
+
+    name = "slicing"
+
+    def rows(self, index: int, n: int) -> torch.Tensor:
+        count = subset_size(n, self.rate)
+        return (self.fired * count + torch.arange(count)) % n

@@ -1,0 +1,109 @@
+"""Where every rank sits: ``nodes x ranks_per_node`` and the 2-D device mesh over them.
+
+The mesh has two axes with two owners: ``replicate`` (size = nodes; rank i of every node, the
+slow network) belongs to the replicators, ``shard`` (size = ranks per node; the fast links
+inside a node) belongs to FSDP2. Rank ``node * ranks_per_node + local`` is at ``[node, local]``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from deto._validate import check_int
+
+MESH_DIMS = ("replicate", "shard")
+
+
+@dataclass(frozen=True)
+class Topology:
+    """The cluster shape. The device type (and so the backend) is derived, never hard-coded.
+
+    Args:
+        nodes: number of nodes (R), the size of the ``replicate`` axis.
+        ranks_per_node: accelerators per node (S), the size of the ``shard`` axis.
+        device: ``"cpu"``, ``"cuda"`` or ``None`` (CUDA when available, else CPU).
+    """
+
+    nodes: int
+    ranks_per_node: int = 1
+    device: str | None = None
+
+    def __post_init__(self) -> None:
+        check_int("nodes", self.nodes, 1)
+        check_int("ranks_per_node", self.ranks_per_node, 1)
+        if self.device is not None and torch.device(self.device).type not in ("cpu", "cuda"):
+            raise ValueError(f"Invalid device: {self.device!r} (expected 'cpu' or 'cuda')")
+
+    @classmethod
+    def from_env(cls, device: str | None = None) -> Topology:
+        """Read the shape of a torchrun launch (``WORLD_SIZE``, ``LOCAL_WORLD_SIZE``)."""
+        try:
+            world = int(os.environ["WORLD_SIZE"])
+        except (KeyError, ValueError):
+            raise ValueError("WORLD_SIZE is not set: launch with torchrun or use Topology(...)") from None
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        if per_node < 1 or world % per_node:
+            raise ValueError(f"WORLD_SIZE={world} is not a multiple of LOCAL_WORLD_SIZE={per_node}")
+        return cls(nodes=world // per_node, ranks_per_node=per_node, device=device)
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.ranks_per_node
+
+    @property
+    def device_type(self) -> str:
+        if self.device is not None:
+            return torch.device(self.device).type
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    @property
+    def backend(self) -> str:
+        return "nccl" if self.device_type == "cuda" else "gloo"
+
+    def init(self, timeout: datetime.timedelta | None = None) -> DeviceMesh:
+        """Initialise the default process group if needed, check the world, build the mesh."""
+        if not dist.is_initialized():
+            kwargs = {"timeout": timeout} if timeout is not None else {}
+            dist.init_process_group(self.backend, **kwargs)
+        world = dist.get_world_size()
+        if world != self.world_size:
+            raise ValueError(
+                f"World size {world} does not equal nodes x ranks_per_node = "
+                f"{self.nodes} x {self.ranks_per_node} = {self.world_size}"
+            )
+        if self.device_type == "cuda":
+            torch.cuda.set_device(self.local_rank % torch.cuda.device_count())
+        return self.mesh
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank()
+
+    @property
+    def node(self) -> int:
+        return self.rank // self.ranks_per_node
+
+    @property
+    def local_rank(self) -> int:
+        return self.rank % self.ranks_per_node
+
+    @property
+    def torch_device(self) -> torch.device:
+        if self.device_type == "cuda":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    @functools.cached_property
+    def mesh(self) -> DeviceMesh:
+        if not dist.is_initialized():
+            raise RuntimeError("Call Topology.init() (or deto.prepare) before using the mesh")
+        return init_device_mesh(
+            self.device_type, (self.nodes, self.ranks_per_node), mesh_dim_names=MESH_DIMS
+        )
