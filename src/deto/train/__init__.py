@@ -1,0 +1,1 @@
+"""Training: the loop, launching ranks, and emulating the network between nodes."""
