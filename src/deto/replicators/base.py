@@ -107,11 +107,12 @@ class Replicator(ABC):
 
     # -- checkpointing ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        """Counters and buffers; like torch optimizers', tensors are references, not copies."""
         return {
             "name": self.name,
             "fired": self.fired,
             "params": [s.name for s in self.slots],
-            "state": [{k: v.clone() for k, v in st.items()} for st in self.state],
+            "state": [dict(st) for st in self.state],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -123,7 +124,7 @@ class Replicator(ABC):
         self.fired = int(state["fired"])
         self.state = []
         for slot, saved in zip(self.slots, state["state"], strict=True):
-            self.state.append({k: v.to(slot.local.device) for k, v in saved.items()})
+            self.state.append({k: v.to(slot.local.device, copy=True) for k, v in saved.items()})
 
     def extra_repr(self) -> str:
         return ""

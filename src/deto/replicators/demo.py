@@ -35,13 +35,19 @@ class Plan:
 
 
 def plan_shard(
-    shape: tuple[int, ...], *, topk: int, chunk: int, blocks: BlockMode, value_bytes: int
+    shape: tuple[int, ...],
+    *,
+    topk: int,
+    chunk: int,
+    blocks: BlockMode,
+    value_bytes: int,
+    dense_fallback: bool = True,
 ) -> Plan:
     """Choose blocks and the per-block ``k`` of a shard.
 
     ``topk`` counts coefficients per nominal block (``chunk`` in 1-D, ``chunk x chunk`` in 2-D);
     smaller blocks keep the same fraction, at least one. A shard whose sparse payload would not
-    be smaller than its dense fp32 bytes is sent dense instead.
+    be smaller than its dense fp32 bytes is sent dense instead, unless ``dense_fallback`` is off.
     """
     layout = make_layout(shape, chunk, blocks)
     if layout.num_blocks == 0:
@@ -50,7 +56,7 @@ def plan_shard(
     m = layout.block_numel
     k = min(m, max(1, round(topk * m / nominal)))
     sparse = layout.num_blocks * k * (index_dtype(m).itemsize + value_bytes)
-    return Plan(layout, 0 if sparse >= layout.numel * 4 else k)
+    return Plan(layout, 0 if dense_fallback and sparse >= layout.numel * 4 else k)
 
 
 @register
@@ -67,6 +73,8 @@ class DeMo(MomentumReplicator):
         values: wire dtype of the values, ``"fp32"`` or ``"bf16"``.
         aggregation: ``"selected"`` averages each coefficient over the nodes that sent it (the
             reference); ``"all"`` divides by the number of nodes.
+        dense_fallback: all-reduce a shard dense when its top-k payload would not be smaller
+            (tiny tensors); off, every shard goes through the DCT, whatever it costs.
     """
 
     name = "demo"
@@ -80,6 +88,7 @@ class DeMo(MomentumReplicator):
         blocks: BlockMode = "2d",
         values: str = "fp32",
         aggregation: str = "selected",
+        dense_fallback: bool = True,
         **schedule: Any,
     ) -> None:
         self.topk = check_int("topk", topk, 1)
@@ -90,6 +99,9 @@ class DeMo(MomentumReplicator):
         self.blocks: BlockMode = check_choice("blocks", blocks, ("1d", "2d"))  # type: ignore[assignment]
         self.values = check_choice("values", values, tuple(VALUE_DTYPES))
         self.aggregation = check_choice("aggregation", aggregation, ("selected", "all"))
+        if not isinstance(dense_fallback, bool):
+            raise TypeError(f"dense_fallback must be a bool, got {type(dense_fallback).__name__}")
+        self.dense_fallback = dense_fallback
         super().__init__(decay=decay, **schedule)
         self.plans: list[Plan] = []
 
@@ -99,7 +111,7 @@ class DeMo(MomentumReplicator):
         self.plans = [
             plan_shard(
                 tuple(s.local.shape), topk=self.topk, chunk=self.chunk, blocks=self.blocks,
-                value_bytes=vbytes,
+                value_bytes=vbytes, dense_fallback=self.dense_fallback,
             )
             for s in slots
         ]

@@ -1,0 +1,175 @@
+"""Every replicator on real gloo ranks (2 nodes x 2 ranks unless said otherwise)."""
+
+from __future__ import annotations
+
+import common
+import pytest
+import torch
+from torch.distributed.fsdp import fully_shard
+
+import deto
+from deto.comm import all_gather_bytes, all_reduce_bytes
+from deto.compress.topk import index_dtype
+from deto.replicators.subset import row_view, subset_size
+
+pytestmark = pytest.mark.dist
+
+SYNCING = {
+    "demo": {},
+    "demo-1d": {"blocks": "1d"},
+    "demo-bf16": {"values": "bf16", "aggregation": "all"},
+    "demo-sparse": {"topk": 4, "chunk": 4, "dense_fallback": False},
+    "full": {},
+    "random": {"rate": 0.3},
+    "striding": {"rate": 0.25},
+    "slicing": {"rate": 0.4},
+}
+
+
+def _replicator(key: str, **extra):
+    name = key.split("-")[0]
+    return deto.make_replicator(name, **SYNCING.get(key, {}), **extra)
+
+
+def train_digest(key: str, steps: int, nodes: int = 2, per_node: int = 2) -> tuple[str, list[float]]:
+    model, opt = deto.prepare(
+        common.make_model(), common.topo(nodes, per_node), replicator=_replicator(key), lr=1e-2
+    )
+    losses = common.train(model, opt, steps)
+    return common.shard_digest(model), losses
+
+
+def _replicas(digests: list[str], per_node: int = 2) -> list[set[str]]:
+    """Digests grouped by shard position: each set must hold one value if replicas agree."""
+    return [set(digests[i::per_node]) for i in range(per_node)]
+
+
+@pytest.mark.parametrize("key", sorted(SYNCING))
+def test_replicas_bitwise_identical(pool, key):
+    out = pool.run(train_digest, key, 6)
+    digests = [d for d, _ in out]
+    assert all(len(s) == 1 for s in _replicas(digests)), digests
+    assert len(set(digests)) == 2  # the two shard positions differ, so the check has teeth
+
+
+def test_none_replicas_diverge(pool):
+    out = pool.run(train_digest, "none", 3)
+    assert all(len(s) == 2 for s in _replicas([d for d, _ in out]))
+
+
+def test_plain_demo_one_rank_per_node(pool):
+    out = pool.run(train_digest, "demo", 30, 4, 1)
+    digests, losses = zip(*out, strict=True)
+    assert len(set(digests)) == 1
+    first = sum(ls[0] for ls in losses) / 4
+    last = sum(sum(ls[-5:]) / 5 for ls in losses) / 4
+    assert last < first
+
+
+def demo_vs_full(lr: float, steps: int) -> float:
+    t = common.topo()
+    chunk = 8
+    m1, o1 = deto.prepare(
+        common.make_model(), t, replicator=deto.DeMo(topk=chunk * chunk, chunk=chunk, decay=0.0, dense_fallback=False),
+        lr=lr, sign=False,
+    )
+    m2, o2 = deto.prepare(common.make_model(), t, replicator="full", lr=lr * lr, sign=False)
+    common.train(m1, o1, steps)
+    common.train(m2, o2, steps)
+    a, b = common.full_params(m1), common.full_params(m2)
+    return max((a[n] - b[n]).abs().max().item() for n in a)
+
+
+def test_demo_with_every_coefficient_matches_full(pool):
+    # DeMo scales its momentum by lr and SGD steps by lr again: lr^2 against Full.
+    diffs = pool.run(demo_vs_full, 0.3, 5)
+    assert max(diffs) < 1e-6, diffs
+
+
+def diloco_vs_sgd(lr: float, steps: int) -> float:
+    t = common.topo()
+    m1, o1 = deto.prepare(
+        common.make_model(), t, replicator=deto.DiLoCo(every=1, outer_lr=1.0, outer_momentum=0.0),
+        lr=lr, sign=False,
+    )
+    common.train(m1, o1, steps)
+    ref = common.make_model()
+    for b in ref.blocks:
+        fully_shard(b, mesh=t.mesh)
+    fully_shard(ref, mesh=t.mesh)
+    common.train(ref, torch.optim.SGD(ref.parameters(), lr=lr), steps)
+    a, b = common.full_params(m1), common.full_params(ref)
+    return max((a[n] - b[n]).abs().max().item() for n in a)
+
+
+def test_diloco_h1_matches_data_parallel_sgd(pool):
+    diffs = pool.run(diloco_vs_sgd, 0.05, 5)
+    assert max(diffs) < 1e-6, diffs
+
+
+def diloco_schedule(every: int, steps: int) -> list[str]:
+    model, opt = deto.prepare(
+        common.make_model(), common.topo(), replicator=deto.DiLoCo(every=every), lr=1e-2,
+        sign=False, optimizer=torch.optim.AdamW,
+    )
+    digests = []
+    for s in range(steps):
+        common.train(model, opt, 1, start=s)
+        digests.append(common.shard_digest(model))
+    return digests
+
+
+def test_diloco_replicas_meet_on_sync_steps_only(pool):
+    out = pool.run(diloco_schedule, 3, 6)
+    for step in range(6):
+        groups = _replicas([o[step] for o in out])
+        synced = (step + 1) % 3 == 0
+        assert all((len(g) == 1) == synced for g in groups), (step, groups)
+
+
+# -- byte accounting --------------------------------------------------------------------------
+def expected_rank_bytes(opt: deto.DecoupledOptimizer, rep: deto.Replicator, nodes: int) -> int:
+    if isinstance(rep, deto.DeMo):
+        sparse = dense = 0
+        vbytes = 2 if rep.values == "bf16" else 4
+        for plan in rep.plans:
+            if plan.k:
+                sparse += plan.layout.num_blocks * plan.k * (index_dtype(plan.layout.block_numel).itemsize + vbytes)
+            else:
+                dense += plan.layout.numel * 4
+        return (all_gather_bytes(sparse, nodes) if sparse else 0) + (
+            all_reduce_bytes(dense, nodes) if dense else 0
+        )
+    if isinstance(rep, deto.replicators.SubsetReplicator):
+        n = 0
+        for s in rep.slots:
+            v = row_view(s.local)
+            if v.numel():
+                rows = subset_size(v.shape[0], rep.rate) if not isinstance(rep, deto.Striding) else -(-v.shape[0] // round(1 / rep.rate))
+                n += rows * v.shape[1]
+        return all_reduce_bytes(4 * n, nodes)
+    numel = sum(s.local.numel() for s in rep.slots)
+    return all_reduce_bytes(4 * numel, nodes)
+
+
+def measured_bytes(key: str) -> tuple[list[tuple[int, int, int, int, int]], int]:
+    rep = _replicator(key)
+    model, opt = deto.prepare(common.make_model(), common.topo(), replicator=rep, lr=1e-2)
+    expected = expected_rank_bytes(opt, rep, 2)
+    rows = []
+    for s in range(3):
+        common.train(model, opt, 1, start=s)
+        st = opt.stats()
+        rows.append((st.bytes_sent, st.bytes_received, st.collectives, st.node_bytes_sent, st.node_bytes_received))
+    return rows, expected
+
+
+@pytest.mark.parametrize("key", sorted(SYNCING))
+def test_stats_bytes_equal_analytical_payload(pool, key):
+    out = pool.run(measured_bytes, key)
+    for rank, (rows, expected) in enumerate(out):
+        peer = out[rank ^ 1]  # the other rank of the same node
+        for step, (sent, received, collectives, node_sent, node_received) in enumerate(rows):
+            assert sent == received == expected, (rank, step, sent, expected)
+            assert collectives in (1, 2)  # coalesced: one per step (DeMo: + one for dense tensors)
+            assert node_sent == node_received == expected + peer[1], (rank, node_sent)
