@@ -74,12 +74,12 @@ class DecoupledOptimizer(torch.optim.Optimizer):
         self._node_totals: torch.Tensor | None = None
         self._node_work: Any = None
         # attributes torch.optim.Optimizer's machinery (hooks, LR schedulers) expects
-        self._optimizer_step_pre_hooks: dict[int, Callable] = OrderedDict()
-        self._optimizer_step_post_hooks: dict[int, Callable] = OrderedDict()
-        self._optimizer_state_dict_pre_hooks: dict[int, Callable] = OrderedDict()
-        self._optimizer_state_dict_post_hooks: dict[int, Callable] = OrderedDict()
-        self._optimizer_load_state_dict_pre_hooks: dict[int, Callable] = OrderedDict()
-        self._optimizer_load_state_dict_post_hooks: dict[int, Callable] = OrderedDict()
+        self._optimizer_step_pre_hooks = OrderedDict()
+        self._optimizer_step_post_hooks = OrderedDict()
+        self._optimizer_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_state_dict_post_hooks = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks = OrderedDict()
 
         self.params = [p for g in base.param_groups for p in g["params"]]
         self._group_of = [gi for gi, g in enumerate(base.param_groups) for _ in g["params"]]
@@ -99,13 +99,21 @@ class DecoupledOptimizer(torch.optim.Optimizer):
                     self._grad_owners[slot.index].append((rep, pos))
 
     # torch.optim.Optimizer compatibility: share the base optimizer's groups and state.
-    @property  # type: ignore[override]
-    def param_groups(self) -> list[dict[str, Any]]:
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
         return self.base.param_groups
 
-    @property  # type: ignore[override]
-    def state(self) -> Any:
+    @param_groups.setter
+    def param_groups(self, groups: list[dict[str, Any]]) -> None:
+        self.base.param_groups = groups
+
+    @property
+    def state(self) -> Any:  # type: ignore[override]
         return self.base.state
+
+    @state.setter
+    def state(self, state: Any) -> None:
+        self.base.state = state
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.base.zero_grad(set_to_none=set_to_none)
@@ -147,16 +155,18 @@ class DecoupledOptimizer(torch.optim.Optimizer):
             entry[2].append(pos)
 
         lrs = [g["lr"] for g in self.base.param_groups]
-        for rep, idx, pos in deferred.values():
-            rep.defer(pos, [grads[i] for i in idx], [lrs[self._group_of[i]] for i in idx])
-            for i in idx:
+        for rep, indices, positions in deferred.values():
+            rep.defer(positions, [grads[i] for i in indices], [lrs[self._group_of[i]] for i in indices])
+            for i in indices:
                 self.params[i].grad = None
         for rep in self.replicators:  # in order, so the collectives line up on every node
             if id(rep) not in fired:
                 continue
-            _, idx, pos = fired[id(rep)]
-            new = rep.replicate(pos, [grads[i] for i in idx], [lrs[self._group_of[i]] for i in idx], self.comm)
-            for i, g in zip(idx, new, strict=True):
+            _, indices, positions = fired[id(rep)]
+            new = rep.replicate(
+                positions, [grads[i] for i in indices], [lrs[self._group_of[i]] for i in indices], self.comm
+            )
+            for i, g in zip(indices, new, strict=True):
                 grads[i].copy_(g)
 
         for i in present:

@@ -73,7 +73,7 @@ def _build_base(
     kwargs = dict(optimizer_options)
     if "weight_decay" in inspect.signature(optimizer).parameters:
         kwargs.setdefault("weight_decay", 0.0)  # decay is applied, decoupled, by deto
-    return optimizer(model.parameters(), lr=lr, **kwargs)
+    return optimizer(model.parameters(), lr=lr, **kwargs)  # type: ignore[call-arg]
 
 
 def prepare(
@@ -125,7 +125,7 @@ def prepare(
     shard_model(model, mesh["shard"], mixed_precision=mixed_precision)
     named_after = dict(model.named_parameters())
     renamed = {id(p): named_after[n] for n, p in named_before}
-    names = {p: n for n, p in named_after.items()}
+    names: dict[torch.Tensor, str] = {p: n for n, p in named_after.items()}
 
     comm = Comm(mesh["replicate"].get_group(), topology.nodes)
     if sync_initial:

@@ -36,9 +36,8 @@ def shard_model(
         raise ValueError(
             f"Invalid mixed_precision: {mixed_precision!r} (expected None or 'bf16')"
         )
-    policy = MIXED_PRECISION[mixed_precision]
-    kwargs = {"mp_policy": policy} if policy is not None else {}
+    policy = MIXED_PRECISION[mixed_precision] or MixedPrecisionPolicy()
     for block in blocks(model):
-        fully_shard(block, mesh=mesh, **kwargs)
-    fully_shard(model, mesh=mesh, **kwargs)
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
     return model

@@ -38,8 +38,13 @@ class Topology:
     def __post_init__(self) -> None:
         check_int("nodes", self.nodes, 1)
         check_int("ranks_per_node", self.ranks_per_node, 1)
-        if self.device is not None and torch.device(self.device).type not in ("cpu", "cuda"):
-            raise ValueError(f"Invalid device: {self.device!r} (expected 'cpu' or 'cuda')")
+        if self.device is not None:
+            try:
+                kind = torch.device(self.device).type
+            except (RuntimeError, TypeError):
+                kind = None
+            if kind not in ("cpu", "cuda"):
+                raise ValueError(f"Invalid device: {self.device!r} (expected 'cpu' or 'cuda')")
 
     @classmethod
     def from_env(cls, device: str | None = None) -> Topology:
@@ -70,8 +75,7 @@ class Topology:
     def init(self, timeout: datetime.timedelta | None = None) -> DeviceMesh:
         """Initialise the default process group if needed, check the world, build the mesh."""
         if not dist.is_initialized():
-            kwargs = {"timeout": timeout} if timeout is not None else {}
-            dist.init_process_group(self.backend, **kwargs)
+            dist.init_process_group(self.backend, timeout=timeout)
         world = dist.get_world_size()
         if world != self.world_size:
             raise ValueError(

@@ -2,12 +2,13 @@
 
 No indices are sent: every node derives the same rows from the step count (and, for Random,
 a shared seed). Rows are those of the shard viewed as ``(shape[0], -1)``; a 1-D shard's rows
-are its elements. Every shard sends at least one row per replication, however small it is.
+are its elements. Random and Slicing send at least one row of every shard per replication,
+however small it is; Striding sends every row exactly once per cycle of ``1 / rate``
+replications.
 """
 
 from __future__ import annotations
 
-import math
 from abc import abstractmethod
 from typing import Any
 
@@ -78,17 +79,20 @@ class RandomSubset(SubsetReplicator):
 
 @register
 class Striding(SubsetReplicator):
-    """Rows ``o, o + s, o + 2s, ...`` with stride ``s = round(1 / rate)`` and ``o`` cycling.
+    """Rows ``o, o + s, o + 2s, ... < n`` with stride ``s = round(1 / rate)``, ``o`` cycling.
 
-    Over ``s`` consecutive replications every row is sent exactly once.
+    Over ``s`` consecutive replications every row is sent exactly once (the reference never
+    advanced ``o``, so it synchronised the same rows forever).
     """
 
     name = "striding"
 
+    @property
+    def stride(self) -> int:
+        return max(1, round(1 / self.rate))
+
     def rows(self, index: int, n: int) -> torch.Tensor:
-        stride = max(1, round(1 / self.rate))
-        count = math.ceil(n / stride)
-        return (self.fired % stride + torch.arange(count) * stride) % n
+        return torch.arange(self.fired % self.stride, n, self.stride)
 
 
 @register

@@ -1,0 +1,136 @@
+"""Pure compression math: DCT, blocks, top-k, aggregation, packing. No process group."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from deto.compress.chunking import block_size, from_blocks, make_layout, to_blocks
+from deto.compress.dct import dct_blocks, dct_matrix, idct_blocks
+from deto.compress.packing import pack, unpack
+from deto.compress.topk import aggregate, index_dtype, scatter_blocks, topk_per_block
+from deto.replicators.demo import plan_shard
+
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 64, 100])
+def test_dct_matrix_is_orthonormal(n):
+    d = dct_matrix(n, CPU, torch.float64)
+    assert torch.allclose(d @ d.T, torch.eye(n, dtype=torch.float64), atol=1e-12)
+
+
+def test_dct_matches_the_textbook_definition():
+    x = torch.randn(8, dtype=torch.float64)
+    n = torch.arange(8, dtype=torch.float64)
+    ref = torch.stack([(x * torch.cos(math.pi * (2 * n + 1) * k / 16)).sum() for k in range(8)])
+    ref *= math.sqrt(2 / 8)
+    ref[0] /= math.sqrt(2)
+    assert torch.allclose(dct_blocks(x.view(1, 1, 8)).flatten(), ref)
+
+
+def test_dct_basis_is_built_once():
+    assert dct_matrix(16, CPU, torch.float32) is dct_matrix(16, CPU, torch.float32)
+
+
+@given(st.integers(1, 300), st.integers(1, 70))
+def test_block_size_bounds(n, chunk):
+    b = block_size(n, chunk)
+    assert 1 <= b <= max(chunk, 1)
+    blocks = math.ceil(n / b)
+    assert blocks * b - n < blocks  # padding below one element per block
+    if n % chunk == 0:
+        assert b == min(n, chunk)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.integers(0, 40), min_size=1, max_size=3),
+    st.integers(1, 16),
+    st.sampled_from(["1d", "2d"]),
+)
+def test_blocks_round_trip(shape, chunk, mode):
+    x = torch.randn(shape, dtype=torch.float64)
+    layout = make_layout(x.shape, chunk, mode)
+    blocks = to_blocks(x, layout)
+    assert blocks.shape == (layout.num_blocks, layout.block_rows, layout.block_cols) or x.numel() == 0
+    if x.numel():
+        assert torch.equal(from_blocks(blocks, layout), x)
+        assert torch.allclose(idct_blocks(dct_blocks(blocks)), blocks, atol=1e-12)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 6), st.integers(1, 300), st.data())
+def test_topk_pack_unpack_round_trip(nb, m, data):
+    k = data.draw(st.integers(1, m))
+    coeffs = torch.randn(nb, m)
+    idx, vals = topk_per_block(coeffs, k)
+    assert idx.dtype == index_dtype(m)
+    # the kept values are the k largest magnitudes of each block
+    kept = vals.abs().sort(dim=1, descending=True).values
+    assert torch.equal(kept, coeffs.abs().sort(dim=1, descending=True).values[:, :k])
+    buffer, specs = pack([idx, vals])
+    assert buffer.dtype == torch.uint8 and buffer.numel() == idx.nbytes + vals.nbytes
+    idx2, vals2 = unpack(buffer, specs)
+    assert torch.equal(idx2, idx) and torch.equal(vals2, vals)
+    dense = scatter_blocks(idx2, vals2, m)
+    assert torch.equal(dense.gather(1, idx.long()), vals)
+    assert int((dense != 0).sum()) <= nb * k
+
+
+def test_index_dtype_is_the_smallest_that_fits():
+    assert index_dtype(64) == torch.uint8
+    assert index_dtype(256) == torch.uint8
+    assert index_dtype(257) == torch.int16
+    assert index_dtype(4096) == torch.int16
+    assert index_dtype(2**15 + 1) == torch.int32
+    idx, _ = topk_per_block(torch.randn(1, 4096), 4096)
+    assert int(idx.long().max()) == 4095  # no overflow at the top of the range
+
+
+def test_aggregate_selected_and_all():
+    m = 4
+    i0, v0 = torch.tensor([[0, 1]]), torch.tensor([[2.0, 4.0]])
+    i1, v1 = torch.tensor([[1, 2]]), torch.tensor([[6.0, 8.0]])
+    sel = aggregate([i0, i1], [v0, v1], m, "selected")
+    assert sel.tolist() == [[2.0, 5.0, 8.0, 0.0]]
+    every = aggregate([i0, i1], [v0, v1], m, "all")
+    assert every.tolist() == [[1.0, 5.0, 4.0, 0.0]]
+    with pytest.raises(ValueError, match="aggregation"):
+        aggregate([i0], [v0], m, "median")  # type: ignore[arg-type]
+
+
+def test_aggregate_is_bitwise_deterministic_and_order_fixed():
+    g = torch.Generator().manual_seed(0)
+    nodes = [topk_per_block(torch.randn(50, 64, generator=g), 8) for _ in range(4)]
+    idx, vals = [n[0] for n in nodes], [n[1] for n in nodes]
+    a = aggregate(idx, vals, 64)
+    for _ in range(5):
+        assert torch.equal(aggregate(idx, vals, 64), a)
+
+
+def test_unpack_rejects_wrong_size():
+    buffer, specs = pack([torch.zeros(3)])
+    with pytest.raises(ValueError, match="12"):
+        unpack(buffer[:-1], specs)
+
+
+def test_plan_keeps_the_compression_rate_and_never_sends_more_than_dense():
+    big = plan_shard((256, 256), topk=32, chunk=64, blocks="2d", value_bytes=4)
+    assert (big.layout.block_rows, big.layout.block_cols, big.k) == (64, 64, 32)
+    odd = plan_shard((130, 70), topk=32, chunk=64, blocks="2d", value_bytes=4)
+    assert odd.layout.block_rows == 44 and odd.layout.block_cols == 35  # padding, not collapse
+    assert odd.k == round(32 * 44 * 35 / 4096)
+    tiny = plan_shard((1,), topk=32, chunk=64, blocks="2d", value_bytes=4)
+    assert tiny.k == 0  # dense: 1 index + 1 value would exceed 4 bytes
+    forced = plan_shard((1,), topk=32, chunk=64, blocks="2d", value_bytes=4, dense_fallback=False)
+    assert forced.k == 1
+    for shape in [(3,), (17, 5), (1000,), (64, 3, 3)]:
+        plan = plan_shard(shape, topk=32, chunk=64, blocks="2d", value_bytes=4)
+        if plan.k:
+            sent = plan.layout.num_blocks * plan.k * (index_dtype(plan.layout.block_numel).itemsize + 4)
+            assert sent < plan.layout.numel * 4
