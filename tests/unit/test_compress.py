@@ -11,8 +11,9 @@ from hypothesis import strategies as st
 
 from deto.compress.chunking import block_size, from_blocks, make_layout, to_blocks
 from deto.compress.dct import dct_blocks, dct_matrix, idct_blocks
+from deto.compress.decode import decode_blocks
 from deto.compress.packing import pack, unpack
-from deto.compress.topk import aggregate, index_dtype, scatter_blocks, topk_per_block
+from deto.compress.topk import index_dtype, scale_entries, scatter_blocks, topk_per_block
 from deto.replicators.demo import plan_shard
 
 CPU = torch.device("cpu")
@@ -92,25 +93,39 @@ def test_index_dtype_is_the_smallest_that_fits():
     assert int(idx.long().max()) == 4095  # no overflow at the top of the range
 
 
+def _aggregate(indices, values, m, mode):
+    """Dense aggregate from the scaled entries: what decode_blocks inverts."""
+    scaled = scale_entries(indices, values, m, mode)
+    return sum(scatter_blocks(i, v, m) for i, v in zip(indices, scaled, strict=True))
+
+
 def test_aggregate_selected_and_all():
     m = 4
     i0, v0 = torch.tensor([[0, 1]]), torch.tensor([[2.0, 4.0]])
     i1, v1 = torch.tensor([[1, 2]]), torch.tensor([[6.0, 8.0]])
-    sel = aggregate([i0, i1], [v0, v1], m, "selected")
-    assert sel.tolist() == [[2.0, 5.0, 8.0, 0.0]]
-    every = aggregate([i0, i1], [v0, v1], m, "all")
-    assert every.tolist() == [[1.0, 5.0, 4.0, 0.0]]
+    assert _aggregate([i0, i1], [v0, v1], m, "selected").tolist() == [[2.0, 5.0, 8.0, 0.0]]
+    assert _aggregate([i0, i1], [v0, v1], m, "all").tolist() == [[1.0, 5.0, 4.0, 0.0]]
     with pytest.raises(ValueError, match="aggregation"):
-        aggregate([i0], [v0], m, "median")  # type: ignore[arg-type]
+        scale_entries([i0], [v0], m, "median")  # type: ignore[arg-type]
 
 
-def test_aggregate_is_bitwise_deterministic_and_order_fixed():
+@pytest.mark.parametrize("mode", ["selected", "all"])
+def test_decode_inverts_the_aggregate(mode):
+    g = torch.Generator().manual_seed(1)
+    nodes = [topk_per_block(torch.randn(5, 6 * 8, generator=g, dtype=torch.float64), 7) for _ in range(3)]
+    idx, vals = [n[0] for n in nodes], [n[1] for n in nodes]
+    decoded = decode_blocks(idx, vals, 6, 8, mode)
+    expected = idct_blocks(_aggregate(idx, vals, 48, mode).view(5, 6, 8))
+    assert torch.allclose(decoded, expected, atol=1e-12)
+
+
+def test_decode_is_bitwise_deterministic():
     g = torch.Generator().manual_seed(0)
     nodes = [topk_per_block(torch.randn(50, 64, generator=g), 8) for _ in range(4)]
     idx, vals = [n[0] for n in nodes], [n[1] for n in nodes]
-    a = aggregate(idx, vals, 64)
+    first = decode_blocks(idx, vals, 8, 8)
     for _ in range(5):
-        assert torch.equal(aggregate(idx, vals, 64), a)
+        assert torch.equal(decode_blocks(idx, vals, 8, 8), first)
 
 
 def test_unpack_rejects_wrong_size():

@@ -41,3 +41,4 @@ def idct_blocks(coeffs: torch.Tensor) -> torch.Tensor:
     if r > 1:
         out = dct_matrix(r, coeffs.device, coeffs.dtype).T @ out
     return out
+

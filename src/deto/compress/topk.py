@@ -42,31 +42,29 @@ def scatter_blocks(indices: torch.Tensor, values: torch.Tensor, m: int) -> torch
     return dense.scatter_(-1, indices.long(), values)
 
 
-def aggregate(
+def scale_entries(
     indices: list[torch.Tensor],
     values: list[torch.Tensor],
     m: int,
     mode: Aggregation = "selected",
-) -> torch.Tensor:
-    """Combine every node's sparse coefficients into one dense ``(num_blocks, m)`` tensor.
+) -> list[torch.Tensor]:
+    """Weights applied to each node's sent values so that their sum is the aggregate.
 
     ``selected`` averages each coefficient over the nodes that sent it (the reference's
-    semantics; unsent coefficients are 0); ``all`` divides by the number of nodes.
+    semantics; unsent coefficients are 0): each value is divided by how many nodes sent that
+    coefficient. ``all`` divides every value by the number of nodes.
 
-    Bitwise deterministic: nodes are summed one at a time in rank order, and within one node
-    the indices of a block are distinct, so no two writes race (unlike ``scatter_reduce``).
+    Bitwise deterministic: counts are added one node at a time, and within one node the indices
+    of a block are distinct, so no two writes race (unlike ``scatter_reduce``).
     """
     if len(indices) != len(values) or not indices:
-        raise ValueError("aggregate needs one (indices, values) pair per node")
+        raise ValueError("aggregation needs one (indices, values) pair per node")
     if mode not in ("selected", "all"):
         raise ValueError(f"Invalid aggregation: {mode!r} (expected 'selected' or 'all')")
-    total = scatter_blocks(indices[0], values[0], m)
-    for idx, val in zip(indices[1:], values[1:], strict=True):
-        total = total + scatter_blocks(idx, val, m)
     if mode == "all":
-        return total / len(indices)
-    count = torch.zeros_like(total)
+        return [v / len(values) for v in values]
+    count = values[0].new_zeros(values[0].shape[:-1] + (m,))
     ones = torch.ones_like(values[0])
     for idx in indices:
         count.scatter_add_(-1, idx.long(), ones)
-    return total / count.clamp_(min=1)
+    return [v / count.gather(-1, idx.long()) for idx, v in zip(indices, values, strict=True)]

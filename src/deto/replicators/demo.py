@@ -2,7 +2,7 @@
 
 Per local shard: blocks -> orthonormal DCT-II -> top-k per block -> subtract what is sent from
 ``delta`` -> all-gather (indices, values) over the nodes -> deterministic aggregate -> inverse
-DCT. Every node decodes the same gathered bytes with the same ops, so replicas stay bitwise
+DCT. Shards whose blocks have the same shape are encoded and decoded as one batch. Every node decodes the same gathered bytes with the same ops, so replicas stay bitwise
 identical. FlexDeMo is this replicator on FSDP2 shards; plain DeMo is one rank per node.
 """
 
@@ -17,8 +17,9 @@ import torch
 from deto._validate import check_choice, check_int
 from deto.comm import Comm
 from deto.compress.chunking import BlockLayout, BlockMode, from_blocks, make_layout, to_blocks
-from deto.compress.dct import dct_blocks, idct_blocks
-from deto.compress.topk import aggregate, index_dtype, scatter_blocks, topk_per_block
+from deto.compress.dct import dct_blocks
+from deto.compress.decode import decode_blocks
+from deto.compress.topk import index_dtype, topk_per_block
 from deto.replicators.base import MomentumReplicator, register
 
 logger = logging.getLogger(__name__)
@@ -130,40 +131,49 @@ class DeMo(MomentumReplicator):
     def exchange(
         self, positions: list[int], deltas: list[torch.Tensor], comm: Comm
     ) -> list[torch.Tensor]:
+        """Encode, send and decode; shards with the same block shape are batched together."""
         wire = VALUE_DTYPES[self.values]
         out: list[torch.Tensor | None] = [None] * len(positions)
-        sparse: list[tuple[int, Plan, torch.Tensor, torch.Tensor]] = []
-        dense: list[tuple[int, torch.Tensor]] = []
+        dense: list[int] = []
+        groups: dict[tuple[int, int, int], list[int]] = {}
         for i, (pos, delta) in enumerate(zip(positions, deltas, strict=True)):
             plan = self.plans[pos]
             if plan.layout.numel == 0:
                 out[i] = torch.zeros_like(delta)
             elif plan.k == 0:
-                dense.append((i, delta))
+                dense.append(i)
             else:
-                blocks = to_blocks(delta, plan.layout)
-                coeffs = dct_blocks(blocks).reshape(plan.layout.num_blocks, -1)
-                idx, vals = topk_per_block(coeffs, plan.k)
-                vals = vals.to(wire)
-                sent = scatter_blocks(idx, vals.to(delta.dtype), plan.layout.block_numel)
-                delta.sub_(from_blocks(idct_blocks(sent.view_as(blocks)), plan.layout))
-                sparse.append((i, plan, idx, vals))
+                key = (plan.layout.block_rows, plan.layout.block_cols, plan.k)
+                groups.setdefault(key, []).append(i)
+
+        payload: list[torch.Tensor] = []
+        for (rows, cols, k), members in groups.items():
+            layouts = [self.plans[positions[i]].layout for i in members]
+            blocks = torch.cat([to_blocks(deltas[i], lay) for i, lay in zip(members, layouts, strict=True)])
+            idx, vals = topk_per_block(dct_blocks(blocks).reshape(len(blocks), -1), k)
+            vals = vals.to(wire)
+            # error feedback: what is sent (as rounded for the wire) leaves delta
+            sent = decode_blocks([idx], [vals.to(blocks.dtype)], rows, cols, "all")
+            for i, lay, part in zip(members, layouts, sent.split([lay.num_blocks for lay in layouts]), strict=True):
+                deltas[i].sub_(from_blocks(part, lay))
+            payload += [idx, vals]
 
         if dense:
-            averaged = comm.all_reduce_mean([d for _, d in dense])
-            for (i, delta), avg in zip(dense, averaged, strict=True):
-                delta.zero_()
+            averaged = comm.all_reduce_mean([deltas[i] for i in dense])
+            for i, avg in zip(dense, averaged, strict=True):
+                deltas[i].zero_()
                 out[i] = avg
-        if sparse:
-            payload = [t for _, _, idx, vals in sparse for t in (idx, vals)]
+        if payload:
             nodes = comm.all_gather(payload)
-            for j, (i, plan, _, _) in enumerate(sparse):
-                agg = aggregate(
-                    [node[2 * j] for node in nodes],
-                    [node[2 * j + 1].to(deltas[i].dtype) for node in nodes],
-                    plan.layout.block_numel,
+            for g, ((rows, cols, _), members) in enumerate(groups.items()):
+                layouts = [self.plans[positions[i]].layout for i in members]
+                decoded = decode_blocks(
+                    [node[2 * g] for node in nodes],
+                    [node[2 * g + 1].to(deltas[members[0]].dtype) for node in nodes],
+                    rows,
+                    cols,
                     self.aggregation,  # type: ignore[arg-type]
                 )
-                shape = (plan.layout.num_blocks, plan.layout.block_rows, plan.layout.block_cols)
-                out[i] = from_blocks(idct_blocks(agg.view(shape)), plan.layout)
+                for i, lay, part in zip(members, layouts, decoded.split([lay.num_blocks for lay in layouts]), strict=True):
+                    out[i] = from_blocks(part, lay)
         return [t for t in out if t is not None]
