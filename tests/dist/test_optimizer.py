@@ -186,3 +186,22 @@ def test_hugging_face_model_trains_through_prepare(pool):
     for losses, _ in out:
         assert sum(losses[-3:]) / 3 < losses[0] - 0.3, losses
     assert out[0][1] == out[2][1] and out[1][1] == out[3][1]
+
+
+def prebuilt_optimizer(steps: int) -> tuple[list[float], list[float]]:
+    """An optimizer built before prepare() is re-pointed at the sharded parameters."""
+    model = common.make_model()
+    base = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    model, opt = deto.prepare(model, common.topo(), replicator="full", optimizer=base, sign=False)
+    assert opt.base is base and all(isinstance(p, torch.distributed.tensor.DTensor) for p in opt.params)
+    got = common.train(model, opt, steps)
+    ref_model, ref_opt = deto.prepare(
+        common.make_model(), common.topo(), replicator="full", optimizer=torch.optim.AdamW,
+        lr=1e-2, sign=False,
+    )
+    return got, common.train(ref_model, ref_opt, steps)
+
+
+def test_prepare_accepts_a_built_optimizer(pool):
+    for got, ref in pool.run(prebuilt_optimizer, 3):
+        assert got == ref

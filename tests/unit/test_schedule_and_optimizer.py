@@ -112,3 +112,14 @@ def test_random_rows_are_shared_by_seed_and_change_each_replication():
     a.fired += 1
     assert not torch.equal(a.rows(3, 20), first)
     assert len(set(first.tolist())) == 10
+
+
+def test_parameters_without_gradients_are_skipped():
+    model, opt = _single_node(deto.DeMo(topk=4, chunk=8), sign=True)
+    frozen, trained = model[1].weight, model[0].weight
+    frozen_before, trained_before = frozen.detach().clone(), trained.detach().clone()
+    model(torch.randn(4, 16)).pow(2).mean().backward()
+    frozen.grad = None
+    opt.step()
+    assert torch.equal(frozen, frozen_before)
+    assert not torch.equal(trained, trained_before)
