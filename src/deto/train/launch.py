@@ -1,0 +1,95 @@
+"""Starting the ranks of a simulated cluster on this machine, through torch's own launcher.
+
+``deto train`` without torchrun spawns ``nodes x ranks_per_node`` processes with
+:func:`torch.distributed.launcher.api.elastic_launch` (c10d rendezvous on 127.0.0.1, a free
+port chosen by the OS). Every worker runs the same per-rank entry function that a torchrun
+launch calls directly, so both paths train identically.
+
+Link emulation (``--bandwidth``) takes the other path: an
+:class:`deto.train.netem.EmulatedCluster` puts each simulated node in its own network namespace,
+one torchrun agent per node (:mod:`deto.train.netlaunch`), and every rank then enters
+``deto train`` as under a real torchrun launch; the link description reaches the summary's
+``link`` field through the ``DETO_LINK`` environment variable, read by the CLI.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
+
+
+def under_torchrun(env: dict[str, str] | None = None) -> bool:
+    """Whether this process is one rank of a torchrun (or other torch elastic) launch."""
+    env = dict(os.environ) if env is None else env
+    return all(k in env for k in TORCHRUN_ENV)
+
+
+class RankFailure(RuntimeError):
+    """One or more ranks failed; ``message`` is the first failing rank's error, one line."""
+
+    def __init__(self, rank: int, message: str, exitcode: int) -> None:
+        self.rank = rank
+        self.message = message
+        self.exitcode = exitcode
+        super().__init__(f"rank {rank} failed (exit code {exitcode}): {message}")
+
+
+def _first_line(text: Any) -> str:
+    lines = [ln.strip() for ln in str(text).strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else ""
+
+
+def launch_local(
+    entry: Callable[..., Any],
+    args: tuple[Any, ...],
+    *,
+    world_size: int,
+    monitor_interval: float = 0.1,
+) -> dict[int, Any]:
+    """Run ``entry(*args)`` on ``world_size`` local ranks; return ``{rank: return value}``.
+
+    ``entry`` must be a module-level (picklable) function; workers start with the ``spawn``
+    method and ``OMP_NUM_THREADS=1``. Raises :class:`RankFailure` when a rank fails and
+    ``KeyboardInterrupt`` on SIGINT/SIGTERM, after every rank has been stopped.
+    """
+    from torch.distributed.elastic.multiprocessing.api import DefaultLogsSpecs
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    os.environ["OMP_NUM_THREADS"] = "1"
+    # torch elastic narrates every start and stop; its failures are reported below instead
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    with tempfile.TemporaryDirectory(prefix="deto-launch-") as log_dir:
+        config = LaunchConfig(
+            min_nodes=1,
+            max_nodes=1,
+            nproc_per_node=world_size,
+            run_id=f"deto-{uuid.uuid4().hex[:12]}",
+            rdzv_backend="c10d",
+            rdzv_endpoint="127.0.0.1:0",
+            local_addr="127.0.0.1",
+            max_restarts=0,
+            monitor_interval=monitor_interval,
+            start_method="spawn",
+            logs_specs=DefaultLogsSpecs(log_dir=log_dir),
+        )
+        try:
+            return elastic_launch(config, entry)(*args)
+        except ChildFailedError as exc:
+            rank, failure = exc.get_first_failure()
+            message = _first_line(failure.message) if failure.error_file_data else ""
+            if not message:
+                message = _first_line(failure.message) if failure.exitcode < 0 else "see the messages above"
+            raise RankFailure(rank, message, failure.exitcode) from None
+        except Exception as exc:  # SignalException: SIGINT/SIGTERM reached the launcher
+            if type(exc).__name__ == "SignalException":
+                raise KeyboardInterrupt from None
+            raise

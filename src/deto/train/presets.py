@@ -1,0 +1,161 @@
+"""``--scheme`` presets: which replicator, which base optimizer, and tuned defaults for each.
+
+A preset only supplies defaults; every value can be overridden by the config file or a flag.
+Learning rates were tuned on the embedded tasks (``deto train`` with no other flags, and
+``--task vision``); see docs/cli.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+DEMO_OPTIONS = frozenset({"topk", "chunk", "blocks", "values", "decay", "every"})
+SUBSET_OPTIONS = frozenset({"rate", "decay", "every"})
+DILOCO_OPTIONS = frozenset({"every", "outer_lr", "outer_momentum"})
+REPLICATOR_OPTIONS = DEMO_OPTIONS | SUBSET_OPTIONS | DILOCO_OPTIONS
+"""Config keys passed to the replicator (only when set, and only those the scheme accepts)."""
+
+
+def _frozen(d: Mapping[str, Any]) -> Mapping[str, Any]:
+    return MappingProxyType(dict(d))
+
+
+@dataclass(frozen=True)
+class Preset:
+    """One ``--scheme``.
+
+    Attributes:
+        name: the ``--scheme`` value.
+        summary: one line for ``--help`` and the docs.
+        replicator: registry name of the deto replicator, or ``None`` for torch-native HSDP
+            (FSDP2 over the 2-D mesh, no deto optimizer).
+        options: replicator option keys this scheme accepts.
+        defaults: config values this scheme sets (optimizer, sign, replicator options, ...).
+        lr: tuned learning rate per task for the preset's own optimizer and sign.
+        ranks_per_node: if set, the only ranks-per-node this scheme allows.
+    """
+
+    name: str
+    summary: str
+    replicator: str | None
+    options: frozenset[str] = frozenset()
+    defaults: Mapping[str, Any] = field(default_factory=lambda: _frozen({}))
+    lr: Mapping[str, float] = field(default_factory=lambda: _frozen({}))
+    ranks_per_node: int | None = None
+
+
+# Learning rates for a base optimizer other than the preset's own (after --optimizer/--sign).
+GENERIC_LR: dict[tuple[str, bool], dict[str, float]] = {
+    ("sgd", True): {"lm": 3e-3, "vision": 3e-3},
+    ("sgd", False): {"lm": 0.3, "vision": 0.1},
+    ("adamw", False): {"lm": 3e-3, "vision": 3e-3},
+    ("adamw", True): {"lm": 1e-3, "vision": 1e-3},
+}
+
+_DEMO_LR = _frozen({"lm": 3e-3, "vision": 3e-3})
+_ADAMW_LR = _frozen({"lm": 3e-3, "vision": 3e-3})
+
+PRESETS: Mapping[str, Preset] = _frozen({
+    p.name: p
+    for p in (
+        Preset(
+            "hsdp",
+            "the baseline: torch-native HSDP (FSDP2 over the 2-D mesh) + AdamW, full gradient "
+            "all-reduce across nodes every step",
+            None,
+            defaults=_frozen({"optimizer": "adamw", "sign": False}),
+            lr=_ADAMW_LR,
+        ),
+        Preset(
+            "full",
+            "deto's Full replicator (all-reduce of the sharded gradient) + AdamW, sign off",
+            "full",
+            frozenset({"every"}),
+            _frozen({"optimizer": "adamw", "sign": False}),
+            _ADAMW_LR,
+        ),
+        Preset(
+            "flexdemo",
+            "FlexDeMo: FSDP2 inside a node, DeMo (DCT top-k of the decoupled momentum) across "
+            "nodes, sign-SGD",
+            "demo",
+            DEMO_OPTIONS,
+            _frozen({"optimizer": "sgd", "sign": True}),
+            _DEMO_LR,
+        ),
+        Preset(
+            "flexdemo-adamw",
+            "FlexDeMo's replication with an AdamW base optimizer, sign off",
+            "demo",
+            DEMO_OPTIONS,
+            _frozen({"optimizer": "adamw", "sign": False}),
+            _frozen({"lm": 1e-2, "vision": 1e-2}),
+        ),
+        Preset(
+            "demo",
+            "plain DeMo: one rank per node (every rank its own replica), sign-SGD",
+            "demo",
+            DEMO_OPTIONS,
+            _frozen({"optimizer": "sgd", "sign": True, "nodes": 4, "ranks_per_node": 1}),
+            _DEMO_LR,
+            ranks_per_node=1,
+        ),
+        Preset(
+            "diloco",
+            "DiLoCo: local AdamW steps, every --every steps an outer Nesterov step on the "
+            "averaged pseudo-gradient",
+            "diloco",
+            DILOCO_OPTIONS,
+            _frozen({"optimizer": "adamw", "sign": False, "every": 25}),
+            _ADAMW_LR,
+        ),
+        Preset(
+            "random",
+            "decoupled momentum, all-reduce of a shared-seed random subset of rows (--rate), "
+            "sign-SGD",
+            "random",
+            SUBSET_OPTIONS,
+            _frozen({"optimizer": "sgd", "sign": True}),
+            _DEMO_LR,
+        ),
+        Preset(
+            "striding",
+            "decoupled momentum, all-reduce of every 1/--rate-th row with a cycling offset, "
+            "sign-SGD",
+            "striding",
+            SUBSET_OPTIONS,
+            _frozen({"optimizer": "sgd", "sign": True}),
+            _DEMO_LR,
+        ),
+        Preset(
+            "slicing",
+            "decoupled momentum, all-reduce of a moving contiguous window of rows (--rate), "
+            "sign-SGD",
+            "slicing",
+            SUBSET_OPTIONS,
+            _frozen({"optimizer": "sgd", "sign": True}),
+            _DEMO_LR,
+        ),
+        Preset(
+            "none",
+            "no inter-node communication: every node trains alone (a control), AdamW",
+            "none",
+            frozenset(),
+            _frozen({"optimizer": "adamw", "sign": False}),
+            _ADAMW_LR,
+        ),
+    )
+})
+
+DEFAULT_SCHEME = "flexdemo"
+
+
+def default_lr(scheme: str, task: str, optimizer: str, sign: bool) -> float:
+    """The tuned learning rate of ``scheme`` on ``task``, or a generic one for another optimizer."""
+    preset = PRESETS[scheme]
+    if (optimizer, sign) == (preset.defaults["optimizer"], preset.defaults["sign"]):
+        return preset.lr[task]
+    return GENERIC_LR[(optimizer, sign)][task]

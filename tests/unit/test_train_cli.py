@@ -1,0 +1,79 @@
+"""The ``deto`` command line without launching ranks: parsing, bad input, ``deto info``."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from deto import cli
+from deto.train.config import FIELDS
+
+
+def _run(capsys, *argv: str) -> tuple[int, str, str]:
+    try:
+        code = cli.main(list(argv))
+    except SystemExit as exc:  # argparse exits by itself
+        code = int(exc.code or 0)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--nodes", "0"], "Invalid nodes: 0"),
+        (["--nodes", "two"], "invalid integer: 'two'"),
+        (["--lr", "fast"], "invalid number: 'fast'"),
+        (["--scheme", "dmeo"], "invalid choice: 'dmeo'"),
+        (["--config", "/nonexistent/run.toml"], "Config file not found"),
+        (["--scheme", "demo", "--ranks-per-node", "2"], "Invalid topology"),
+        (["--scheme", "hsdp", "--topk", "4"], "--topk does not apply to scheme 'hsdp'"),
+        (["--nodes", "40", "--ranks-per-node", "4"], "too many to simulate"),
+        (["--resume", "/nonexistent/run"], "Checkpoint not found"),
+        (["--no-such-flag"], "unrecognized arguments"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(capsys, monkeypatch, argv, message) -> None:
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    code, out, err = _run(capsys, "train", *argv)
+    assert code == 2
+    assert message in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert "Traceback" not in err and out == ""
+
+
+def test_torchrun_topology_must_agree_with_flags(capsys, monkeypatch) -> None:
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    code, _, err = _run(capsys, "train", "--nodes", "3")
+    assert code == 2 and "disagrees with torchrun's 2 node(s) x 2 rank(s)" in err
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")
+    code, _, err = _run(capsys, "train")
+    assert code == 2 and "not a multiple" in err
+
+
+def test_help_lists_every_flag_and_scheme(capsys) -> None:
+    code, out, _ = _run(capsys, "train", "--help")
+    assert code == 0
+    for name in FIELDS:
+        assert "--" + name.replace("_", "-") in out
+    for scheme in ("hsdp", "flexdemo-adamw", "diloco", "striding"):
+        assert f"  {scheme} " in out
+
+
+def test_info(capsys) -> None:
+    code, out, _ = _run(capsys, "info", "--json")
+    assert code == 0
+    data = json.loads(out)
+    assert data["backend"] in ("gloo", "nccl")
+    assert {"demo", "full", "none", "diloco"} <= set(data["replicators"])
+    code, out, _ = _run(capsys, "info")
+    assert code == 0 and "replicators:" in out
+
+
+def test_no_command_prints_help(capsys) -> None:
+    code, _, err = _run(capsys)
+    assert code == 2 and "train" in err

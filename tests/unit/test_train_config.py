@@ -1,0 +1,115 @@
+"""``deto train`` configuration: presets, precedence, validation with the bad value in the message."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from deto.train.config import FIELDS, TrainConfig, load_toml, resolve
+from deto.train.presets import PRESETS, default_lr
+
+
+def test_defaults_are_flexdemo_on_lm() -> None:
+    cfg = resolve({})
+    assert (cfg.scheme, cfg.task, cfg.nodes, cfg.ranks_per_node) == ("flexdemo", "lm", 2, 2)
+    assert cfg.optimizer == "sgd" and cfg.sign is True
+    assert cfg.lr == PRESETS["flexdemo"].lr["lm"]
+    assert cfg.steps is not None and cfg.batch_size is not None
+    assert cfg.replicator_options() == {}
+
+
+@pytest.mark.parametrize("scheme", sorted(PRESETS))
+def test_every_preset_resolves_for_every_task(scheme: str) -> None:
+    for task in ("lm", "vision"):
+        cfg = resolve({"scheme": scheme, "task": task})
+        assert cfg.lr > 0 and cfg.optimizer in ("sgd", "adamw") and isinstance(cfg.sign, bool)
+
+
+def test_preset_specific_defaults() -> None:
+    assert resolve({"scheme": "hsdp"}).optimizer == "adamw"
+    assert resolve({"scheme": "hsdp"}).sign is False
+    demo = resolve({"scheme": "demo"})
+    assert demo.ranks_per_node == 1 and demo.nodes == 4
+    diloco = resolve({"scheme": "diloco"})
+    assert diloco.replicator_options()["every"] == PRESETS["diloco"].defaults["every"]
+
+
+def test_overrides_win_and_reach_the_replicator() -> None:
+    cfg = resolve({"scheme": "flexdemo", "topk": 8, "chunk": 16, "lr": 0.5, "sign": False})
+    assert cfg.lr == 0.5 and cfg.sign is False
+    assert cfg.replicator_options() == {"chunk": 16, "topk": 8}
+
+
+def test_changing_the_optimizer_changes_the_default_lr() -> None:
+    cfg = resolve({"scheme": "flexdemo", "optimizer": "adamw", "sign": False})
+    assert cfg.lr == default_lr("flexdemo", "lm", "adamw", False)
+
+
+@pytest.mark.parametrize(
+    ("values", "match"),
+    [
+        ({"nodes": 0}, "Invalid nodes: 0"),
+        ({"ranks_per_node": -1}, "Invalid ranks_per_node: -1"),
+        ({"steps": "ten"}, "Invalid steps: 'ten'"),
+        ({"steps": True}, "Invalid steps: True"),
+        ({"lr": -1.0}, "Invalid lr: -1.0"),
+        ({"lr": float("nan")}, "Invalid lr: nan"),
+        ({"scheme": "dmeo"}, "Invalid scheme: 'dmeo'"),
+        ({"task": "audio"}, "Invalid task: 'audio'"),
+        ({"optimizer": "lion"}, "Invalid optimizer: 'lion'"),
+        ({"rate": 0.0, "scheme": "random"}, "Invalid rate: 0.0"),
+        ({"decay": 1.0}, "Invalid decay: 1.0"),
+        ({"sign": "yes"}, "Invalid sign: 'yes'"),
+        ({"d_model": 30, "heads": 4}, "Invalid heads: 4"),
+        ({"topk": 100, "chunk": 8}, "Invalid topk: 100"),
+        ({"scheme": "demo", "ranks_per_node": 2}, "Invalid topology: scheme 'demo' needs ranks_per_node=1"),
+        ({"scheme": "hsdp", "topk": 8}, "--topk does not apply to scheme 'hsdp'"),
+        ({"scheme": "flexdemo", "outer_lr": 0.5}, "--outer-lr does not apply to scheme 'flexdemo'"),
+        ({"scheme": "hsdp", "sign": True}, "--sign does not apply to scheme 'hsdp'"),
+        ({"task": "vision", "seq_len": 32}, "--seq-len applies to --task lm only"),
+        ({"bogus": 1}, "Unknown option"),
+    ],
+)
+def test_invalid_values_are_named_in_the_error(values: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match.replace("(", r"\(").replace("[", r"\[")):
+        resolve(values)
+
+
+def test_config_is_frozen() -> None:
+    cfg = resolve({})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.lr = 1.0  # type: ignore[misc]
+
+
+def test_toml_file_then_flags(tmp_path) -> None:
+    path = tmp_path / "run.toml"
+    path.write_text('scheme = "diloco"\nranks-per-node = 1\nsteps = 12\nevery = 4\nlr = 0.01\n')
+    values = load_toml(path)
+    assert values == {"scheme": "diloco", "ranks_per_node": 1, "steps": 12, "every": 4, "lr": 0.01}
+    cfg = resolve({**values, "steps": 20})  # a flag overrides the file
+    assert (cfg.scheme, cfg.ranks_per_node, cfg.steps, cfg.lr) == ("diloco", 1, 20, 0.01)
+    assert cfg.replicator_options()["every"] == 4
+
+
+def test_toml_errors(tmp_path) -> None:
+    with pytest.raises(ValueError, match="Config file not found"):
+        load_toml(tmp_path / "missing.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("steps = \n")
+    with pytest.raises(ValueError, match="Invalid TOML"):
+        load_toml(bad)
+    unknown = tmp_path / "unknown.toml"
+    unknown.write_text("stpes = 3\n")
+    with pytest.raises(ValueError, match="Unknown key.*'stpes'"):
+        load_toml(unknown)
+    table = tmp_path / "table.toml"
+    table.write_text("[train]\nsteps = 3\n")
+    with pytest.raises(ValueError, match="tables are not allowed"):
+        load_toml(table)
+
+
+def test_every_field_has_help() -> None:
+    for name, f in FIELDS.items():
+        assert f.metadata["help"], name
+    assert TrainConfig().scheme == "flexdemo"
