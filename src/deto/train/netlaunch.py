@@ -1,0 +1,112 @@
+"""Launching a simulated cluster whose nodes live in emulated network namespaces.
+
+Each node runs torch's own multi-node launcher (``python -m torch.distributed.run``) inside its
+namespace, with a static rendezvous at node 0's address: exactly the path of a real multi-node
+run, only the wire is a shaped veth link. Ranks of a node talk over the namespace's loopback
+(unshaped); ranks of different nodes cross the shaped link.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from deto.train.netem import EmulatedCluster
+
+logger = logging.getLogger(__name__)
+
+RENDEZVOUS_PORT = 29500  # the namespaces are fresh, so the port is free in node 0's
+GRACE_S = 10.0
+LINK_ENV = "DETO_LINK"  # JSON description of the emulated link, for summary.json
+
+
+def node_argv(
+    cluster: EmulatedCluster, node: int, ranks_per_node: int, program: list[str], extra_env: dict[str, str]
+) -> list[str]:
+    """argv that starts ``node``'s launcher agent inside its namespace.
+
+    ``program`` is what torchrun runs on every rank, e.g. ``["-m", "deto", "train", ...]``.
+    """
+    env = {"OMP_NUM_THREADS": "1", **cluster.env(node), **extra_env}
+    return [
+        *cluster.exec_prefix(node),
+        "env",
+        *(f"{k}={v}" for k, v in sorted(env.items())),
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nnodes={cluster.nodes}",
+        f"--node-rank={node}",
+        f"--nproc-per-node={ranks_per_node}",
+        f"--master-addr={cluster.address(0)}",
+        f"--master-port={RENDEZVOUS_PORT}",
+        "--max-restarts=0",
+        *program,
+    ]
+
+
+def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM every node's process group, then SIGKILL what is left after a grace period."""
+    for p in procs:
+        if p.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGTERM)
+    deadline = time.monotonic() + GRACE_S
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+
+
+def run_nodes(
+    cluster: EmulatedCluster,
+    ranks_per_node: int,
+    program: list[str],
+    *,
+    log_dir: Path,
+    extra_env: dict[str, str] | None = None,
+) -> int:
+    """Run ``program`` on every rank of every node; return the first failing exit code or 0.
+
+    Node 0's output goes to this terminal (its rank 0 draws the progress bar); the other nodes'
+    go to ``log_dir/node<i>.log``. When one node fails, the others are stopped; Ctrl-C stops
+    every node before it propagates, so no rank outlives its namespace.
+    """
+    log_dir.mkdir(parents=True, exist_ok=True)
+    procs: list[subprocess.Popen[bytes]] = []
+    logs = []
+    try:
+        for node in range(cluster.nodes):
+            argv = node_argv(cluster, node, ranks_per_node, program, extra_env or {})
+            out = None
+            if node:
+                out = open(log_dir / f"node{node}.log", "wb")  # noqa: SIM115 - closed below
+                logs.append(out)
+            procs.append(
+                subprocess.Popen(argv, stdout=out, stderr=out, start_new_session=True)
+            )
+        while True:
+            codes = [p.poll() for p in procs]
+            failed = [c for c in codes if c not in (None, 0)]
+            if failed:
+                bad = codes.index(failed[0])
+                logger.error("node %d exited with status %d; stopping the others", bad, failed[0])
+                _stop(procs)
+                return failed[0]
+            if all(c == 0 for c in codes):
+                return 0
+            time.sleep(0.1)
+    except BaseException:
+        _stop(procs)
+        raise
+    finally:
+        for f in logs:
+            f.close()

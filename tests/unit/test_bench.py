@@ -1,0 +1,100 @@
+"""deto bench's derivations and outputs, with fake runs (no training, no processes)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from deto.train import bench
+from deto.train.netem import EmulatedCluster
+from deto.train.netlaunch import RENDEZVOUS_PORT, node_argv
+
+
+def test_loss_at_interpolates_between_evaluations():
+    val = [[10, 4.0], [20, 3.0], [30, 2.0]]
+    assert bench.loss_at(val, 15) == pytest.approx(3.5)
+    assert bench.loss_at(val, 5) == 4.0
+    assert bench.loss_at(val, 99) == 2.0
+    with pytest.raises(ValueError, match="no validation loss"):
+        bench.loss_at([], 1)
+
+
+def test_time_to_target_is_the_first_evaluation_at_or_below():
+    records = [{"step": 1, "wall_time_s": 1.0}, {"step": 2, "val_loss": 3.0, "wall_time_s": 2.0},
+               {"step": 3, "val_loss": 2.0, "wall_time_s": 3.0}]
+    assert bench.time_to_target(records, 2.5) == 3.0
+    assert bench.time_to_target(records, 1.0) is None
+
+
+def _fake_run(out: Path, scheme: str, *, val: list[list[float]], step_time: float, sent: float, seconds_per_step: float) -> None:
+    out.mkdir(parents=True)
+    steps = int(val[-1][0])
+    records = [{"step": s, "val_loss": v, "wall_time_s": s * seconds_per_step, "inter_node_bytes_sent_total": s * sent}
+               for s, v in val]
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    summary = {
+        "scheme": scheme, "task": "lm", "nodes": 2, "ranks_per_node": 2, "steps": steps, "params": 1000,
+        "final_val_loss": val[-1][1], "val_loss": val, "step_time_s_median": step_time,
+        "inter_node_bytes_sent_per_step": sent, "full_sync_bytes_per_step": 4000.0,
+        "replicas_identical": None if scheme == "none" else True, "wall_time_s": steps * seconds_per_step,
+        "link": None, "versions": {"torch": "x"}, "git_sha": "abc", "config": {"seed": 0},
+    }
+    (out / "summary.json").write_text(json.dumps(summary))
+
+
+def test_run_bench_writes_results_report_and_plots(tmp_path):
+    fakes = {
+        "hsdp": dict(val=[[10, 3.0], [20, 2.0]], step_time=1.0, sent=4000.0, seconds_per_step=1.0),
+        "flexdemo": dict(val=[[10, 2.9], [20, 2.05]], step_time=0.2, sent=20.0, seconds_per_step=0.2),
+        "none": dict(val=[[10, 3.5], [20, 3.0]], step_time=0.19, sent=0.0, seconds_per_step=0.19),
+    }
+    calls = []
+
+    def runner(argv: list[str]) -> int:
+        calls.append(argv)
+        out = Path(argv[argv.index("--out") + 1])
+        _fake_run(out, argv[argv.index("--scheme") + 1], **fakes[argv[argv.index("--scheme") + 1]])
+        return 0
+
+    cfg = bench.BenchConfig(schemes=("hsdp", "flexdemo", "none"), bandwidths=("100mbit",), out=tmp_path,
+                            train_args=("--steps", "20"))
+    results = bench.run_bench(cfg, runner=runner)
+    assert [c[c.index("--scheme") + 1] for c in calls] == ["hsdp", "flexdemo", "none"]
+    assert all(c[-2:] == ["--bandwidth", "100mbit"] and "--steps" in c for c in calls)
+    rows = {r["scheme"]: r for r in results["rows"]}
+    # target: hsdp at 75% of 20 steps = 2.5; flexdemo first at or below it at step 20 (4.0 s)
+    assert rows["hsdp"]["target_val_loss"] == pytest.approx(2.5)
+    assert rows["flexdemo"]["time_to_target_s"] == pytest.approx(4.0)
+    assert rows["flexdemo"]["time_to_target_vs_hsdp"] == pytest.approx(0.2)
+    assert rows["flexdemo"]["compression_vs_hsdp"] == pytest.approx(200)
+    assert rows["flexdemo"]["step_time_vs_none"] == pytest.approx(0.2 / 0.19 - 1)
+    assert rows["none"]["time_to_target_s"] is None
+    met = {claim: ok for claim, ok, _ in results["targets"]}
+    assert met["flexdemo inter-node bytes/step <= 1/100 of hsdp (100mbit)"] is True
+    assert met["flexdemo reaches the target in <= 1/3 of hsdp's time (100mbit)"] is True
+    assert met["flexdemo s/step within 15% of none (100mbit)"] is True
+    assert met["flexdemo final val loss within 5% of hsdp (100mbit)"] is True
+    report = (tmp_path / "report.md").read_text()
+    assert "| flexdemo | 2.0500 | 4.0 | 0.20 |" in report and "not reached" in report
+    for name in ("results.json", "val_loss_vs_time.png", "val_loss_vs_bytes.png", "step_time.png"):
+        assert (tmp_path / name).stat().st_size > 0
+
+
+def test_a_failed_run_stops_the_bench(tmp_path):
+    cfg = bench.BenchConfig(schemes=("hsdp",), out=tmp_path)
+    with pytest.raises(RuntimeError, match="unshaped-hsdp failed with exit status 3"):
+        bench.run_bench(cfg, runner=lambda argv: 3)
+
+
+def test_node_argv_runs_torchrun_inside_the_namespace():
+    cluster = EmulatedCluster(2, run_id="123-abc")
+    argv = node_argv(cluster, 1, 2, ["-m", "deto", "train"], {"DETO_LINK": "{}"})
+    assert argv[:4] == ["ip", "netns", "exec", "deto-123-abc-n1"]
+    assert "GLOO_SOCKET_IFNAME=deto0" in argv and "OMP_NUM_THREADS=1" in argv and "DETO_LINK={}" in argv
+    i = argv.index("torch.distributed.run")
+    assert argv[i + 1 :] == [
+        "--nnodes=2", "--node-rank=1", "--nproc-per-node=2", "--master-addr=10.213.0.1",
+        f"--master-port={RENDEZVOUS_PORT}", "--max-restarts=0", "-m", "deto", "train",
+    ]
