@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import warnings
 from collections.abc import Sequence
@@ -176,6 +177,8 @@ def rank_entry(
     try:
         return loop.run(cfg, topo, run_dir=run_dir, resume=resume, link=link)
     except KeyboardInterrupt:
+        # the launcher forwards the terminal's Ctrl-C: leave quietly, once
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         sys.exit(EXIT_INTERRUPTED)
     finally:
         if dist.is_initialized():
@@ -332,7 +335,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"deto {ns.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except RankFailure as exc:
-        print(f"deto {ns.command}: error: {exc}", file=sys.stderr)
+        if exc.traceback:
+            logger.debug("rank %d: %s", exc.rank, exc.traceback.rstrip())
+        hint = " (run with -v for its traceback)" if exc.traceback and not ns.verbose else ""
+        print(f"deto {ns.command}: error: {exc}{hint}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
         print(f"deto {ns.command}: interrupted", file=sys.stderr)

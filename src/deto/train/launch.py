@@ -35,16 +35,39 @@ def under_torchrun(env: dict[str, str] | None = None) -> bool:
 class RankFailure(RuntimeError):
     """One or more ranks failed; ``message`` is the first failing rank's error, one line."""
 
-    def __init__(self, rank: int, message: str, exitcode: int) -> None:
+    def __init__(self, rank: int, message: str, exitcode: int, traceback: str = "") -> None:
         self.rank = rank
         self.message = message
         self.exitcode = exitcode
+        self.traceback = traceback
         super().__init__(f"rank {rank} failed (exit code {exitcode}): {message}")
 
 
-def _first_line(text: Any) -> str:
-    lines = [ln.strip() for ln in str(text).strip().splitlines() if ln.strip()]
-    return lines[-1] if lines else ""
+def _failure_message(failure: Any) -> str:
+    """The exception of a failed rank (``"Type: message"``), or the signal that killed it."""
+    message = failure.message
+    if isinstance(message, dict):  # the rank's error file: {"message": ..., "extraInfo": ...}
+        message = message.get("message", "")
+    lines = [ln.strip() for ln in str(message).splitlines() if ln.strip()]
+    if failure.exitcode >= 0 and not failure.error_file_data:
+        return "see the messages above"  # it exited without an error file: no message of ours
+    return lines[-1] if lines else "no message"
+
+
+def _failure_traceback(failure: Any) -> str:
+    message = failure.message
+    if isinstance(message, dict):
+        return str(message.get("extraInfo", {}).get("py_callstack", ""))
+    return ""
+
+
+def _quiet_elastic_loggers() -> None:
+    """torch elastic narrates every start and stop (each of its loggers has its own level);
+    the failures that matter are reported by :func:`launch_local` instead."""
+    for name, log in list(logging.root.manager.loggerDict.items()):
+        quiet = name.startswith(("torch.distributed.elastic", "torch.multiprocessing"))
+        if quiet and isinstance(log, logging.Logger):
+            log.setLevel(logging.CRITICAL)
 
 
 def launch_local(
@@ -65,8 +88,7 @@ def launch_local(
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     os.environ["OMP_NUM_THREADS"] = "1"
-    # torch elastic narrates every start and stop; its failures are reported below instead
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    _quiet_elastic_loggers()
     with tempfile.TemporaryDirectory(prefix="deto-launch-") as log_dir:
         config = LaunchConfig(
             min_nodes=1,
@@ -85,10 +107,9 @@ def launch_local(
             return elastic_launch(config, entry)(*args)
         except ChildFailedError as exc:
             rank, failure = exc.get_first_failure()
-            message = _first_line(failure.message) if failure.error_file_data else ""
-            if not message:
-                message = _first_line(failure.message) if failure.exitcode < 0 else "see the messages above"
-            raise RankFailure(rank, message, failure.exitcode) from None
+            raise RankFailure(
+                rank, _failure_message(failure), failure.exitcode, _failure_traceback(failure)
+            ) from None
         except Exception as exc:  # SignalException: SIGINT/SIGTERM reached the launcher
             if type(exc).__name__ == "SignalException":
                 raise KeyboardInterrupt from None

@@ -115,7 +115,7 @@ class ViT(nn.Module):
         self.patch = patch
         d = shape.d_model
         self.embed = nn.Linear(channels * patch * patch, d)
-        self.cls = nn.Parameter(torch.zeros(1, 1, d))
+        self.cls = nn.Parameter(torch.zeros(d))  # 1-D, so every rank of a node holds a part
         self.pos = nn.Parameter(torch.zeros((image_size // patch) ** 2 + 1, d))
         self.blocks = nn.ModuleList(Block(shape, causal=False) for _ in range(shape.layers))
         self.ln = nn.LayerNorm(d)
@@ -127,7 +127,7 @@ class ViT(nn.Module):
         p = self.patch
         patches = images.unfold(2, p, p).unfold(3, p, p)  # (B, C, H/p, W/p, p, p)
         patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(b, -1, c * p * p)
-        h = torch.cat([self.cls.expand(b, -1, -1), self.embed(patches)], dim=1) + self.pos
+        h = torch.cat([self.cls.expand(b, 1, -1), self.embed(patches)], dim=1) + self.pos
         for block in self.blocks:
             h = block(h)
         return self.head(self.ln(h[:, 0]))

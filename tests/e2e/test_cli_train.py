@@ -1,0 +1,154 @@
+"""``deto train`` end to end: real ranks spawned by the CLI, tiny models, a few steps each."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+MODEL = ["--d-model", "32", "--layers", "1", "--heads", "2", "--batch-size", "4", "--warmup", "2"]
+TINY = ["--steps", "6", "--eval-every", "3", "--log-every", "2", *MODEL]
+LM = ["--seq-len", "16", "--eval-samples", "16"]
+TINY_LM = [*TINY, *LM]
+TIMEOUT_S = 240
+
+
+def deto(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")}
+    env["OMP_NUM_THREADS"] = "1"
+    return subprocess.run(
+        [sys.executable, "-m", "deto", *args], capture_output=True, text=True, env=env, cwd=cwd,
+        timeout=TIMEOUT_S, check=False,
+    )
+
+
+def train(out: Path, *args: str) -> dict:
+    proc = deto("train", "--out", str(out), *args)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "final val loss" in proc.stdout  # the summary table
+    return json.loads((out / "summary.json").read_text())
+
+
+REQUIRED = (
+    "scheme", "task", "nodes", "ranks_per_node", "steps", "params", "final_val_loss", "val_loss",
+    "train_loss", "wall_time_s", "step_time_s_median", "inter_node_bytes_sent_per_step",
+    "inter_node_bytes_received_per_step", "full_sync_bytes_per_step", "compression_ratio",
+    "replicas_identical", "peak_rss_mb_per_rank", "link", "versions", "git_sha",
+)
+
+
+def check_common(s: dict, out: Path, scheme: str, nodes: int, per_node: int) -> None:
+    assert set(REQUIRED) <= set(s)
+    assert (s["scheme"], s["nodes"], s["ranks_per_node"], s["steps"]) == (scheme, nodes, per_node, 6)
+    assert s["params"] > 0 and math.isfinite(s["final_val_loss"])
+    assert [step for step, _ in s["val_loss"]] == [3, 6]
+    assert s["val_loss"][-1][1] == s["final_val_loss"]
+    assert [step for step, _ in s["train_loss"]] == [2, 3, 4, 6]
+    assert s["wall_time_s"] > 0 and s["step_time_s_median"] > 0
+    assert s["full_sync_bytes_per_step"] == 4 * s["params"] * 2 * (nodes - 1) // nodes
+    assert len(s["peak_rss_mb_per_rank"]) == nodes * per_node
+    assert s["link"] is None
+    assert set(s["versions"]) == {"python", "torch", "deto"}
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [2, 3, 4, 6]
+    assert (out / "loss.png").stat().st_size > 1000
+
+
+def test_flexdemo_lm(tmp_path) -> None:
+    s = train(tmp_path, "--scheme", "flexdemo", *TINY_LM)
+    check_common(s, tmp_path, "flexdemo", 2, 2)
+    assert s["task"] == "lm" and 0 < s["unigram_entropy"] < math.log(256)
+    assert 0 < s["inter_node_bytes_sent_per_step"] < s["full_sync_bytes_per_step"]
+    assert s["compression_ratio"] > 1
+    assert s["replicas_identical"] is True
+
+
+def test_hsdp_baseline(tmp_path) -> None:
+    s = train(tmp_path, "--scheme", "hsdp", *TINY_LM)
+    check_common(s, tmp_path, "hsdp", 2, 2)
+    assert s["inter_node_bytes_sent_per_step"] == s["full_sync_bytes_per_step"]
+    assert s["compression_ratio"] == 1.0
+    assert s["replicas_identical"] is True
+
+
+def test_diloco_and_none_promise_no_identical_replicas(tmp_path) -> None:
+    # 6 steps, H=4: the run ends between synchronisations
+    s = train(tmp_path / "diloco", "--scheme", "diloco", "--every", "4", "--ranks-per-node", "1", *TINY_LM)
+    check_common(s, tmp_path / "diloco", "diloco", 2, 1)
+    assert s["replicas_identical"] is None
+    assert 0 < s["inter_node_bytes_sent_per_step"] < s["full_sync_bytes_per_step"]
+    s = train(tmp_path / "none", "--scheme", "none", "--ranks-per-node", "1", *TINY_LM)
+    check_common(s, tmp_path / "none", "none", 2, 1)
+    assert s["replicas_identical"] is None
+    assert s["inter_node_bytes_sent_per_step"] == 0 and s["compression_ratio"] is None
+
+
+def test_vision_task(tmp_path) -> None:
+    s = train(tmp_path, "--task", "vision", *TINY)
+    check_common(s, tmp_path, "flexdemo", 2, 2)
+    assert s["task"] == "vision" and 0 <= s["final_val_accuracy"] <= 1
+    assert "unigram_entropy" not in s
+
+
+def test_resume_continues_bitwise(tmp_path) -> None:
+    common = [
+        "--scheme", "flexdemo-adamw", "--lr-schedule", "constant", "--eval-every", "4",
+        "--log-every", "2", *MODEL, *LM,
+    ]
+    whole = train(tmp_path / "whole", "--steps", "8", *common)
+    first = train(tmp_path / "first", "--steps", "4", "--checkpoint-every", "4", *common)
+    assert (tmp_path / "first" / "checkpoints" / "step_00000004" / "COMPLETE").is_file()
+    rest = train(tmp_path / "rest", "--steps", "8", "--resume", str(tmp_path / "first"), *common)
+    assert rest["resumed_from"].endswith("step_00000004")
+    assert rest["params_sha256"] == whole["params_sha256"]
+    assert rest["val_loss"] == whole["val_loss"]
+    assert rest["train_loss"] == whole["train_loss"]
+    assert first["val_loss"] == whole["val_loss"][:1]
+
+
+def test_bad_input_exits_2_with_one_line() -> None:
+    # (more bad inputs, in-process: tests/unit/test_train_cli.py)
+    proc = deto("train", "--ranks-per-node", "0")
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "deto train: error: Invalid ranks_per_node: 0 (must be an integer >= 1)"
+    assert proc.stdout == ""
+
+
+def test_ctrl_c_stops_every_rank(tmp_path) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")}
+    env["OMP_NUM_THREADS"] = "1"
+    argv = [
+        sys.executable, "-m", "deto", "train", "--out", str(tmp_path), "--steps", "100000",
+        "--ranks-per-node", "1", "--log-every", "1", *MODEL, *LM,
+    ]
+    proc = subprocess.Popen(
+        argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,  # its own process group, as a terminal's Ctrl-C reaches
+    )
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.monotonic() + TIMEOUT_S
+    while not (metrics.exists() and metrics.stat().st_size) and proc.poll() is None:
+        assert time.monotonic() < deadline, "training did not start"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=90)
+    assert proc.returncode == 130, err[-3000:]
+    assert err.strip().endswith("deto train: interrupted")
+    assert "Traceback" not in err
+    deadline = time.monotonic() + 20
+    while True:  # every rank is gone with the launcher
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        assert time.monotonic() < deadline, "ranks outlived the launcher"
+        time.sleep(0.2)
