@@ -92,7 +92,8 @@ class Striding(SubsetReplicator):
         return max(1, round(1 / self.rate))
 
     def rows(self, index: int, n: int) -> torch.Tensor:
-        return torch.arange(self.fired % self.stride, n, self.stride)
+        start = self.fired % self.stride
+        return torch.arange(start, max(start, n), self.stride)  # none when start >= n
 
 
 @register
