@@ -77,3 +77,21 @@ def test_info(capsys) -> None:
 def test_no_command_prints_help(capsys) -> None:
     code, _, err = _run(capsys)
     assert code == 2 and "train" in err
+
+
+def test_a_failed_rank_is_reported_in_one_line() -> None:
+    from types import SimpleNamespace
+
+    from deto.train.launch import _failure_message, _failure_traceback
+
+    raised = SimpleNamespace(
+        message={"message": "ValueError: bad\nthing", "extraInfo": {"py_callstack": "Traceback ..."}},
+        exitcode=1,
+        error_file_data={"message": "..."},
+    )
+    assert _failure_message(raised) == "ValueError: bad"
+    assert _failure_traceback(raised) == "Traceback ..."
+    killed = SimpleNamespace(message="Signal 9 (SIGKILL) received by PID 7", exitcode=-9, error_file_data={})
+    assert _failure_message(killed) == "Signal 9 (SIGKILL) received by PID 7"
+    exited = SimpleNamespace(message="To enable traceback see: ...", exitcode=3, error_file_data={})
+    assert _failure_message(exited) == "see the messages above"

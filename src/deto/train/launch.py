@@ -51,7 +51,7 @@ def _failure_message(failure: Any) -> str:
     lines = [ln.strip() for ln in str(message).splitlines() if ln.strip()]
     if failure.exitcode >= 0 and not failure.error_file_data:
         return "see the messages above"  # it exited without an error file: no message of ours
-    return lines[-1] if lines else "no message"
+    return lines[0] if lines else "no message"
 
 
 def _failure_traceback(failure: Any) -> str:
