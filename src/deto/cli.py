@@ -1,4 +1,4 @@
-"""The ``deto`` command: ``deto train`` (the main job) and ``deto info``.
+"""The ``deto`` command: ``deto train`` (the main job), ``deto bench`` and ``deto info``.
 
 This is the only module that reads environment variables and configures logging. Bad input
 ends with one line on stderr and exit status 2; a failed rank with 1; Ctrl-C with 130.
@@ -191,6 +191,8 @@ def cmd_train(ns: argparse.Namespace) -> int:
 
     level = logging.DEBUG if ns.verbose else logging.WARNING if ns.quiet else logging.INFO
     torchrun = launch.under_torchrun()
+    if torchrun and ns.bandwidth is not None:
+        raise UsageError("--bandwidth emulates links between simulated nodes; under torchrun the links are real")
     try:
         values = train_overrides(ns)
         if torchrun:
@@ -231,6 +233,8 @@ def cmd_train(ns: argparse.Namespace) -> int:
         "deto train: %s on %s, %d node(s) x %d rank(s) simulated on this machine; output in %s",
         cfg.scheme, cfg.task, cfg.nodes, cfg.ranks_per_node, run_dir,
     )
+    if ns.bandwidth is not None:
+        return _train_over_emulated_links(ns, values, cfg.nodes, cfg.ranks_per_node, run_dir, level)
     results = launch.launch_local(
         rank_entry, (cfg.to_dict(), run_dir, resume, level, "cpu", None), world_size=cfg.world_size
     )
@@ -238,6 +242,114 @@ def cmd_train(ns: argparse.Namespace) -> int:
     if summary is None:
         raise RuntimeError("rank 0 returned no summary")
     print(report.format_table(summary), flush=True)
+    return EXIT_OK
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(str(value))  # a JSON string is a valid TOML basic string
+
+
+def _train_over_emulated_links(
+    ns: argparse.Namespace,
+    values: dict[str, Any],
+    nodes: int,
+    ranks_per_node: int,
+    run_dir: str,
+    level: int,
+) -> int:
+    """Run the simulated cluster with each node in its own network namespace, links shaped.
+
+    Every node starts torch's own launcher in its namespace with a static rendezvous at node 0
+    (the real multi-node path); each rank reads the same settings from ``train.toml``.
+    """
+    from pathlib import Path
+
+    from deto.train import netem, netlaunch, report
+
+    try:
+        link = netem.LinkSpec.from_text(ns.bandwidth)
+        if nodes < 2:
+            raise ValueError(f"--bandwidth needs at least 2 nodes, got {nodes}")
+        netem.check_requirements(nodes)
+    except (ValueError, RuntimeError) as exc:
+        raise UsageError(str(exc)) from None
+    removed = netem.cleanup_stale()
+    if removed:
+        logger.info("removed %d namespace(s) left by earlier runs", len(removed))
+    out = Path(run_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = {**values, "out": str(out)}
+    (out / "train.toml").write_text(
+        "".join(f"{k} = {_toml_value(v)}\n" for k, v in settings.items() if v is not None)
+    )
+    verbosity = ["-v"] if level == logging.DEBUG else ["-q"] if level == logging.WARNING else []
+    program = ["-m", "deto", "train", "--config", str(out / "train.toml"), *verbosity]
+    with netem.EmulatedCluster(nodes, link) as cluster:
+        check = netem.verify_shaping(cluster)
+        if not check.ok:
+            raise RuntimeError(f"the emulated link is not what was asked for: {check.note}")
+        logger.info("link %s verified: probe measured %.1f Mbit/s", ns.bandwidth, check.measured_bps / 1e6)
+        code = netlaunch.run_nodes(
+            cluster, ranks_per_node, program, log_dir=out / "logs",
+            extra_env={LINK_ENV: json.dumps(cluster.describe())},
+        )
+    if code != 0:
+        raise RuntimeError(f"a node exited with status {code} (other nodes' logs: {out / 'logs'})")
+    summary = json.loads((out / "summary.json").read_text())
+    logger.debug("summary: %s", report.format_table(summary))
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------------------------
+# deto bench
+
+
+BENCH_DESCRIPTION = """\
+Run several schemes on the same task, seed, data and step budget, side by side, optionally
+over emulated slow inter-node links, and write results.json, report.md and plots to --out.
+Each run is a separate `deto train`; arguments after `--` are passed to every one of them
+(e.g. `deto bench -- --steps 200 --task vision`)."""
+
+
+def cmd_bench(ns: argparse.Namespace) -> int:
+    import time
+    from pathlib import Path
+
+    from deto.train import bench
+    from deto.train.presets import PRESETS
+
+    schemes = tuple(s.strip() for s in ns.schemes.split(",") if s.strip())
+    unknown = [s for s in schemes if s not in PRESETS]
+    if not schemes or unknown:
+        raise UsageError(f"Invalid --schemes: {ns.schemes!r} (valid: {', '.join(PRESETS)})")
+    bandwidths = tuple(None if b.strip() in ("none", "") else b.strip() for b in ns.bandwidth.split(","))
+    if any(b is not None for b in bandwidths):
+        from deto.train import netem
+
+        try:
+            for b in bandwidths:
+                if b is not None:
+                    netem.parse_bandwidth(b)
+            netem.check_requirements()
+        except (ValueError, RuntimeError) as exc:
+            raise UsageError(str(exc)) from None
+    out = Path(ns.out or f"bench/{time.strftime('%Y%m%d-%H%M%S')}")
+    cfg = bench.BenchConfig(schemes=schemes, bandwidths=bandwidths, out=out, train_args=tuple(ns.train_args))
+
+    def progress(i: int, n: int, name: str) -> None:
+        logger.info("[%d/%d] %s", i + 1, n, name)
+
+    try:
+        results = bench.run_bench(cfg, on_run=progress)
+    except RuntimeError as exc:
+        print(f"deto bench: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print((out / "report.md").read_text(), flush=True)
+    logger.info("results in %s (%d runs)", out, len(results["runs"]))
     return EXIT_OK
 
 
@@ -299,6 +411,12 @@ def cmd_info(ns: argparse.Namespace) -> int:
 # Entry point
 
 
+def _bench_defaults() -> tuple[str, ...]:
+    from deto.train.bench import DEFAULT_SCHEMES
+
+    return DEFAULT_SCHEMES
+
+
 def build_parser() -> argparse.ArgumentParser:
     import deto
 
@@ -310,7 +428,24 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_scheme_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_train_arguments(train)
+    train.add_argument(
+        "--bandwidth", metavar="RATE", default=None,
+        help="emulate slow links between the simulated nodes: each node in its own network "
+        "namespace, links shaped to RATE with tc tbf (e.g. 100mbit, 1gbit; needs root and iproute2)",
+    )
     train.set_defaults(func=cmd_train)
+    bench_p = sub.add_parser(
+        "bench", help="several schemes side by side, optionally over emulated slow links",
+        description=BENCH_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    bench_p.add_argument("--schemes", default=",".join(_bench_defaults()), metavar="A,B,...",
+                         help="comma-separated schemes (default: %(default)s)")
+    bench_p.add_argument("--bandwidth", default="none", metavar="RATE,...",
+                         help="comma-separated link rates, 'none' for unshaped (default: none)")
+    bench_p.add_argument("--out", default=None, metavar="DIR", help="output directory (default: bench/<timestamp>)")
+    bench_p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    bench_p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    bench_p.set_defaults(func=cmd_bench, train_args=[])
     info_p = sub.add_parser("info", help="versions, device, backend, replicators")
     info_p.add_argument("--json", action="store_true", help="machine-readable output")
     info_p.set_defaults(func=cmd_info)
@@ -319,7 +454,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    ns = parser.parse_args(argv)
+    args = list(sys.argv[1:] if argv is None else argv)
+    passed: list[str] = []
+    if args[:1] == ["bench"] and "--" in args:  # `deto bench [flags] -- [deto train flags]`
+        cut = args.index("--")
+        args, passed = args[:cut], args[cut + 1 :]
+    ns = parser.parse_args(args)
+    if passed:
+        ns.train_args = passed
     if ns.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
@@ -339,6 +481,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             logger.debug("rank %d: %s", exc.rank, exc.traceback.rstrip())
         hint = " (run with -v for its traceback)" if exc.traceback and not ns.verbose else ""
         print(f"deto {ns.command}: error: {exc}{hint}", file=sys.stderr)
+        return EXIT_FAILED
+    except RuntimeError as exc:  # e.g. a node of an emulated cluster failed
+        print(f"deto {ns.command}: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
         print(f"deto {ns.command}: interrupted", file=sys.stderr)

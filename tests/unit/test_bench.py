@@ -93,6 +93,7 @@ def test_node_argv_runs_torchrun_inside_the_namespace():
     argv = node_argv(cluster, 1, 2, ["-m", "deto", "train"], {"DETO_LINK": "{}"})
     assert argv[:4] == ["ip", "netns", "exec", "deto-123-abc-n1"]
     assert "GLOO_SOCKET_IFNAME=deto0" in argv and "OMP_NUM_THREADS=1" in argv and "DETO_LINK={}" in argv
+    assert "TORCH_CPP_LOG_LEVEL=ERROR" in argv
     i = argv.index("torch.distributed.run")
     assert argv[i + 1 :] == [
         "--nnodes=2", "--node-rank=1", "--nproc-per-node=2", "--master-addr=10.213.0.1",

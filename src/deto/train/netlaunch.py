@@ -33,7 +33,9 @@ def node_argv(
 
     ``program`` is what torchrun runs on every rank, e.g. ``["-m", "deto", "train", ...]``.
     """
-    env = {"OMP_NUM_THREADS": "1", **cluster.env(node), **extra_env}
+    # TORCH_CPP_LOG_LEVEL: inside a namespace c10d warns on every connection that the peer's
+    # hostname does not resolve, which is expected there
+    env = {"OMP_NUM_THREADS": "1", "TORCH_CPP_LOG_LEVEL": "ERROR", **cluster.env(node), **extra_env}
     return [
         *cluster.exec_prefix(node),
         "env",

@@ -1,0 +1,61 @@
+"""`deto train --bandwidth`: a real shaped run across network namespaces (root + iproute2)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.netns,
+    pytest.mark.skipif(
+        os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("tc"),
+        reason="needs root and iproute2 (network namespaces, tc)",
+    ),
+]
+
+TINY = ["--nodes", "2", "--ranks-per-node", "1", "--steps", "4", "--eval-every", "2", "--d-model", "32",
+        "--layers", "1", "--seq-len", "32", "--batch-size", "4", "--eval-samples", "16"]
+
+
+def _namespaces() -> str:
+    return subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+
+
+def test_shaped_run_limits_the_link_and_removes_its_namespaces(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "deto", "train", "--bandwidth", "20mbit", "--out", str(out), "-q", *TINY],
+        capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    link = summary["link"]
+    assert link["bandwidth_bps"] == 20_000_000 and "tbf" in link["method"]
+    measured = link["probe"]["measured_bps"]
+    assert 5e6 < measured <= 1.15 * 20e6, measured  # really limited, not a label
+    assert summary["replicas_identical"] is True and summary["inter_node_bytes_sent_per_step"] > 0
+    assert link["run_id"] not in _namespaces()
+
+
+def test_bandwidth_needs_two_nodes(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "deto", "train", "--bandwidth", "20mbit", "--nodes", "1", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == "deto train: error: --bandwidth needs at least 2 nodes, got 1"
+
+
+def test_bad_bandwidth_is_a_usage_error(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "deto", "train", "--bandwidth", "10mbps", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "mbps" in proc.stderr
