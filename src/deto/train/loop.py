@@ -117,7 +117,7 @@ def run(
             if evaluating or step % cfg.log_every == 0:
                 record = {
                     "step": step,
-                    "train_loss": state.take_train_loss(),
+                    "train_loss": state.take_train_loss(topo.torch_device),
                     "lr": opt.param_groups[0]["lr"],
                     "step_time_s": elapsed,
                     f"{task.unit}_per_s": per_step_items / elapsed,
@@ -156,7 +156,11 @@ def run(
     summary["resumed_from"] = str(resume) if resume is not None else None
     report.write_json(out / "summary.json", summary)
     try:
-        report.plot_losses(out / "loss.png", state.records, f"{cfg.scheme} ({cfg.task}), {topo.nodes}x{topo.ranks_per_node}")
+        entropy = task.info.get("unigram_entropy")
+        report.plot_losses(
+            out / "loss.png", state.records, f"{cfg.scheme} ({cfg.task}), {topo.nodes}x{topo.ranks_per_node}",
+            ("unigram entropy", entropy) if entropy is not None else None,
+        )
     except Exception as exc:  # a plotting problem must not lose the run's results
         logger.warning("could not write loss.png: %s", exc)
     return summary
@@ -351,9 +355,9 @@ class History:
         self.loss_count += 1
         self.last_loss = loss
 
-    def take_train_loss(self) -> float:
+    def take_train_loss(self, device: torch.device) -> float:
         """Mean training loss over all ranks and the steps since the last call (a collective)."""
-        totals = torch.tensor([self.loss_sum, float(self.loss_count)], dtype=torch.float64)
+        totals = torch.tensor([self.loss_sum, float(self.loss_count)], dtype=torch.float64, device=device)
         self.loss_sum, self.loss_count = 0.0, 0
         dist.all_reduce(totals)
         return float(totals[0] / totals[1])

@@ -115,8 +115,16 @@ def write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def plot_losses(path: Path, records: Sequence[Mapping[str, Any]], title: str) -> None:
-    """Validation loss against step, wall-clock time and cumulative inter-node bytes."""
+def plot_losses(
+    path: Path,
+    records: Sequence[Mapping[str, Any]],
+    title: str,
+    reference: tuple[str, float] | None = None,
+) -> None:
+    """Validation loss against step, wall-clock time and cumulative inter-node bytes.
+
+    ``reference``: a ``(label, loss)`` drawn as a dashed line (the unigram entropy, for lm).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -130,14 +138,16 @@ def plot_losses(path: Path, records: Sequence[Mapping[str, Any]], title: str) ->
         ax.plot([r["step"] for r in train], [r["train_loss"] for r in train], color="0.7", label="train")
     ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation")
     ax.set_xlabel("step")
-    ax.legend()
     axes[1].plot([r["wall_time_s"] for r in val], [r["val_loss"] for r in val], "o-")
     axes[1].set_xlabel("wall-clock time (s)")
     axes[2].plot([r["inter_node_bytes_sent_total"] / 1e6 for r in val], [r["val_loss"] for r in val], "o-")
     axes[2].set_xlabel("cumulative inter-node MB sent per node")
     for ax in axes:
+        if reference is not None:
+            ax.axhline(reference[1], color="0.4", linestyle="--", linewidth=1, label=reference[0])
         ax.set_ylabel("loss (nats)")
         ax.grid(alpha=0.3)
+    axes[0].legend()
     fig.suptitle(title)
     fig.savefig(path, dpi=100)
     plt.close(fig)
