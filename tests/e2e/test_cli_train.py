@@ -100,19 +100,25 @@ def test_vision_task(tmp_path) -> None:
 
 
 def test_resume_continues_bitwise(tmp_path) -> None:
+    """8 steps in one go == 4 steps, then resumed from the step-4 checkpoint for 4 more."""
     common = [
         "--scheme", "flexdemo-adamw", "--lr-schedule", "constant", "--eval-every", "4",
-        "--log-every", "2", *MODEL, *LM,
+        "--log-every", "2", "--steps", "8", *MODEL, *LM,
     ]
-    whole = train(tmp_path / "whole", "--steps", "8", *common)
-    first = train(tmp_path / "first", "--steps", "4", "--checkpoint-every", "4", *common)
-    assert (tmp_path / "first" / "checkpoints" / "step_00000004" / "COMPLETE").is_file()
-    rest = train(tmp_path / "rest", "--steps", "8", "--resume", str(tmp_path / "first"), *common)
+    whole = train(tmp_path / "whole", "--checkpoint-every", "4", *common)
+    checkpoints = tmp_path / "whole" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step_00000004", "step_00000008"]
+    for ckpt in checkpoints.iterdir():
+        assert (ckpt / "COMPLETE").is_file() and len(list(ckpt.glob("rank*.pt"))) == 4
+    rest = train(tmp_path / "rest", "--resume", str(checkpoints / "step_00000004"), *common)
     assert rest["resumed_from"].endswith("step_00000004")
-    assert rest["params_sha256"] == whole["params_sha256"]
+    assert rest["params_sha256"] == whole["params_sha256"]  # model (every rank's shard)
     assert rest["val_loss"] == whole["val_loss"]
     assert rest["train_loss"] == whole["train_loss"]
-    assert first["val_loss"] == whole["val_loss"][:1]
+    assert rest["steps"] == 8
+    # a run directory resumes from its latest complete checkpoint: here the end, nothing to do
+    proc = deto("train", "--resume", str(tmp_path / "whole"), *common)
+    assert proc.returncode == 2 and "nothing to do" in proc.stderr
 
 
 def test_bad_input_exits_2_with_one_line() -> None:

@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 
 import deto
 from deto.comm import all_reduce_bytes
@@ -259,6 +260,7 @@ def evaluate_lm(
         ).sum(dim=1).cpu().double()
         w = torch.tensor(weights, dtype=torch.float64)
         totals += torch.stack([(losses * w).sum(), w.sum() * seq_len])
+    _reshard(model)
     model.train()
     (loss,) = _world_mean(totals, topo.torch_device)
     return {"val_loss": loss}
@@ -275,9 +277,18 @@ def evaluate_vision(model: nn.Module, topo: Topology, digits: datalib.Digits) ->
         correct = (logits.argmax(-1) == y).cpu().double()
         w = torch.tensor(weights, dtype=torch.float64)
         totals += torch.stack([(losses * w).sum(), (correct * w).sum(), w.sum()])
+    _reshard(model)
     model.train()
     loss, accuracy = _world_mean(totals, topo.torch_device)
     return {"val_loss": loss, "val_accuracy": accuracy}
+
+
+def _reshard(model: nn.Module) -> None:
+    """Free the gathered parameters a no-grad forward leaves behind (FSDP2 keeps the root's
+    unsharded after forward, expecting a backward), so the model holds its shards again."""
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 # --------------------------------------------------------------------------------------------
@@ -437,6 +448,7 @@ def replicas_identical(model: nn.Module, opt: torch.optim.Optimizer, topo: Topol
 
 
 def _local_digest(model: nn.Module) -> str:
+    _reshard(model)  # digest the shards, whatever the last forward left registered
     h = hashlib.sha256()
     for name, p in sorted(model.named_parameters()):
         t = local_tensor(p).detach().cpu().contiguous().reshape(-1)
