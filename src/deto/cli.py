@@ -12,7 +12,6 @@ import logging
 import os
 import signal
 import sys
-import warnings
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
@@ -169,9 +168,6 @@ def rank_entry(
     from deto.train.config import TrainConfig
 
     configure_logging(log_level, rank=int(os.environ.get("RANK", "0")))
-    # torch 2.13 deprecates a collective name deto.comm still uses; without this every rank
-    # repeats the warning
-    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*deprecated", category=FutureWarning)
     cfg = TrainConfig(**cfg_dict)
     topo = Topology(nodes=cfg.nodes, ranks_per_node=cfg.ranks_per_node, device=device)
     try:

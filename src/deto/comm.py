@@ -47,6 +47,10 @@ class CommStats:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
+# torch 2.13 renames all_gather_into_tensor (deprecated there) to all_gather_single
+_all_gather_single = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
+
+
 def all_reduce_bytes(nbytes: int, group_size: int) -> int:
     """Bytes one rank sends (and receives) in a ring all-reduce of ``nbytes``."""
     return math.ceil(2 * (group_size - 1) * nbytes / group_size)
@@ -118,7 +122,7 @@ class Comm:
             return [unpack(buffer, specs) for _ in range(self.size)]
         start = time.perf_counter()
         gathered = buffer.new_empty(self.size * buffer.numel())
-        dist.all_gather_into_tensor(gathered, buffer, group=self.group)
+        _all_gather_single(gathered, buffer, group=self.group)
         self._count(all_gather_bytes(buffer.numel(), self.size), start)
         return [unpack(part, specs) for part in gathered.chunk(self.size)]
 

@@ -83,7 +83,10 @@ class Topology:
                 f"{self.nodes} x {self.ranks_per_node} = {self.world_size}"
             )
         if self.device_type == "cuda":
-            torch.cuda.set_device(self.local_rank % torch.cuda.device_count())
+            # torchrun's LOCAL_RANK is this process's index on its machine; several simulated
+            # nodes on one machine must not share a GPU, so the mesh position is only a fallback
+            local = int(os.environ.get("LOCAL_RANK", self.local_rank))
+            torch.cuda.set_device(local % torch.cuda.device_count())
         return self.mesh
 
     @property

@@ -172,3 +172,28 @@ def test_stats_bytes_equal_analytical_payload(pool, key):
             assert sent == received == expected > 0, (rank, step, sent, expected)
             assert collectives in (1, 2)  # coalesced: one per step (DeMo: + one for dense tensors)
             assert node_sent == node_received == expected + peer[step][0], (rank, node_sent)
+
+
+class ClassToken(torch.nn.Module):
+    """A (1, 1, d) parameter: FSDP2 gives the second rank of a node an empty shard."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.token = torch.nn.Parameter(torch.randn(1, 1, 12))
+        self.body = common.make_model()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x + self.token[0])
+
+
+def empty_shards(key: str) -> str:
+    torch.manual_seed(0)
+    model, opt = deto.prepare(ClassToken(), common.topo(), replicator=_replicator(key), lr=1e-2)
+    common.train(model, opt, 3)
+    return common.shard_digest(model)
+
+
+@pytest.mark.parametrize("key", ["demo", "random", "striding", "slicing", "full"])
+def test_empty_local_shards_are_fine(pool, key):
+    digests = pool.run(empty_shards, key)
+    assert all(len(s) == 1 for s in _replicas(digests))

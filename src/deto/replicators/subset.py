@@ -9,6 +9,7 @@ replications.
 
 from __future__ import annotations
 
+import math
 from abc import abstractmethod
 from typing import Any
 
@@ -25,7 +26,8 @@ def subset_size(rows: int, rate: float) -> int:
 
 
 def row_view(t: torch.Tensor) -> torch.Tensor:
-    return t.reshape(t.shape[0], -1) if t.dim() >= 2 else t.reshape(-1, 1)
+    """The shard as ``(rows, rest)``; explicit sizes, so an empty shard (0 rows) reshapes too."""
+    return t.reshape(t.shape[0], math.prod(t.shape[1:])) if t.dim() >= 2 else t.reshape(-1, 1)
 
 
 class SubsetReplicator(MomentumReplicator):
