@@ -99,3 +99,35 @@ def test_node_argv_runs_torchrun_inside_the_namespace():
         "--nnodes=2", "--node-rank=1", "--nproc-per-node=2", "--master-addr=10.213.0.1",
         f"--master-port={RENDEZVOUS_PORT}", "--max-restarts=0", "-m", "deto", "train",
     ]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["bench", "--schemes", "foo"], "Invalid --schemes: 'foo'"),
+        (["bench", "--schemes", "hsdp", "--bandwidth", "10mbps"], "byte units are not accepted"),
+    ],
+)
+def test_bench_bad_input_is_one_line_and_status_2(argv, message, capsys):
+    from deto.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("deto bench: error:") and message in err[0]
+
+
+def test_bench_passes_arguments_after_the_separator_to_every_run(tmp_path, monkeypatch):
+    from deto import cli
+
+    seen = {}
+
+    def fake(cfg, **kw):
+        seen["cfg"] = cfg
+        (cfg.out).mkdir(parents=True, exist_ok=True)
+        (cfg.out / "report.md").write_text("# deto bench\n")
+        return {"runs": []}
+
+    monkeypatch.setattr(bench, "run_bench", fake)
+    assert cli.main(["bench", "--schemes", "hsdp,none", "--out", str(tmp_path / "b"), "--", "--steps", "5"]) == 0
+    cfg = seen["cfg"]
+    assert cfg.schemes == ("hsdp", "none") and cfg.bandwidths == (None,) and cfg.train_args == ("--steps", "5")
