@@ -107,10 +107,10 @@ def derive(runs: Sequence[RunResult]) -> list[dict[str, Any]]:
         target, _ = target_loss(group)
         base = next((r for r in group if r.scheme == BASELINE), None)
         floor = next((r for r in group if r.scheme == FLOOR), None)
+        base_t = time_to_target(base.records, target) if base else None
         for r in group:
             s = r.summary
             t = time_to_target(r.records, target)
-            base_t = time_to_target(base.records, target) if base else None
             sent = s["inter_node_bytes_sent_per_step"]
             rows.append(
                 {
