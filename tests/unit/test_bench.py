@@ -21,10 +21,12 @@ def test_loss_at_interpolates_between_evaluations():
         bench.loss_at([], 1)
 
 
-def test_time_to_target_is_the_first_evaluation_at_or_below():
+def test_time_to_target_interpolates_the_crossing_between_evaluations():
     records = [{"step": 1, "wall_time_s": 1.0}, {"step": 2, "val_loss": 3.0, "wall_time_s": 2.0},
-               {"step": 3, "val_loss": 2.0, "wall_time_s": 3.0}]
-    assert bench.time_to_target(records, 2.5) == 3.0
+               {"step": 3, "val_loss": 2.0, "wall_time_s": 4.0}]
+    assert bench.time_to_target(records, 2.5) == pytest.approx(3.0)
+    assert bench.time_to_target(records, 2.0) == pytest.approx(4.0)
+    assert bench.time_to_target(records, 3.5) == 2.0  # already there at the first evaluation
     assert bench.time_to_target(records, 1.0) is None
 
 
@@ -64,10 +66,13 @@ def test_run_bench_writes_results_report_and_plots(tmp_path):
     assert [c[c.index("--scheme") + 1] for c in calls] == ["hsdp", "flexdemo", "none"]
     assert all(c[-2:] == ["--bandwidth", "100mbit"] and "--steps" in c for c in calls)
     rows = {r["scheme"]: r for r in results["rows"]}
-    # target: hsdp at 75% of 20 steps = 2.5; flexdemo first at or below it at step 20 (4.0 s)
+    # target: hsdp at 75% of 20 steps = 2.5, reached at 15 s; flexdemo crosses it at
+    # 10 + 10 * 0.4 / 0.85 steps of 0.2 s
     assert rows["hsdp"]["target_val_loss"] == pytest.approx(2.5)
-    assert rows["flexdemo"]["time_to_target_s"] == pytest.approx(4.0)
-    assert rows["flexdemo"]["time_to_target_vs_hsdp"] == pytest.approx(0.2)
+    assert rows["hsdp"]["time_to_target_s"] == pytest.approx(15.0)
+    flex_t = 0.2 * (10 + 10 * 0.4 / 0.85)
+    assert rows["flexdemo"]["time_to_target_s"] == pytest.approx(flex_t)
+    assert rows["flexdemo"]["time_to_target_vs_hsdp"] == pytest.approx(flex_t / 15.0)
     assert rows["flexdemo"]["compression_vs_hsdp"] == pytest.approx(200)
     assert rows["flexdemo"]["step_time_vs_none"] == pytest.approx(0.2 / 0.19 - 1)
     assert rows["none"]["time_to_target_s"] is None
@@ -77,7 +82,7 @@ def test_run_bench_writes_results_report_and_plots(tmp_path):
     assert met["flexdemo s/step within 15% of none (100mbit)"] is True
     assert met["flexdemo final val loss within 5% of hsdp (100mbit)"] is True
     report = (tmp_path / "report.md").read_text()
-    assert "| flexdemo | 2.0500 | 4.0 | 0.20 |" in report and "not reached" in report
+    assert f"| flexdemo | 2.0500 | {flex_t:.1f} | {flex_t / 15:.2f} |" in report and "not reached" in report
     for name in ("results.json", "val_loss_vs_time.png", "val_loss_vs_bytes.png", "step_time.png"):
         assert (tmp_path / name).stat().st_size > 0
 

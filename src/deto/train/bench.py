@@ -84,10 +84,23 @@ def loss_at(val_loss: Sequence[Sequence[float]], step: float) -> float:
 
 
 def time_to_target(records: Sequence[dict[str, Any]], target: float) -> float | None:
-    """Wall-clock seconds at the first evaluation whose val loss is at or below ``target``."""
+    """Wall-clock seconds at which the val loss first reaches ``target``, or ``None``.
+
+    Linearly interpolated between the evaluation that crossed the target and the one before it
+    (evaluations are every ``--eval-every`` steps, so taking the crossing evaluation's time
+    would round every scheme up to the next evaluation and blur the ratios between them).
+    """
+    previous: tuple[float, float] | None = None
     for r in records:
-        if "val_loss" in r and r["val_loss"] <= target:
-            return float(r["wall_time_s"])
+        if "val_loss" not in r:
+            continue
+        t, v = float(r["wall_time_s"]), float(r["val_loss"])
+        if v <= target:
+            if previous is None or previous[1] == v:
+                return t
+            t0, v0 = previous
+            return t0 + (t - t0) * (v0 - target) / (v0 - v)
+        previous = (t, v)
     return None
 
 
