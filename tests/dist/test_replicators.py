@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import common
 import pytest
 import torch
@@ -9,7 +11,6 @@ from torch.distributed.fsdp import fully_shard
 
 import deto
 from deto.comm import all_gather_bytes, all_reduce_bytes
-from deto.compress.topk import index_dtype
 from deto.replicators.subset import row_view
 
 pytestmark = pytest.mark.dist
@@ -18,6 +19,7 @@ SYNCING = {
     "demo": {},
     "demo-1d": {"blocks": "1d"},
     "demo-bf16": {"values": "bf16", "aggregation": "all"},
+    "demo-int8": {"values": "int8"},
     "demo-sparse": {"topk": 4, "chunk": 4, "dense_fallback": False},
     "full": {},
     "random": {"rate": 0.3},
@@ -130,13 +132,22 @@ def test_diloco_replicas_meet_on_sync_steps_only(pool):
 # -- byte accounting --------------------------------------------------------------------------
 def expected_rank_bytes(opt: deto.DecoupledOptimizer, rep: deto.Replicator, nodes: int) -> int:
     if isinstance(rep, deto.DeMo):
-        sparse = dense = 0
-        vbytes = 2 if rep.values == "bf16" else 4
+        # shards with the same block shape and k travel as one group: indices bit-packed at
+        # ceil(log2(block size)) bits over the whole group, values at their width (int8: plus
+        # one fp32 scale per block)
+        dense = 0
+        groups: dict[tuple[int, int, int], int] = {}
         for plan in rep.plans:
             if plan.k:
-                sparse += plan.layout.num_blocks * plan.k * (index_dtype(plan.layout.block_numel).itemsize + vbytes)
+                key = (plan.layout.block_rows, plan.layout.block_cols, plan.k)
+                groups[key] = groups.get(key, 0) + plan.layout.num_blocks
             else:
                 dense += plan.layout.numel * 4
+        sparse = 0
+        for (rows, cols, k), blocks in groups.items():
+            bits = math.ceil(math.log2(rows * cols)) if rows * cols > 1 else 1
+            value = {"fp32": 4 * k, "bf16": 2 * k, "int8": k + 4}[rep.values]
+            sparse += math.ceil(blocks * k * bits / 8) + blocks * value
         return (all_gather_bytes(sparse, nodes) if sparse else 0) + (
             all_reduce_bytes(dense, nodes) if dense else 0
         )

@@ -13,7 +13,8 @@ from deto.compress.chunking import block_size, from_blocks, make_layout, to_bloc
 from deto.compress.dct import dct_blocks, dct_matrix, idct_blocks
 from deto.compress.decode import decode_blocks
 from deto.compress.packing import pack, unpack
-from deto.compress.topk import index_dtype, scale_entries, scatter_blocks, topk_per_block
+from deto.compress.topk import scale_entries, scatter_blocks, topk_per_block
+from deto.compress.wire import WireFormat, index_bits, pack_bits, packed_nbytes, unpack_bits
 from deto.replicators.demo import plan_shard
 
 CPU = torch.device("cpu")
@@ -70,7 +71,7 @@ def test_topk_pack_unpack_round_trip(nb, m, data):
     k = data.draw(st.integers(1, m))
     coeffs = torch.randn(nb, m)
     idx, vals = topk_per_block(coeffs, k)
-    assert idx.dtype == index_dtype(m)
+    assert idx.dtype == torch.int64
     # the kept values are the k largest magnitudes of each block
     kept = vals.abs().sort(dim=1, descending=True).values
     assert torch.equal(kept, coeffs.abs().sort(dim=1, descending=True).values[:, :k])
@@ -83,14 +84,71 @@ def test_topk_pack_unpack_round_trip(nb, m, data):
     assert int((dense != 0).sum()) <= nb * k
 
 
-def test_index_dtype_is_the_smallest_that_fits():
-    assert index_dtype(64) == torch.uint8
-    assert index_dtype(256) == torch.uint8
-    assert index_dtype(257) == torch.int16
-    assert index_dtype(4096) == torch.int16
-    assert index_dtype(2**15 + 1) == torch.int32
+def test_index_bits_address_the_whole_block():
+    assert [index_bits(m) for m in (1, 2, 3, 64, 65, 1024, 4096, 4097)] == [1, 1, 2, 6, 7, 10, 12, 13]
+    with pytest.raises(ValueError, match="block size"):
+        index_bits(0)
     idx, _ = topk_per_block(torch.randn(1, 4096), 4096)
-    assert int(idx.long().max()) == 4095  # no overflow at the top of the range
+    packed = pack_bits(idx, index_bits(4096))
+    assert torch.equal(unpack_bits(packed, 12, 4096).view(1, -1), idx)  # the top of the range survives
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.integers(1, 31), st.integers(0, 70), st.data())
+def test_pack_bits_round_trip_and_size(bits, n, data):
+    values = torch.tensor(data.draw(st.lists(st.integers(0, 2**bits - 1), min_size=n, max_size=n)), dtype=torch.int64)
+    packed = pack_bits(values, bits)
+    assert packed.dtype == torch.uint8 and packed.numel() == packed_nbytes(n, bits) == math.ceil(n * bits / 8)
+    assert torch.equal(unpack_bits(packed, bits, n), values)
+
+
+def test_pack_bits_layout_is_lsb_first():
+    # 12-bit 0xABC then 0x123: bytes BC, 3A (low nibble of 0x123 above 0xA), 12
+    assert pack_bits(torch.tensor([0xABC, 0x123]), 12).tolist() == [0xBC, 0x3A, 0x12]
+
+
+def test_pack_bits_rejects_what_does_not_fit():
+    with pytest.raises(ValueError, match="fit in 4"):
+        pack_bits(torch.tensor([16]), 4)
+    with pytest.raises(ValueError, match="fit in 4"):
+        pack_bits(torch.tensor([-1]), 4)
+    with pytest.raises(ValueError, match="bit width"):
+        pack_bits(torch.tensor([1]), 0)
+    with pytest.raises(ValueError, match="does not hold"):
+        unpack_bits(torch.zeros(2, dtype=torch.uint8), 12, 2)
+
+
+@pytest.mark.parametrize("values", ["fp32", "bf16", "int8"])
+def test_wire_format_round_trip_and_exact_size(values):
+    wire = WireFormat(values)
+    g = torch.Generator().manual_seed(0)
+    coeffs = torch.randn(7, 4096, generator=g)
+    coeffs[3] = 0.0  # an all-zero block: int8's scale must not divide by zero
+    idx, vals = topk_per_block(coeffs, 32)
+    parts = wire.encode(idx, vals, 4096)
+    assert len(parts) == wire.parts and sum(p.nbytes for p in parts) == wire.nbytes(7, 32, 4096)
+    got_idx, got = wire.decode(parts, 7, 32, 4096, torch.float32)
+    assert torch.equal(got_idx, idx)
+    assert torch.equal(got, wire.round_trip(vals))  # the sender's error feedback sees the same
+    err = (got - vals).abs()
+    if values == "fp32":
+        assert torch.equal(got, vals)
+    elif values == "bf16":
+        assert torch.equal(got, vals.to(torch.bfloat16).float())
+    else:
+        step = vals.abs().amax(dim=1, keepdim=True) / 127
+        assert bool((err <= step / 2 + 1e-7).all()) and not got[3].any()
+        assert torch.equal(got.abs().amax(dim=1), vals.abs().amax(dim=1))  # the largest is exact
+
+
+def test_wire_format_sizes_and_bad_input():
+    assert WireFormat("fp32").nbytes(2, 32, 4096) == 96 + 256  # 12-bit indices, 4-byte values
+    assert WireFormat("bf16").nbytes(2, 32, 4096) == 96 + 128
+    assert WireFormat("int8").nbytes(2, 32, 4096) == 96 + 64 + 8
+    with pytest.raises(ValueError, match="Invalid values"):
+        WireFormat("fp8")
+    with pytest.raises(ValueError, match="3 parts"):
+        WireFormat("int8").decode([torch.zeros(1, dtype=torch.uint8)], 1, 1, 2, torch.float32)
 
 
 def _aggregate(indices, values, m, mode):
@@ -135,17 +193,18 @@ def test_unpack_rejects_wrong_size():
 
 
 def test_plan_keeps_the_compression_rate_and_never_sends_more_than_dense():
-    big = plan_shard((256, 256), topk=32, chunk=64, blocks="2d", value_bytes=4)
+    fp32 = WireFormat("fp32")
+    big = plan_shard((256, 256), topk=32, chunk=64, blocks="2d", wire=fp32)
     assert (big.layout.block_rows, big.layout.block_cols, big.k) == (64, 64, 32)
-    odd = plan_shard((130, 70), topk=32, chunk=64, blocks="2d", value_bytes=4)
+    odd = plan_shard((130, 70), topk=32, chunk=64, blocks="2d", wire=fp32)
     assert odd.layout.block_rows == 44 and odd.layout.block_cols == 35  # padding, not collapse
     assert odd.k == round(32 * 44 * 35 / 4096)
-    tiny = plan_shard((1,), topk=32, chunk=64, blocks="2d", value_bytes=4)
+    tiny = plan_shard((1,), topk=32, chunk=64, blocks="2d", wire=fp32)
     assert tiny.k == 0  # dense: 1 index + 1 value would exceed 4 bytes
-    forced = plan_shard((1,), topk=32, chunk=64, blocks="2d", value_bytes=4, dense_fallback=False)
+    forced = plan_shard((1,), topk=32, chunk=64, blocks="2d", wire=fp32, dense_fallback=False)
     assert forced.k == 1
     for shape in [(3,), (17, 5), (1000,), (64, 3, 3)]:
-        plan = plan_shard(shape, topk=32, chunk=64, blocks="2d", value_bytes=4)
+        plan = plan_shard(shape, topk=32, chunk=64, blocks="2d", wire=fp32)
         if plan.k:
-            sent = plan.layout.num_blocks * plan.k * (index_dtype(plan.layout.block_numel).itemsize + 4)
+            sent = fp32.nbytes(plan.layout.num_blocks, plan.k, plan.layout.block_numel)
             assert sent < plan.layout.numel * 4

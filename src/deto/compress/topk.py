@@ -1,7 +1,7 @@
 """Top-k selection per block, and the deterministic aggregation of what the nodes sent.
 
-Indices are stored in the smallest integer dtype that can address a block, so a 64-wide 1-D
-chunk needs one byte per index instead of the reference's four.
+How the selected indices and values are encoded for the network is :mod:`deto.compress.wire`'s
+business; here they are plain ``int64`` positions and float values.
 """
 
 from __future__ import annotations
@@ -13,27 +13,16 @@ import torch
 Aggregation = Literal["selected", "all"]
 
 
-def index_dtype(block_numel: int) -> torch.dtype:
-    """Smallest integer dtype holding positions ``0 .. block_numel - 1``."""
-    if block_numel < 1:
-        raise ValueError(f"Invalid block size: {block_numel}")
-    if block_numel <= 256:
-        return torch.uint8
-    if block_numel <= 2**15:
-        return torch.int16
-    return torch.int32
-
-
 def topk_per_block(coeffs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Keep the ``k`` largest-magnitude entries of each row of ``(num_blocks, m)`` coefficients.
 
-    Returns ``(indices, values)``, both ``(num_blocks, k)``; indices in :func:`index_dtype`.
+    Returns ``(indices, values)``, both ``(num_blocks, k)``; indices are ``int64``.
     """
     m = coeffs.shape[-1]
     if not 1 <= k <= m:
         raise ValueError(f"Invalid top-k: {k} (block has {m} coefficients)")
     idx = coeffs.abs().topk(k, dim=-1, sorted=False).indices
-    return idx.to(index_dtype(m)), coeffs.gather(-1, idx)
+    return idx, coeffs.gather(-1, idx)
 
 
 def scatter_blocks(indices: torch.Tensor, values: torch.Tensor, m: int) -> torch.Tensor:

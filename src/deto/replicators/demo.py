@@ -1,8 +1,8 @@
 """DeMo: send only the fast-moving components of the decoupled momentum.
 
 Per local shard: blocks -> orthonormal DCT-II -> top-k per block -> subtract what is sent from
-``delta`` -> all-gather (indices, values) over the nodes -> deterministic aggregate -> inverse
-DCT. Shards whose blocks have the same shape are encoded and decoded as one batch. Every node decodes the same gathered bytes with the same ops, so replicas stay bitwise
+``delta`` -> all-gather (bit-packed indices, coded values; :mod:`deto.compress.wire`) over the
+nodes -> deterministic aggregate -> inverse DCT. Shards whose blocks have the same shape are encoded and decoded as one batch. Every node decodes the same gathered bytes with the same ops, so replicas stay bitwise
 identical. FlexDeMo is this replicator on FSDP2 shards; plain DeMo is one rank per node.
 """
 
@@ -19,12 +19,11 @@ from deto.comm import Comm
 from deto.compress.chunking import BlockLayout, BlockMode, from_blocks, make_layout, to_blocks
 from deto.compress.dct import dct_blocks
 from deto.compress.decode import decode_blocks
-from deto.compress.topk import index_dtype, topk_per_block
+from deto.compress.topk import topk_per_block
+from deto.compress.wire import VALUE_CODECS, WireFormat
 from deto.replicators.base import MomentumReplicator, register
 
 logger = logging.getLogger(__name__)
-
-VALUE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -41,7 +40,7 @@ def plan_shard(
     topk: int,
     chunk: int,
     blocks: BlockMode,
-    value_bytes: int,
+    wire: WireFormat,
     dense_fallback: bool = True,
 ) -> Plan:
     """Choose blocks and the per-block ``k`` of a shard.
@@ -56,7 +55,7 @@ def plan_shard(
     nominal = chunk if blocks == "1d" else chunk * chunk
     m = layout.block_numel
     k = min(m, max(1, round(topk * m / nominal)))
-    sparse = layout.num_blocks * k * (index_dtype(m).itemsize + value_bytes)
+    sparse = wire.nbytes(layout.num_blocks, k, m)
     return Plan(layout, 0 if dense_fallback and sparse >= layout.numel * 4 else k)
 
 
@@ -71,7 +70,8 @@ class DeMo(MomentumReplicator):
         blocks: ``"2d"`` (default; separable DCT on c x c blocks of the weight, DeMo's original
             and far better compression for matrices) or ``"1d"`` (the flattened shard in chunks
             of ``chunk``, the reference's behaviour on flat shards). 1-D tensors always use 1-D.
-        values: wire dtype of the values, ``"fp32"`` or ``"bf16"``.
+        values: wire format of the values: ``"fp32"``, ``"bf16"``, or ``"int8"`` (one fp32
+            scale per block). Indices always travel bit-packed, ``ceil(log2(block size))`` bits.
         aggregation: ``"selected"`` averages each coefficient over the nodes that sent it (the
             reference); ``"all"`` divides by the number of nodes.
         dense_fallback: all-reduce a shard dense when its top-k payload would not be smaller
@@ -98,7 +98,8 @@ class DeMo(MomentumReplicator):
         if topk > nominal:
             raise ValueError(f"Invalid topk: {topk} (a {blocks} block of chunk {chunk} has {nominal})")
         self.blocks: BlockMode = check_choice("blocks", blocks, ("1d", "2d"))  # type: ignore[assignment]
-        self.values = check_choice("values", values, tuple(VALUE_DTYPES))
+        self.values = check_choice("values", values, VALUE_CODECS)
+        self.wire = WireFormat(values)
         self.aggregation = check_choice("aggregation", aggregation, ("selected", "all"))
         if not isinstance(dense_fallback, bool):
             raise TypeError(f"dense_fallback must be a bool, got {type(dense_fallback).__name__}")
@@ -108,11 +109,10 @@ class DeMo(MomentumReplicator):
 
     def bind(self, slots: list[Any]) -> None:
         super().bind(slots)
-        vbytes = VALUE_DTYPES[self.values].itemsize
         self.plans = [
             plan_shard(
                 tuple(s.local.shape), topk=self.topk, chunk=self.chunk, blocks=self.blocks,
-                value_bytes=vbytes, dense_fallback=self.dense_fallback,
+                wire=self.wire, dense_fallback=self.dense_fallback,
             )
             for s in slots
         ]
@@ -132,7 +132,6 @@ class DeMo(MomentumReplicator):
         self, positions: list[int], deltas: list[torch.Tensor], comm: Comm
     ) -> list[torch.Tensor]:
         """Encode, send and decode; shards with the same block shape are batched together."""
-        wire = VALUE_DTYPES[self.values]
         out: list[torch.Tensor | None] = [None] * len(positions)
         dense: list[int] = []
         groups: dict[tuple[int, int, int], list[int]] = {}
@@ -151,12 +150,11 @@ class DeMo(MomentumReplicator):
             layouts = [self.plans[positions[i]].layout for i in members]
             blocks = torch.cat([to_blocks(deltas[i], lay) for i, lay in zip(members, layouts, strict=True)])
             idx, vals = topk_per_block(dct_blocks(blocks).reshape(len(blocks), -1), k)
-            vals = vals.to(wire)
-            # error feedback: what is sent (as rounded for the wire) leaves delta
-            sent = decode_blocks([idx], [vals.to(blocks.dtype)], rows, cols, "all")
+            # error feedback: what is sent (as the receivers will read it) leaves delta
+            sent = decode_blocks([idx], [self.wire.round_trip(vals)], rows, cols, "all")
             for i, lay, part in zip(members, layouts, sent.split([lay.num_blocks for lay in layouts]), strict=True):
                 deltas[i].sub_(from_blocks(part, lay))
-            payload += [idx, vals]
+            payload += self.wire.encode(idx, vals, rows * cols)
 
         if dense:
             averaged = comm.all_reduce_mean([deltas[i] for i in dense])
@@ -165,11 +163,17 @@ class DeMo(MomentumReplicator):
                 out[i] = avg
         if payload:
             nodes = comm.all_gather(payload)
-            for g, ((rows, cols, _), members) in enumerate(groups.items()):
+            parts = self.wire.parts
+            for g, ((rows, cols, k), members) in enumerate(groups.items()):
                 layouts = [self.plans[positions[i]].layout for i in members]
+                num_blocks = sum(lay.num_blocks for lay in layouts)
+                received = [
+                    self.wire.decode(node[parts * g : parts * (g + 1)], num_blocks, k, rows * cols, deltas[members[0]].dtype)
+                    for node in nodes
+                ]
                 decoded = decode_blocks(
-                    [node[2 * g] for node in nodes],
-                    [node[2 * g + 1].to(deltas[members[0]].dtype) for node in nodes],
+                    [idx for idx, _ in received],
+                    [vals for _, vals in received],
                     rows,
                     cols,
                     self.aggregation,  # type: ignore[arg-type]

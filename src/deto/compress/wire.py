@@ -1,0 +1,129 @@
+"""The bytes DeMo puts on the wire for a group of blocks: bit-packed indices and coded values.
+
+Indices address one of ``m`` coefficients of a block, so ``ceil(log2 m)`` bits each is enough
+(12 for a 64 x 64 block, where a whole byte type would spend 16). Values travel as fp32, bf16,
+or int8 with one fp32 scale per block (absmax / 127). Every node decodes the same gathered bytes
+with the same ops, so what a node reads back is bitwise what every other node reads back; the
+sender uses :meth:`WireFormat.round_trip` to subtract exactly that from its momentum.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+VALUE_CODECS = ("fp32", "bf16", "int8")
+INT8_MAX = 127
+
+
+def index_bits(block_numel: int) -> int:
+    """Bits that address positions ``0 .. block_numel - 1`` (at least one)."""
+    if block_numel < 1:
+        raise ValueError(f"Invalid block size: {block_numel}")
+    return max(1, (block_numel - 1).bit_length())
+
+
+def packed_nbytes(count: int, bits: int) -> int:
+    """Bytes that :func:`pack_bits` uses for ``count`` values of ``bits`` bits."""
+    return math.ceil(count * bits / 8)
+
+
+def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack non-negative integers below ``2**bits`` into a ``uint8`` stream, least significant
+    bit first; value ``i`` starts at bit ``i * bits``. The inverse is :func:`unpack_bits`.
+
+    Each value is split into the (at most ``ceil((bits + 7) / 8)``) bytes it overlaps and the
+    pieces are added into the stream: the pieces of neighbouring values occupy disjoint bits,
+    so integer addition is an OR, exact and order-independent on every device.
+    """
+    if not 1 <= bits <= 31:
+        raise ValueError(f"Invalid bit width: {bits} (expected 1..31)")
+    flat = values.reshape(-1).to(torch.int64)
+    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= 1 << bits):
+        raise ValueError(f"values do not fit in {bits} unsigned bits")
+    offset = torch.arange(flat.numel(), device=flat.device) * bits
+    shifted = flat << (offset % 8)
+    first = offset // 8
+    out = torch.zeros(packed_nbytes(flat.numel(), bits) + _span(bits), dtype=torch.int64, device=flat.device)
+    for j in range(_span(bits)):
+        out.index_add_(0, first + j, (shifted >> (8 * j)) & 0xFF)
+    return out[: packed_nbytes(flat.numel(), bits)].to(torch.uint8)
+
+
+def unpack_bits(buffer: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """The first ``count`` ``bits``-bit integers of a :func:`pack_bits` stream, as ``int64``."""
+    if buffer.dtype != torch.uint8 or buffer.numel() != packed_nbytes(count, bits):
+        raise ValueError(
+            f"Buffer of {buffer.numel()} {buffer.dtype} does not hold {count} values of {bits} bits"
+        )
+    padded = torch.nn.functional.pad(buffer.to(torch.int64), (0, _span(bits)))
+    offset = torch.arange(count, device=buffer.device) * bits
+    first = offset // 8
+    word = torch.zeros(count, dtype=torch.int64, device=buffer.device)
+    for j in range(_span(bits)):
+        word |= padded[first + j] << (8 * j)
+    return (word >> (offset % 8)) & ((1 << bits) - 1)
+
+
+def _span(bits: int) -> int:
+    """Most bytes one ``bits``-bit value can overlap (it may start at any bit of a byte)."""
+    return (bits + 7 + 7) // 8
+
+
+@dataclass(frozen=True)
+class WireFormat:
+    """Encoding of ``(num_blocks, k)`` top-k indices and values of blocks of ``m`` coefficients.
+
+    ``values``: ``"fp32"``, ``"bf16"`` or ``"int8"`` (symmetric, one fp32 scale per block).
+    """
+
+    values: str = "fp32"
+
+    def __post_init__(self) -> None:
+        if self.values not in VALUE_CODECS:
+            raise ValueError(f"Invalid values: {self.values!r} (expected one of {VALUE_CODECS})")
+
+    @property
+    def parts(self) -> int:
+        """Tensors per encoded group: indices, values (and scales for int8)."""
+        return 3 if self.values == "int8" else 2
+
+    def nbytes(self, num_blocks: int, k: int, m: int) -> int:
+        """Wire bytes of one group: the exact size of :meth:`encode`'s tensors."""
+        entries = num_blocks * k
+        value_bytes = {"fp32": 4 * entries, "bf16": 2 * entries, "int8": entries + 4 * num_blocks}
+        return packed_nbytes(entries, index_bits(m)) + value_bytes[self.values]
+
+    def encode(self, indices: torch.Tensor, values: torch.Tensor, m: int) -> list[torch.Tensor]:
+        """``(num_blocks, k)`` indices and float values -> the tensors to send."""
+        return [pack_bits(indices, index_bits(m)), *self._encode_values(values)]
+
+    def decode(
+        self, parts: list[torch.Tensor], num_blocks: int, k: int, m: int, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tensors of :meth:`encode` -> ``(indices int64, values in dtype)``, ``(num_blocks, k)``."""
+        if len(parts) != self.parts:
+            raise ValueError(f"{self.values} groups have {self.parts} parts, got {len(parts)}")
+        indices = unpack_bits(parts[0], index_bits(m), num_blocks * k).view(num_blocks, k)
+        return indices, self._decode_values(parts[1:], dtype).reshape(num_blocks, k)
+
+    def round_trip(self, values: torch.Tensor) -> torch.Tensor:
+        """What receivers will read for ``values``, in ``values``' dtype (for error feedback)."""
+        return self._decode_values(self._encode_values(values), values.dtype)
+
+    def _encode_values(self, values: torch.Tensor) -> list[torch.Tensor]:
+        if self.values == "fp32":
+            return [values.float()]
+        if self.values == "bf16":
+            return [values.to(torch.bfloat16)]
+        scale = values.abs().amax(dim=-1, keepdim=True).float() / INT8_MAX
+        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+        return [torch.round(values.float() / safe).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8), scale]
+
+    @staticmethod
+    def _decode_values(parts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        if len(parts) == 2:  # int8 values and their per-block scale
+            return (parts[0].to(torch.float32) * parts[1]).to(dtype)
+        return parts[0].to(dtype)
