@@ -81,6 +81,10 @@ def test_run_bench_writes_results_report_and_plots(tmp_path):
     assert met["flexdemo reaches the target in <= 1/3 of hsdp's time (100mbit)"] is True
     assert met["flexdemo s/step within 15% of none (100mbit)"] is True
     assert met["flexdemo final val loss within 5% of hsdp (100mbit)"] is True
+    evidence = {claim: ev for claim, _, ev in results["targets"]}
+    assert evidence["flexdemo reaches the target in <= 1/3 of hsdp's time (100mbit)"].endswith(
+        "(a scheme learning like hsdp at none's s/step: 0.19)"
+    )
     report = (tmp_path / "report.md").read_text()
     assert f"| flexdemo | 2.0500 | {flex_t:.1f} | {flex_t / 15:.2f} |" in report and "not reached" in report
     for name in ("results.json", "val_loss_vs_time.png", "val_loss_vs_bytes.png", "step_time.png"):
