@@ -72,11 +72,11 @@ class TrainConfig:
     lr_schedule: str = _f("cosine", "after warm-up: cosine decay to 10%% of --lr at --steps, "
                           "or constant", choices=LR_SCHEDULES)
     grad_clip: float = _f(0.0, "clip the node's gradient norm to this (0: off)", meta="NORM")
-    topk: int = _f(None, "DeMo: coefficients kept per chunk (32)", meta="K")
-    chunk: int = _f(None, "DeMo: chunk edge; 2-D blocks are chunk x chunk (64)", meta="C")
+    topk: int = _f(None, "DeMo: coefficients kept per chunk (presets: 14; DeMo's own: 32)", meta="K")
+    chunk: int = _f(None, "DeMo: chunk edge; 2-D blocks are chunk x chunk (presets: 32; DeMo's own: 64)", meta="C")
     blocks: str = _f(None, "DeMo: DCT blocks, 2d (default) or 1d", choices=BLOCK_MODES)
     values: str = _f(None, "DeMo: wire format of the values: fp32, bf16, or int8 with a "
-                     "per-block scale (fp32)", choices=VALUE_DTYPES)
+                     "per-block scale (presets: int8; DeMo's own: fp32)", choices=VALUE_DTYPES)
     decay: float = _f(None, "decoupled momentum decay of demo/random/striding/slicing (0.999)", meta="BETA")
     rate: float = _f(None, "random/striding/slicing: fraction of rows sent (1/16)", meta="R")
     every: int = _f(None, "replicate every N steps (diloco: inner steps H, default 25)", meta="N")
