@@ -5,10 +5,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
+
+from deto.train.netem import parse_netns_list
 
 pytestmark = [
     pytest.mark.e2e,
@@ -59,3 +64,35 @@ def test_bad_bandwidth_is_a_usage_error(tmp_path):
     )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "mbps" in proc.stderr
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if text.encode() in cmdline.read_bytes():
+                pids.append(int(cmdline.parent.name))
+        except OSError:  # the process ended while we looked
+            continue
+    return pids
+
+
+def test_sigterm_stops_every_node_and_removes_the_namespaces(tmp_path):
+    out = tmp_path / "run"
+    before = _namespaces()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "deto", "train", "--bandwidth", "20mbit", "--out", str(out), "-q",
+         *TINY[:4], "--steps", "100000", *TINY[6:]],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    deadline = time.monotonic() + 180
+    while not (out / "metrics.jsonl").exists():  # training has started on every rank
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended or never started"
+        time.sleep(0.2)
+    ours = set(parse_netns_list(_namespaces())) - set(parse_netns_list(before))
+    assert ours, "the run's namespaces were not found"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    time.sleep(1)
+    assert not _processes_mentioning(str(out)), "ranks or node agents outlived the run"
+    assert not ours & set(parse_netns_list(_namespaces()))

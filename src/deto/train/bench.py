@@ -13,7 +13,6 @@ import logging
 import math
 import os
 import platform
-import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from deto.train import report
+from deto.train.launch import run_child
 
 logger = logging.getLogger(__name__)
 
@@ -284,7 +284,7 @@ def run_bench(
     on_run: Callable[[int, int, str], None] | None = None,
 ) -> dict[str, Any]:
     """Run every scheme at every bandwidth, then write results.json, report.md and plots."""
-    run = runner or (lambda argv: subprocess.run(argv, check=False).returncode)
+    run = runner or run_child
     cfg.out.mkdir(parents=True, exist_ok=True)
     plan = [(bw, s) for bw in cfg.bandwidths for s in cfg.schemes]
     runs: list[RunResult] = []

@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from deto.train.launch import sigterm_raises
 from deto.train.netem import EmulatedCluster
 
 logger = logging.getLogger(__name__)
@@ -79,36 +80,38 @@ def run_nodes(
     """Run ``program`` on every rank of every node; return the first failing exit code or 0.
 
     Node 0's output goes to this terminal (its rank 0 draws the progress bar); the other nodes'
-    go to ``log_dir/node<i>.log``. When one node fails, the others are stopped; Ctrl-C stops
-    every node before it propagates, so no rank outlives its namespace.
+    go to ``log_dir/node<i>.log``. When one node fails, the others are stopped; Ctrl-C and
+    SIGTERM stop every node before they propagate (SIGTERM as ``SystemExit(143)``), so no rank
+    outlives its namespace.
     """
     log_dir.mkdir(parents=True, exist_ok=True)
     procs: list[subprocess.Popen[bytes]] = []
     logs = []
-    try:
-        for node in range(cluster.nodes):
-            argv = node_argv(cluster, node, ranks_per_node, program, extra_env or {})
-            out = None
-            if node:
-                out = open(log_dir / f"node{node}.log", "wb")  # noqa: SIM115 - closed below
-                logs.append(out)
-            procs.append(
-                subprocess.Popen(argv, stdout=out, stderr=out, start_new_session=True)
-            )
-        while True:
-            codes = [p.poll() for p in procs]
-            failed = [c for c in codes if c not in (None, 0)]
-            if failed:
-                bad = codes.index(failed[0])
-                logger.error("node %d exited with status %d; stopping the others", bad, failed[0])
-                _stop(procs)
-                return failed[0]
-            if all(c == 0 for c in codes):
-                return 0
-            time.sleep(0.1)
-    except BaseException:
-        _stop(procs)
-        raise
-    finally:
-        for f in logs:
-            f.close()
+    with sigterm_raises():
+        try:
+            for node in range(cluster.nodes):
+                argv = node_argv(cluster, node, ranks_per_node, program, extra_env or {})
+                out = None
+                if node:
+                    out = open(log_dir / f"node{node}.log", "wb")  # noqa: SIM115 - closed below
+                    logs.append(out)
+                procs.append(
+                    subprocess.Popen(argv, stdout=out, stderr=out, start_new_session=True)
+                )
+            while True:
+                codes = [p.poll() for p in procs]
+                failed = [c for c in codes if c not in (None, 0)]
+                if failed:
+                    bad = codes.index(failed[0])
+                    logger.error("node %d exited with status %d; stopping the others", bad, failed[0])
+                    _stop(procs)
+                    return failed[0]
+                if all(c == 0 for c in codes):
+                    return 0
+                time.sleep(0.1)
+        except BaseException:
+            _stop(procs)
+            raise
+        finally:
+            for f in logs:
+                f.close()

@@ -1,0 +1,68 @@
+"""SIGTERM of a process that owns children: the children are stopped first, never orphaned."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from deto.train.launch import sigterm_raises
+
+CHILD = textwrap.dedent(
+    """
+    import signal, sys, time
+    from pathlib import Path
+    marker = Path(sys.argv[1])
+    def stop(signum, frame):
+        marker.write_text("terminated")
+        sys.exit(0)
+    signal.signal(signal.SIGTERM, stop)
+    marker.write_text("started")
+    time.sleep(60)
+    """
+)
+
+PARENT = textwrap.dedent(
+    """
+    import sys
+    from deto.train.launch import run_child
+    sys.exit(run_child([sys.executable, "-c", sys.argv[1], sys.argv[2]], grace_s=10))
+    """
+)
+
+
+def _wait_for(path: Path, text: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and path.read_text() == text:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{path} never read {text!r}")
+
+
+def test_sigterm_of_the_parent_stops_its_child_first(tmp_path):
+    marker = tmp_path / "child"
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, CHILD, str(marker)])
+    _wait_for(marker, "started")
+    parent.send_signal(signal.SIGTERM)
+    assert parent.wait(timeout=30) == 128 + signal.SIGTERM
+    assert marker.read_text() == "terminated"  # the child got SIGTERM and ran its clean-up
+
+
+def test_run_child_returns_the_exit_status(tmp_path):
+    from deto.train.launch import run_child
+
+    assert run_child([sys.executable, "-c", "import sys; sys.exit(3)"]) == 3
+
+
+def test_sigterm_raises_only_inside_the_block():
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as exc, sigterm_raises():
+        signal.raise_signal(signal.SIGTERM)
+    assert exc.value.code == 128 + signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is before
