@@ -126,7 +126,7 @@ class DeMo(MomentumReplicator):
             )
 
     def extra_repr(self) -> str:
-        return f"topk={self.topk}, chunk={self.chunk}, decay={self.decay}, blocks={self.blocks!r}"
+        return f"topk={self.topk}, chunk={self.chunk}, decay={self.decay}, blocks={self.blocks!r}, values={self.values!r}"
 
     def exchange(
         self, positions: list[int], deltas: list[torch.Tensor], comm: Comm
