@@ -41,7 +41,7 @@ def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
     if not 1 <= bits <= 31:
         raise ValueError(f"Invalid bit width: {bits} (expected 1..31)")
     flat = values.reshape(-1).to(torch.int64)
-    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= 1 << bits):
+    if bool(((flat < 0) | (flat >= 1 << bits)).any()):  # one host sync on an accelerator
         raise ValueError(f"values do not fit in {bits} unsigned bits")
     offset = torch.arange(flat.numel(), device=flat.device) * bits
     shifted = flat << (offset % 8)
