@@ -46,10 +46,11 @@ def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
     offset = torch.arange(flat.numel(), device=flat.device) * bits
     shifted = flat << (offset % 8)
     first = offset // 8
-    out = torch.zeros(packed_nbytes(flat.numel(), bits) + _span(bits), dtype=torch.int64, device=flat.device)
-    for j in range(_span(bits)):
+    nbytes, span = packed_nbytes(flat.numel(), bits), _span(bits)
+    out = torch.zeros(nbytes + span, dtype=torch.int64, device=flat.device)
+    for j in range(span):
         out.index_add_(0, first + j, (shifted >> (8 * j)) & 0xFF)
-    return out[: packed_nbytes(flat.numel(), bits)].to(torch.uint8)
+    return out[:nbytes].to(torch.uint8)
 
 
 def unpack_bits(buffer: torch.Tensor, bits: int, count: int) -> torch.Tensor:

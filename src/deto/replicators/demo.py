@@ -98,14 +98,18 @@ class DeMo(MomentumReplicator):
         if topk > nominal:
             raise ValueError(f"Invalid topk: {topk} (a {blocks} block of chunk {chunk} has {nominal})")
         self.blocks: BlockMode = check_choice("blocks", blocks, ("1d", "2d"))  # type: ignore[assignment]
-        self.values = check_choice("values", values, VALUE_CODECS)
-        self.wire = WireFormat(values)
+        self.wire = WireFormat(check_choice("values", values, VALUE_CODECS))
         self.aggregation = check_choice("aggregation", aggregation, ("selected", "all"))
         if not isinstance(dense_fallback, bool):
             raise TypeError(f"dense_fallback must be a bool, got {type(dense_fallback).__name__}")
         self.dense_fallback = dense_fallback
         super().__init__(decay=decay, **schedule)
         self.plans: list[Plan] = []
+
+    @property
+    def values(self) -> str:
+        """Wire format of the values (see :class:`deto.compress.wire.WireFormat`)."""
+        return self.wire.values
 
     def bind(self, slots: list[Any]) -> None:
         super().bind(slots)

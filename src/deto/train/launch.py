@@ -20,6 +20,7 @@ import os
 import signal
 import subprocess
 import tempfile
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -144,20 +145,38 @@ def sigterm_raises() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def stop_processes(
+    procs: list[subprocess.Popen[Any]], grace_s: float, *, process_group: bool = False
+) -> None:
+    """SIGTERM every process still running (its whole process group with ``process_group``),
+    then SIGKILL whatever is left once ``grace_s`` has passed."""
+
+    def send(p: subprocess.Popen[Any], sig: signal.Signals) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            if process_group:
+                os.killpg(p.pid, sig)
+            else:
+                p.send_signal(sig)
+
+    for p in procs:
+        if p.poll() is None:
+            send(p, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            send(p, signal.SIGKILL)
+            p.wait()
+
+
 def run_child(argv: list[str], grace_s: float = CHILD_GRACE_S) -> int:
     """Run ``argv`` to completion and return its exit status; if this process is interrupted
-    or terminated meanwhile, SIGTERM the child and give it ``grace_s`` to clean up (SIGKILL
-    after that), then re-raise."""
+    or terminated meanwhile, stop the child (:func:`stop_processes`), then re-raise."""
     child = subprocess.Popen(argv)
     try:
         with sigterm_raises():
             return child.wait()
     except BaseException:
-        if child.poll() is None:
-            child.terminate()
-            try:
-                child.wait(timeout=grace_s)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
+        stop_processes([child], grace_s)
         raise

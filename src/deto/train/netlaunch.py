@@ -8,16 +8,13 @@ run, only the wire is a shaped veth link. Ranks of a node talk over the namespac
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from deto.train.launch import sigterm_raises
+from deto.train.launch import sigterm_raises, stop_processes
 from deto.train.netem import EmulatedCluster
 
 logger = logging.getLogger(__name__)
@@ -52,21 +49,6 @@ def node_argv(
         "--max-restarts=0",
         *program,
     ]
-
-
-def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
-    """SIGTERM every node's process group, then SIGKILL what is left after a grace period."""
-    for p in procs:
-        if p.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, signal.SIGTERM)
-    deadline = time.monotonic() + GRACE_S
-    for p in procs:
-        try:
-            p.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
 
 
 def run_nodes(
@@ -104,13 +86,13 @@ def run_nodes(
                 if failed:
                     bad = codes.index(failed[0])
                     logger.error("node %d exited with status %d; stopping the others", bad, failed[0])
-                    _stop(procs)
+                    stop_processes(procs, GRACE_S, process_group=True)
                     return failed[0]
                 if all(c == 0 for c in codes):
                     return 0
                 time.sleep(0.1)
         except BaseException:
-            _stop(procs)
+            stop_processes(procs, GRACE_S, process_group=True)
             raise
         finally:
             for f in logs:
