@@ -9,43 +9,43 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import hashlib
 import json
 import logging
 import math
 import os
-import resource
 import shutil
-import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
-from torch.distributed.fsdp import FSDPModule
 
 import deto
 from deto.comm import all_reduce_bytes
-from deto.replicators.base import local_tensor
 from deto.sharding import shard_model
 from deto.topology import Topology
-from deto.train import data as datalib
 from deto.train import report
 from deto.train.config import STRUCTURAL, TrainConfig
-from deto.train.models import ByteGPT, TransformerShape, ViT, count_params
+from deto.train.models import count_params
 from deto.train.presets import PRESETS
+from deto.train.ranks import all_gather, from_rank0
+from deto.train.summary import (
+    History,
+    build_summary,
+    params_digest,
+    peak_rss_mb,
+    replicas_identical,
+)
+from deto.train.tasks import build_task
 
 logger = logging.getLogger(__name__)
 
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=10)
 FINAL_LR_RATIO = 0.1
-EVAL_BATCH = 64
 CHECKPOINTS = "checkpoints"
 COMPLETE = "COMPLETE"
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
@@ -74,7 +74,7 @@ def run(
     """
     topo.init(timeout=COLLECTIVE_TIMEOUT)
     rank = dist.get_rank()
-    out = Path(_from_rank0(run_dir or default_run_dir(cfg.scheme)))
+    out = Path(from_rank0(run_dir or default_run_dir(cfg.scheme)))
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         report.write_json(out / "config.json", cfg.to_dict())
@@ -150,7 +150,7 @@ def run(
 
     identical = replicas_identical(model, opt, topo)
     digest = params_digest(model)
-    rss = _all_gather(peak_rss_mb())
+    rss = all_gather(peak_rss_mb())
     if rank != 0:
         return None
     summary = build_summary(cfg, topo, task, params, state, full_sync, identical, digest, rss, link, out)
@@ -165,130 +165,6 @@ def run(
     except Exception as exc:  # a plotting problem must not lose the run's results
         logger.warning("could not write loss.png: %s", exc)
     return summary
-
-
-# --------------------------------------------------------------------------------------------
-# Tasks
-
-
-@dataclass
-class Task:
-    """A model with its data: batches by ``(step, rank)``, a loss, and an evaluation."""
-
-    model: nn.Module
-    batch: Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]
-    evaluate: Callable[[nn.Module, Topology], dict[str, float]]
-    items_per_sample: int
-    unit: str  # what throughput counts: "tokens" or "images"
-    info: dict[str, Any] = field(default_factory=dict)
-
-    @staticmethod
-    def loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
-
-
-def build_task(cfg: TrainConfig, topo: Topology) -> Task:
-    shape = TransformerShape(d_model=cfg.d_model, layers=cfg.layers, heads=cfg.heads)
-    if cfg.task == "lm":
-        corpus = datalib.load_stdlib_corpus()
-        digests = _all_gather(corpus.digest)
-        if len(set(digests)) > 1:
-            logger.warning("ranks read different standard library sources (Python versions differ?)")
-        starts = datalib.eval_windows(corpus.val, cfg.seq_len, cfg.eval_samples)
-        return Task(
-            model=ByteGPT(cfg.seq_len, shape),
-            batch=lambda step, rank: datalib.lm_batch(
-                corpus.train, cfg.seq_len, cfg.batch_size, seed=cfg.seed, step=step, rank=rank
-            ),
-            evaluate=lambda model, topo: evaluate_lm(model, topo, corpus.val, starts, cfg.seq_len),
-            items_per_sample=cfg.seq_len,
-            unit="tokens",
-            info={
-                "unigram_entropy": datalib.unigram_entropy(corpus.train),
-                "corpus": {
-                    "source": "Python standard library sources",
-                    "train_bytes": corpus.train.numel(),
-                    "val_bytes": corpus.val.numel(),
-                    "train_files": corpus.train_files,
-                    "val_files": corpus.val_files,
-                    "sha256": corpus.digest,
-                },
-            },
-        )
-    digits = datalib.load_digits_split()
-    return Task(
-        model=ViT(8, 1, digits.classes, patch=2, shape=shape),
-        batch=lambda step, rank: datalib.vision_batch(
-            digits, cfg.batch_size, seed=cfg.seed, step=step, rank=rank
-        ),
-        evaluate=lambda model, topo: evaluate_vision(model, topo, digits),
-        items_per_sample=1,
-        unit="images",
-        info={"dataset": {"source": "scikit-learn digits (8x8)", "train": len(digits.train_y),
-                          "val": len(digits.val_y)}},
-    )
-
-
-def _eval_items(count: int, topo: Topology) -> Iterator[tuple[list[int], list[float]]]:
-    """This rank's share of ``count`` validation items, in batches, padded with weight-0 items."""
-    mine, length = datalib.shard_evenly(count, topo.ranks_per_node, topo.local_rank)
-    items = mine + [0] * (length - len(mine))
-    weights = [1.0] * len(mine) + [0.0] * (length - len(mine))
-    for i in range(0, length, EVAL_BATCH):
-        yield items[i : i + EVAL_BATCH], weights[i : i + EVAL_BATCH]
-
-
-def _world_mean(totals: torch.Tensor, device: torch.device) -> list[float]:
-    """Sum ``totals`` (last entry: the count) over all ranks; return the ratios."""
-    totals = totals.to(device)
-    dist.all_reduce(totals)
-    return (totals[:-1] / totals[-1]).tolist()
-
-
-@torch.no_grad()
-def evaluate_lm(
-    model: nn.Module, topo: Topology, val: torch.Tensor, starts: torch.Tensor, seq_len: int
-) -> dict[str, float]:
-    """Mean next-byte loss over the fixed validation windows (each node's model, averaged)."""
-    model.eval()
-    totals = torch.zeros(2, dtype=torch.float64)
-    for items, weights in _eval_items(len(starts), topo):
-        windows = torch.stack([val[s : s + seq_len + 1] for s in starts[items].tolist()]).long()
-        logits = model(windows[:, :-1].to(topo.torch_device))
-        losses = F.cross_entropy(
-            logits.float().transpose(1, 2), windows[:, 1:].to(topo.torch_device), reduction="none"
-        ).sum(dim=1).cpu().double()
-        w = torch.tensor(weights, dtype=torch.float64)
-        totals += torch.stack([(losses * w).sum(), w.sum() * seq_len])
-    _reshard(model)
-    model.train()
-    (loss,) = _world_mean(totals, topo.torch_device)
-    return {"val_loss": loss}
-
-
-@torch.no_grad()
-def evaluate_vision(model: nn.Module, topo: Topology, digits: datalib.Digits) -> dict[str, float]:
-    model.eval()
-    totals = torch.zeros(3, dtype=torch.float64)
-    for items, weights in _eval_items(len(digits.val_y), topo):
-        x, y = digits.val_x[items].to(topo.torch_device), digits.val_y[items].to(topo.torch_device)
-        logits = model(x).float()
-        losses = F.cross_entropy(logits, y, reduction="none").cpu().double()
-        correct = (logits.argmax(-1) == y).cpu().double()
-        w = torch.tensor(weights, dtype=torch.float64)
-        totals += torch.stack([(losses * w).sum(), (correct * w).sum(), w.sum()])
-    _reshard(model)
-    model.train()
-    loss, accuracy = _world_mean(totals, topo.torch_device)
-    return {"val_loss": loss, "val_accuracy": accuracy}
-
-
-def _reshard(model: nn.Module) -> None:
-    """Free the gathered parameters a no-grad forward leaves behind (FSDP2 keeps the root's
-    unsharded after forward, expecting a backward), so the model holds its shards again."""
-    for module in model.modules():
-        if isinstance(module, FSDPModule):
-            module.reshard()
 
 
 # --------------------------------------------------------------------------------------------
@@ -337,146 +213,6 @@ def step_bytes(opt: torch.optim.Optimizer, full_sync: int) -> tuple[int, int]:
         stats = opt.stats()
         return stats.node_bytes_sent, stats.node_bytes_received
     return full_sync, full_sync  # torch HSDP all-reduces the full fp32 gradient every step
-
-
-# --------------------------------------------------------------------------------------------
-# Bookkeeping
-
-
-@dataclass
-class History:
-    """What the run has done so far; saved in checkpoints so a resumed run continues it."""
-
-    step: int = 0
-    records: list[dict[str, Any]] = field(default_factory=list)
-    step_times: list[float] = field(default_factory=list)
-    wall_time_s: float = 0.0
-    sent_total: int = 0
-    received_total: int = 0
-    loss_sum: float = 0.0  # this rank's training loss since the last logged step
-    loss_count: int = 0
-    last_loss: float = math.nan
-
-    def advance(self, step: int, seconds: float, sent: int, received: int, loss: float) -> None:
-        self.step = step
-        self.step_times.append(seconds)
-        self.sent_total += sent
-        self.received_total += received
-        self.loss_sum += loss
-        self.loss_count += 1
-        self.last_loss = loss
-
-    def take_train_loss(self, device: torch.device) -> float:
-        """Mean training loss over all ranks and the steps since the last call (a collective)."""
-        totals = torch.tensor([self.loss_sum, float(self.loss_count)], dtype=torch.float64, device=device)
-        self.loss_sum, self.loss_count = 0.0, 0
-        dist.all_reduce(totals)
-        return float(totals[0] / totals[1])
-
-
-def build_summary(
-    cfg: TrainConfig,
-    topo: Topology,
-    task: Task,
-    params: int,
-    state: History,
-    full_sync: int,
-    identical: bool | None,
-    digest: str,
-    rss: list[float],
-    link: dict[str, Any] | None,
-    out: Path,
-) -> dict[str, Any]:
-    steps = max(1, len(state.step_times))
-    sent = state.sent_total / steps
-    received = state.received_total / steps
-    val = [[r["step"], r["val_loss"]] for r in state.records if "val_loss" in r]
-    summary: dict[str, Any] = {
-        "scheme": cfg.scheme,
-        "task": cfg.task,
-        "nodes": topo.nodes,
-        "ranks_per_node": topo.ranks_per_node,
-        "steps": state.step,
-        "params": params,
-        "final_val_loss": val[-1][1] if val else None,
-        "val_loss": val,
-        "train_loss": [[r["step"], r["train_loss"]] for r in state.records],
-        "wall_time_s": state.wall_time_s,
-        "step_time_s_median": statistics.median(state.step_times) if state.step_times else None,
-        "inter_node_bytes_sent_per_step": sent,
-        "inter_node_bytes_received_per_step": received,
-        "full_sync_bytes_per_step": full_sync,
-        "compression_ratio": full_sync / sent if sent > 0 and full_sync > 0 else None,
-        "replicas_identical": identical,
-        "peak_rss_mb_per_rank": rss,
-        "link": link,
-        "versions": report.versions(),
-        "git_sha": report.git_sha(),
-    }
-    summary.update(task.info)
-    accuracy = [r["val_accuracy"] for r in state.records if "val_accuracy" in r]
-    if accuracy:
-        summary["final_val_accuracy"] = accuracy[-1]
-    summary.update(
-        {
-            "params_sha256": digest,
-            "lr": cfg.lr,
-            "config": cfg.to_dict(),
-            "out": str(out),
-        }
-    )
-    return summary
-
-
-def replicas_identical(model: nn.Module, opt: torch.optim.Optimizer, topo: Topology) -> bool | None:
-    """Whether the parameters are bitwise equal across the replicate axis (``None``: the
-    scheme does not promise it now, e.g. ``none``, or DiLoCo between synchronisations)."""
-    if isinstance(opt, deto.DecoupledOptimizer):
-        promised = all(r.promises_identical_replicas for r in opt.replicators) and all(
-            r.schedule.fires(opt.step_count) for r in opt.replicators if r.acts_on == "param"
-        )
-    else:
-        promised = True  # torch HSDP all-reduces gradients: replicas take identical steps
-    digests = _all_gather(_local_digest(model))
-    if not promised:
-        return None
-    s = topo.ranks_per_node
-    same = all(digests[i] == digests[i % s] for i in range(len(digests)))
-    if not same:
-        logger.error("replicas differ across nodes although scheme %s promises identical ones", type(opt).__name__)
-    return same
-
-
-def _local_digest(model: nn.Module) -> str:
-    _reshard(model)  # digest the shards, whatever the last forward left registered
-    h = hashlib.sha256()
-    for name, p in sorted(model.named_parameters()):
-        t = local_tensor(p).detach().cpu().contiguous().reshape(-1)
-        h.update(name.encode())
-        h.update(t.view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def params_digest(model: nn.Module) -> str:
-    """sha256 over every rank's local shards, in rank order: equal iff the runs' parameters are."""
-    return hashlib.sha256("".join(_all_gather(_local_digest(model))).encode()).hexdigest()
-
-
-def peak_rss_mb() -> float:
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB on Linux
-
-
-def _all_gather(obj: Any) -> list[Any]:
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def _from_rank0(obj: Any) -> Any:
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def default_run_dir(scheme: str) -> str:
