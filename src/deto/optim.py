@@ -225,6 +225,14 @@ class DecoupledOptimizer(torch.optim.Optimizer):
             self._node_work = None
         return self._last
 
+    @property
+    def promises_identical_replicas(self) -> bool:
+        """Whether the replicas are bitwise identical across nodes after the last step: every
+        replicator promises it, and every parameter replicator (DiLoCo) synchronised on it."""
+        return all(r.promises_identical_replicas for r in self.replicators) and all(
+            r.schedule.fires(self.step_count) for r in self.replicators if r.acts_on == "param"
+        )
+
     # -- checkpointing ------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
         """Base optimizer state, every replicator's state (buffers, counters) and the step."""

@@ -17,10 +17,15 @@ from typing import Any
 
 import tomllib
 
-from deto.train.presets import DEFAULT_SCHEME, PRESETS, REPLICATOR_OPTIONS, default_lr
+from deto.train.presets import (
+    DEFAULT_SCHEME,
+    OPTIMIZERS,
+    PRESETS,
+    REPLICATOR_OPTIONS,
+    default_lr,
+)
 
 TASKS = ("lm", "vision")
-OPTIMIZERS = ("sgd", "adamw")
 LR_SCHEDULES = ("cosine", "constant")
 PRECISIONS = ("fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -64,7 +69,7 @@ class TrainConfig:
     d_model: int = _f(None, "transformer width (lm: 128, vision: 64)", meta="N")
     layers: int = _f(None, "transformer layers (2)", meta="N")
     heads: int = _f(None, "attention heads (4)", meta="N")
-    optimizer: str = _f(None, "base optimizer (preset's default)", choices=OPTIMIZERS)
+    optimizer: str = _f(None, "base optimizer (preset's default)", choices=tuple(OPTIMIZERS))
     lr: float = _f(None, "peak learning rate (preset's tuned default)", meta="LR")
     sign: bool = _f(None, "use the sign of the replicated gradient (sign-SGD)")
     weight_decay: float = _f(0.0, "decoupled weight decay", meta="WD")
@@ -228,6 +233,6 @@ def resolve(overrides: Mapping[str, Any]) -> TrainConfig:
     values: dict[str, Any] = {**TASK_DEFAULTS[task], **preset.defaults, **overrides}
     if "lr" not in overrides:
         opt, sign = values["optimizer"], values["sign"]
-        if opt in ("sgd", "adamw") and isinstance(sign, bool):
+        if opt in OPTIMIZERS and isinstance(sign, bool):
             values["lr"] = default_lr(scheme, task, opt, sign)
     return TrainConfig(**values)

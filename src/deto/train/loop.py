@@ -25,13 +25,11 @@ import torch.distributed as dist
 from torch import nn
 
 import deto
-from deto.comm import all_reduce_bytes
-from deto.sharding import shard_model
 from deto.topology import Topology
 from deto.train import report
 from deto.train.config import STRUCTURAL, TrainConfig
 from deto.train.models import count_params
-from deto.train.presets import PRESETS
+from deto.train.optimizer import build_training, full_sync_bytes
 from deto.train.ranks import all_gather, from_rank0
 from deto.train.summary import (
     History,
@@ -48,10 +46,6 @@ COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=10)
 FINAL_LR_RATIO = 0.1
 CHECKPOINTS = "checkpoints"
 COMPLETE = "COMPLETE"
-OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
-    "sgd": torch.optim.SGD,
-    "adamw": torch.optim.AdamW,
-}
 
 
 # --------------------------------------------------------------------------------------------
@@ -82,7 +76,7 @@ def run(
     torch.manual_seed(cfg.seed)  # the same initial model on every rank
     task = build_task(cfg, topo)
     params = count_params(task.model)
-    model, opt, base = build_training(cfg, topo, task.model)
+    model, opt = build_training(cfg, topo, task.model)
     logger.info(
         "%s on %s: %s parameters, %d node(s) x %d rank(s), %d steps",
         cfg.scheme, cfg.task, f"{params:,}", topo.nodes, topo.ranks_per_node, cfg.steps,
@@ -90,9 +84,9 @@ def run(
 
     state = History()
     if resume is not None:
-        state = load_checkpoint(Path(resume), model, opt, base, topo)
+        state = load_checkpoint(Path(resume), model, opt, opt.base, topo)  # type: ignore[arg-type]
         logger.info("resumed from %s at step %d", resume, state.step)
-    full_sync = all_reduce_bytes(4 * params, topo.nodes)
+    full_sync = full_sync_bytes(params, topo.nodes)
     sinks = open_sinks(out, state.records) if rank == 0 else []
     bar = progress_bar(cfg.steps, state.step) if rank == 0 else None
     per_step_items = cfg.batch_size * topo.world_size * task.items_per_sample
@@ -110,7 +104,8 @@ def run(
                 nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
-            sent, received = step_bytes(opt, full_sync)
+            stats = opt.stats()
+            sent, received = stats.node_bytes_sent, stats.node_bytes_received
             elapsed = time.perf_counter() - start
             state.advance(step, elapsed, sent, received, float(loss.detach()))
 
@@ -141,14 +136,15 @@ def run(
                 )
             if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
                 state.wall_time_s = time.perf_counter() - clock
-                save_checkpoint(out / CHECKPOINTS, cfg, state, model, opt, base, topo)
+                ckpt = out / CHECKPOINTS
+                save_checkpoint(ckpt, cfg, state, model, opt, opt.base, topo)  # type: ignore[arg-type]
     finally:
         if bar is not None:
             bar.close()
         report.close_all(sinks)
     state.wall_time_s = time.perf_counter() - clock
 
-    identical = replicas_identical(model, opt, topo)
+    identical = replicas_identical(model, topo, opt.promises_identical_replicas, cfg.scheme)
     digest = params_digest(model)
     rss = all_gather(peak_rss_mb())
     if rank != 0:
@@ -168,33 +164,7 @@ def run(
 
 
 # --------------------------------------------------------------------------------------------
-# Model and optimizer
-
-
-def build_training(
-    cfg: TrainConfig, topo: Topology, model: nn.Module
-) -> tuple[nn.Module, torch.optim.Optimizer, torch.optim.Optimizer]:
-    """``(model, optimizer, base optimizer)``: deto's decoupled optimizer, or torch's HSDP."""
-    preset = PRESETS[cfg.scheme]
-    mixed = None if cfg.precision == "fp32" else cfg.precision
-    cls: Any = OPTIMIZERS[cfg.optimizer]
-    if preset.replicator is None:  # the baseline: torch's own HSDP over the 2-D mesh
-        model.to(topo.torch_device)
-        shard_model(model, topo.mesh, mixed_precision=mixed)
-        opt = cls(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        return model, opt, opt
-    model, dopt = deto.prepare(
-        model,
-        topo,
-        replicator=preset.replicator,
-        optimizer=cls,
-        lr=cfg.lr,
-        sign=cfg.sign,
-        weight_decay=cfg.weight_decay,
-        mixed_precision=mixed,
-        **cfg.replicator_options(),
-    )
-    return model, dopt, dopt.base
+# Details
 
 
 def lr_factor(cfg: TrainConfig, step: int) -> float:
@@ -205,14 +175,6 @@ def lr_factor(cfg: TrainConfig, step: int) -> float:
         return 1.0
     progress = min(1.0, (step - cfg.warmup) / (cfg.steps - cfg.warmup))
     return FINAL_LR_RATIO + (1 - FINAL_LR_RATIO) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def step_bytes(opt: torch.optim.Optimizer, full_sync: int) -> tuple[int, int]:
-    """Inter-node bytes this node sent and received in the last step."""
-    if isinstance(opt, deto.DecoupledOptimizer):
-        stats = opt.stats()
-        return stats.node_bytes_sent, stats.node_bytes_received
-    return full_sync, full_sync  # torch HSDP all-reduces the full fp32 gradient every step
 
 
 def default_run_dir(scheme: str) -> str:

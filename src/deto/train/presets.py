@@ -12,6 +12,13 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+import torch
+
+OPTIMIZERS: Mapping[str, type[torch.optim.Optimizer]] = MappingProxyType(
+    {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}
+)
+"""``--optimizer``: the base optimizers (torch's SGD without momentum, AdamW)."""
+
 DEMO_OPTIONS = frozenset({"topk", "chunk", "blocks", "values", "decay", "every"})
 SUBSET_OPTIONS = frozenset({"rate", "decay", "every"})
 DILOCO_OPTIONS = frozenset({"every", "outer_lr", "outer_momentum"})

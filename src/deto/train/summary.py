@@ -22,7 +22,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-import deto
 from deto.replicators.base import local_tensor
 from deto.topology import Topology
 from deto.train import report
@@ -119,22 +118,18 @@ def build_summary(
     return summary
 
 
-def replicas_identical(model: nn.Module, opt: torch.optim.Optimizer, topo: Topology) -> bool | None:
+def replicas_identical(
+    model: nn.Module, topo: Topology, promised: bool, scheme: str
+) -> bool | None:
     """Whether the parameters are bitwise equal across the replicate axis (``None``: the
     scheme does not promise it now, e.g. ``none``, or DiLoCo between synchronisations)."""
-    if isinstance(opt, deto.DecoupledOptimizer):
-        promised = all(r.promises_identical_replicas for r in opt.replicators) and all(
-            r.schedule.fires(opt.step_count) for r in opt.replicators if r.acts_on == "param"
-        )
-    else:
-        promised = True  # torch HSDP all-reduces gradients: replicas take identical steps
     digests = all_gather(_local_digest(model))
     if not promised:
         return None
     s = topo.ranks_per_node
     same = all(digests[i] == digests[i % s] for i in range(len(digests)))
     if not same:
-        logger.error("replicas differ across nodes although scheme %s promises identical ones", type(opt).__name__)
+        logger.error("replicas differ across nodes although scheme %s promises identical ones", scheme)
     return same
 
 
