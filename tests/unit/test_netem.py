@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
+import shutil
 import subprocess
 from collections.abc import Callable
 
@@ -17,12 +19,14 @@ from deto.train.netem import (
     EmulatedCluster,
     LinkSpec,
     NetemError,
+    cleanup,
     cleanup_stale,
     default_burst_bytes,
     format_bandwidth,
     judge_rate,
     parse_bandwidth,
     parse_netns_list,
+    probe,
     setup_commands,
     stale_namespaces,
     teardown_commands,
@@ -236,8 +240,6 @@ def test_invalid_run_id(run_id: str) -> None:
 
 
 def test_default_run_id_encodes_pid() -> None:
-    import os
-
     cluster = EmulatedCluster(2)
     assert cluster.run_id.startswith(f"{os.getpid()}-")
     assert cluster.namespace(1) == f"deto-{cluster.run_id}-n1"
@@ -286,10 +288,10 @@ def test_cluster_runs_setup_then_teardown(nodes: int) -> None:
     with EmulatedCluster(nodes, link, run_id=RUN_ID, runner=runner) as cluster:
         assert runner.calls == setup_commands(RUN_ID, nodes, link)
         assert runner.deleted == []
-        assert netem._LIVE[RUN_ID] is cluster
+        assert cleanup._LIVE[RUN_ID] is cluster
     assert sorted(runner.deleted) == sorted(runner.added)
     assert len(runner.deleted) == nodes + (1 if nodes > 2 else 0)
-    assert RUN_ID not in netem._LIVE
+    assert RUN_ID not in cleanup._LIVE
 
 
 def test_exception_in_body_still_tears_down() -> None:
@@ -297,7 +299,7 @@ def test_exception_in_body_still_tears_down() -> None:
     with pytest.raises(KeyError), EmulatedCluster(3, run_id=RUN_ID, runner=runner):
         raise KeyError("user code failed")
     assert sorted(runner.deleted) == sorted(runner.added)
-    assert RUN_ID not in netem._LIVE
+    assert RUN_ID not in cleanup._LIVE
 
 
 def test_close_is_idempotent() -> None:
@@ -336,7 +338,7 @@ def test_failure_mid_setup_cleans_up_what_was_created(
         pytest.fail("body must not run")
     assert runner.deleted == expect_deleted
     assert cluster.created == []
-    assert RUN_ID not in netem._LIVE
+    assert RUN_ID not in cleanup._LIVE
 
 
 def test_runner_exception_mid_setup_cleans_up_and_reraises() -> None:
@@ -379,7 +381,7 @@ def test_cluster_accessors() -> None:
 
 def test_verify_shaping_records_probe(monkeypatch: pytest.MonkeyPatch) -> None:
     cluster = EmulatedCluster(2, LinkSpec(20_000_000), run_id=RUN_ID, runner=FakeRunner())
-    monkeypatch.setattr(netem, "probe_throughput", lambda c, src, dst, seconds: 19e6)
+    monkeypatch.setattr(probe, "probe_throughput", lambda c, src, dst, seconds: 19e6)
     check = netem.verify_shaping(cluster)
     assert check.ok is True
     assert check.measured_bps == 19e6
@@ -453,16 +455,14 @@ def test_cleanup_stale_with_other_prefix() -> None:
 
 
 def test_pid_alive() -> None:
-    import os
-
-    assert netem.pid_alive(os.getpid())
-    assert not netem.pid_alive(0)
-    assert not netem.pid_alive(2**22 + 12345)  # above the default pid_max
+    assert cleanup.pid_alive(os.getpid())
+    assert not cleanup.pid_alive(0)
+    assert not cleanup.pid_alive(2**22 + 12345)  # above the default pid_max
 
 
 def test_check_requirements_not_root(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(netem.os, "geteuid", lambda: 1000)
-    monkeypatch.setattr(netem.shutil, "which", lambda name: None)
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
     with pytest.raises(RuntimeError) as info:
         netem.check_requirements(runner=FakeRunner())
     msg = str(info.value)
@@ -472,8 +472,8 @@ def test_check_requirements_not_root(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_check_requirements_tbf_missing(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(netem.os, "geteuid", lambda: 0)
-    monkeypatch.setattr(netem.shutil, "which", lambda name: f"/sbin/{name}")
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    monkeypatch.setattr(shutil, "which", lambda name: f"/sbin/{name}")
     runner = FakeRunner(fail=lambda a: "tbf" in a)
     with pytest.raises(RuntimeError, match="tbf unavailable"):
         netem.check_requirements(runner=runner)
@@ -483,8 +483,8 @@ def test_check_requirements_tbf_missing(monkeypatch: pytest.MonkeyPatch) -> None
 
 
 def test_check_requirements_ok(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(netem.os, "geteuid", lambda: 0)
-    monkeypatch.setattr(netem.shutil, "which", lambda name: f"/sbin/{name}")
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    monkeypatch.setattr(shutil, "which", lambda name: f"/sbin/{name}")
     runner = FakeRunner()
     netem.check_requirements(nodes=3, runner=runner)
     assert any("bridge" in c for c in runner.calls)

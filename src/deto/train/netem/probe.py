@@ -1,0 +1,218 @@
+"""Measuring an emulated link: a TCP throughput probe between two node namespaces, judged
+against the configured rate, so that results never claim a limit that was not there."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import selectors
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from deto.train.netem.cluster import EmulatedCluster
+from deto.train.netem.commands import NetemError
+
+log = logging.getLogger(__name__)
+
+VERIFY_MAX_BPS = 300_000_000
+"""Above this rate a lower bound is not checked: the Python probe may be the bottleneck."""
+VERIFY_UPPER = 1.15
+VERIFY_LOWER = 0.5
+
+
+@dataclass(frozen=True)
+class ShapingCheck:
+    """Result of :func:`verify_shaping`: the measured rate and whether it matches the limit.
+
+    ``ok`` is None when there is nothing to judge strictly (no limit configured); above
+    ``VERIFY_MAX_BPS`` only the upper bound is judged, because falling short there may be the
+    probe's own limit rather than the link's.
+    """
+
+    measured_bps: float
+    configured_bps: int | None
+    ok: bool | None
+    src: int
+    dst: int
+    seconds: float
+    note: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+
+_RECEIVER = r"""
+import json, socket, sys, time
+host, window, max_bytes, wait = sys.argv[1], float(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+srv.bind((host, 0))
+srv.listen(1)
+srv.settimeout(wait)
+print("READY", srv.getsockname()[1], flush=True)
+conn, _ = srv.accept()
+conn.settimeout(0.5)
+buf = bytearray(1 << 16)
+got, start, end = 0, None, None
+hard = time.monotonic() + wait + window
+while time.monotonic() < hard:
+    try:
+        n = conn.recv_into(buf)
+    except socket.timeout:
+        continue
+    now = time.monotonic()
+    if n == 0:
+        break
+    if start is None:
+        start = now
+    else:
+        got += n
+    end = now
+    if now - start >= window or got >= max_bytes:
+        break
+conn.close()
+srv.close()
+print(json.dumps({"bytes": got, "seconds": (end - start) if start is not None else 0.0}))
+"""
+
+_SENDER = r"""
+import socket, sys, time
+host, port, duration, max_bytes = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
+s = socket.create_connection((host, port), timeout=5.0)
+s.settimeout(0.5)
+chunk = bytes(1 << 16)
+sent = 0
+deadline = time.monotonic() + duration
+try:
+    while time.monotonic() < deadline and sent < max_bytes:
+        try:
+            sent += s.send(chunk)
+        except socket.timeout:
+            continue
+except OSError:
+    pass
+s.close()
+"""
+
+PROBE_MAX_BYTES = 4 * 1024**3
+PROBE_WAIT_S = 10.0
+
+
+def _kill(proc: subprocess.Popen[str]) -> None:
+    if proc.poll() is None:
+        proc.kill()
+    with contextlib.suppress(Exception):
+        proc.communicate(timeout=5)
+
+
+def probe_throughput(
+    cluster: EmulatedCluster, src: int = 1, dst: int = 0, seconds: float = 1.0
+) -> float:
+    """Measure TCP throughput from node ``src`` to node ``dst`` in bit/s, standard library only.
+
+    A receiver in ``dst``'s namespace counts bytes for ``seconds`` after the first one arrives,
+    then closes, which stops the sender in ``src``; both are bounded in bytes
+    (``PROBE_MAX_BYTES``) and time, and are killed if they overrun. Measuring at the receiver
+    avoids counting data that merely sits in the sender's socket buffer.
+    """
+    if not 0.05 <= seconds <= 60:
+        raise ValueError(f"Invalid probe duration: {seconds!r} s (0.05 <= seconds <= 60)")
+    if src == dst:
+        raise ValueError(f"Probe source and destination must differ, got node {src} twice")
+    dst_addr = cluster.address(dst)
+    cluster.address(src)
+    py = [sys.executable, "-I", "-c"]
+    recv_argv = (
+        cluster.exec_prefix(dst)
+        + py
+        + [_RECEIVER, dst_addr, repr(seconds), str(PROBE_MAX_BYTES), repr(PROBE_WAIT_S)]
+    )
+    limit = seconds + PROBE_WAIT_S + 5.0
+    recv = subprocess.Popen(recv_argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    send: subprocess.Popen[str] | None = None
+    try:
+        assert recv.stdout is not None
+        with selectors.DefaultSelector() as sel:
+            sel.register(recv.stdout, selectors.EVENT_READ)
+            if not sel.select(timeout=PROBE_WAIT_S):
+                raise NetemError("throughput probe: receiver did not start")
+        ready = recv.stdout.readline().split()
+        if len(ready) != 2 or ready[0] != "READY":
+            recv.kill()
+            _, err = recv.communicate(timeout=5)
+            raise NetemError(f"throughput probe: receiver failed to start: {err.strip()}")
+        send_argv = (
+            cluster.exec_prefix(src)
+            + py
+            + [_SENDER, dst_addr, ready[1], repr(seconds + 5.0), str(PROBE_MAX_BYTES)]
+        )
+        send = subprocess.Popen(
+            send_argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        )
+        out, err = recv.communicate(timeout=limit)
+        _, send_err = send.communicate(timeout=limit)
+    except subprocess.TimeoutExpired as exc:
+        raise NetemError(f"throughput probe did not finish within {limit:.0f} s") from exc
+    finally:
+        _kill(recv)
+        if send is not None:
+            _kill(send)
+    if recv.returncode != 0:
+        raise NetemError(f"throughput probe: receiver exited {recv.returncode}: {err.strip()}")
+    assert send is not None
+    if send.returncode != 0:
+        raise NetemError(f"throughput probe: sender exited {send.returncode}: {send_err.strip()}")
+    result = json.loads(out.strip().splitlines()[-1])
+    if result["seconds"] <= 0:
+        raise NetemError(f"throughput probe received too little data to measure: {result}")
+    bps = float(result["bytes"]) * 8.0 / float(result["seconds"])
+    log.info(
+        "netem: probe node %d -> %d: %.2f Mbit/s over %.2f s",
+        src, dst, bps / 1e6, result["seconds"],
+    )  # fmt: skip
+    return bps
+
+
+def judge_rate(measured_bps: float, configured_bps: int | None) -> tuple[bool | None, str]:
+    """Whether a measured rate is consistent with the configured limit, with a reason."""
+    if configured_bps is None:
+        return None, "no limit configured"
+    upper = VERIFY_UPPER * configured_bps
+    if measured_bps > upper:
+        return (
+            False,
+            f"measured rate exceeds {VERIFY_UPPER}x the configured limit: shaping is not in effect",
+        )
+    if configured_bps > VERIFY_MAX_BPS:
+        return True, "above the verified range; only the upper bound is checked"
+    if measured_bps < VERIFY_LOWER * configured_bps:
+        return False, f"measured rate is below {VERIFY_LOWER}x the configured limit"
+    return True, f"within [{VERIFY_LOWER}, {VERIFY_UPPER}] x the configured limit"
+
+
+def verify_shaping(
+    cluster: EmulatedCluster, src: int = 1, dst: int = 0, seconds: float = 1.0
+) -> ShapingCheck:
+    """Probe the link and judge it, so that results never claim a limit that was not there.
+
+    The result is also stored on ``cluster.probe`` and thereby appears in ``describe()``.
+    """
+    measured = probe_throughput(cluster, src=src, dst=dst, seconds=seconds)
+    configured = cluster.link.bandwidth_bps if cluster.link else None
+    ok, note = judge_rate(measured, configured)
+    check = ShapingCheck(
+        measured_bps=measured,
+        configured_bps=configured,
+        ok=ok,
+        src=src,
+        dst=dst,
+        seconds=seconds,
+        note=note,
+    )
+    if ok is False:
+        log.warning("netem: shaping check failed: %s", note)
+    cluster.probe = check
+    return check
