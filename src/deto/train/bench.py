@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from deto.train import report
-from deto.train.launch import run_child
+from deto.train.processes import run_child
 
 logger = logging.getLogger(__name__)
 

@@ -14,21 +14,16 @@ one torchrun agent per node (:mod:`deto.train.netlaunch`), and every rank then e
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import signal
-import subprocess
 import tempfile
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 logger = logging.getLogger(__name__)
 
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
-CHILD_GRACE_S = 30.0  # a stopped child tears down its own ranks and namespaces first
 
 
 def under_torchrun(env: dict[str, str] | None = None) -> bool:
@@ -119,64 +114,3 @@ def launch_local(
             if type(exc).__name__ == "SignalException":
                 raise KeyboardInterrupt from None
             raise
-
-
-@contextlib.contextmanager
-def sigterm_raises() -> Iterator[None]:
-    """Inside the block, SIGTERM raises ``SystemExit(128 + SIGTERM)`` in the main thread.
-
-    A process that owns children (node agents, a ``deto train`` run) must stop them before it
-    goes; by default SIGTERM ends it on the spot and orphans them. As an exception, the
-    ``except``/``finally`` clauses on the way out run instead. Outside the main thread (where
-    handlers cannot be set) the block runs unchanged.
-    """
-
-    def handler(signum: int, frame: object) -> None:
-        raise SystemExit(128 + signum)
-
-    try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def stop_processes(
-    procs: list[subprocess.Popen[Any]], grace_s: float, *, process_group: bool = False
-) -> None:
-    """SIGTERM every process still running (its whole process group with ``process_group``),
-    then SIGKILL whatever is left once ``grace_s`` has passed."""
-
-    def send(p: subprocess.Popen[Any], sig: signal.Signals) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            if process_group:
-                os.killpg(p.pid, sig)
-            else:
-                p.send_signal(sig)
-
-    for p in procs:
-        if p.poll() is None:
-            send(p, signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
-    for p in procs:
-        try:
-            p.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            send(p, signal.SIGKILL)
-            p.wait()
-
-
-def run_child(argv: list[str], grace_s: float = CHILD_GRACE_S) -> int:
-    """Run ``argv`` to completion and return its exit status; if this process is interrupted
-    or terminated meanwhile, stop the child (:func:`stop_processes`), then re-raise."""
-    child = subprocess.Popen(argv)
-    try:
-        with sigterm_raises():
-            return child.wait()
-    except BaseException:
-        stop_processes([child], grace_s)
-        raise

@@ -14,8 +14,8 @@ import sys
 import time
 from pathlib import Path
 
-from deto.train.launch import sigterm_raises, stop_processes
 from deto.train.netem import EmulatedCluster
+from deto.train.processes import sigterm_raises, stop_processes
 
 logger = logging.getLogger(__name__)
 
