@@ -182,7 +182,8 @@ def rank_entry(
 
 
 def cmd_train(ns: argparse.Namespace) -> int:
-    from deto.train import launch, loop, report
+    from deto.train import elastic as launch
+    from deto.train import loop, report
     from deto.train.config import resolve
 
     level = logging.DEBUG if ns.verbose else logging.WARNING if ns.quiet else logging.INFO
@@ -465,7 +466,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         configure_logging(logging.WARNING)
     else:
         configure_logging(logging.DEBUG if ns.verbose else logging.WARNING if ns.quiet else logging.INFO)
-    from deto.train.launch import RankFailure
+    from deto.train.elastic import RankFailure
 
     try:
         return int(ns.func(ns))

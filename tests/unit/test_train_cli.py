@@ -82,7 +82,7 @@ def test_no_command_prints_help(capsys) -> None:
 def test_a_failed_rank_is_reported_in_one_line() -> None:
     from types import SimpleNamespace
 
-    from deto.train.launch import _failure_message, _failure_traceback
+    from deto.train.elastic import _failure_message, _failure_traceback
 
     raised = SimpleNamespace(
         message={"message": "ValueError: bad\nthing", "extraInfo": {"py_callstack": "Traceback ..."}},
