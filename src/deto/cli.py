@@ -1,7 +1,8 @@
 """The ``deto`` command: ``deto train`` (the main job), ``deto bench`` and ``deto info``.
 
-This is the only module that reads environment variables and configures logging. Bad input
-ends with one line on stderr and exit status 2; a failed rank with 1; Ctrl-C with 130.
+This module parses flags, configures logging and maps what goes wrong to exit statuses; the
+work happens in :mod:`deto.train`. Bad input ends with one line on stderr and exit status 2;
+a failed rank with 1; Ctrl-C with 130.
 """
 
 from __future__ import annotations
@@ -10,22 +11,16 @@ import argparse
 import json
 import logging
 import os
-import signal
 import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
+from deto.train.console import configure_logging
+from deto.train.launch import UsageError
+
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-MAX_SIMULATED_RANKS = 64
-LINK_ENV = "DETO_LINK"
-"""JSON description of an emulated inter-node link, set for every rank by the launcher that
-emulates it (summary.json's ``link``)."""
 
 logger = logging.getLogger("deto.cli")
-
-
-class UsageError(ValueError):
-    """Bad input from the user: reported as one line, exit status 2."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -33,35 +28,8 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-# --------------------------------------------------------------------------------------------
-# Logging
-
-
-class _ProgressAwareHandler(logging.StreamHandler):  # type: ignore[type-arg]
-    """Write log lines above a tqdm progress bar instead of through it."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            from tqdm import tqdm
-        except ImportError:
-            super().emit(record)
-            return
-        try:
-            tqdm.write(self.format(record), file=sys.stderr)
-        except Exception:
-            self.handleError(record)
-
-
-def configure_logging(level: int, rank: int | None = None) -> None:
-    """Configure the root logger once per process; ranks other than 0 only report errors."""
-    prefix = f"[rank {rank}] " if rank not in (None, 0) else ""
-    handler = _ProgressAwareHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(f"%(asctime)s {prefix}%(levelname)s %(message)s", "%H:%M:%S"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level if rank in (None, 0) else max(level, logging.ERROR))
-    for noisy in ("torch.distributed.elastic", "matplotlib", "PIL"):
-        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+def _log_level(ns: argparse.Namespace) -> int:
+    return logging.DEBUG if ns.verbose else logging.WARNING if ns.quiet else logging.INFO
 
 
 # --------------------------------------------------------------------------------------------
@@ -125,179 +93,18 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
 
 
-def train_overrides(ns: argparse.Namespace) -> dict[str, Any]:
-    """Config file values overridden by the flags given (nothing else)."""
-    from deto.train.config import FIELDS, load_toml
-
-    values: dict[str, Any] = {}
-    if hasattr(ns, "config"):
-        values.update(load_toml(ns.config))
-    values.update({k: v for k, v in vars(ns).items() if k in FIELDS})
-    return values
-
-
-def _torchrun_topology(values: dict[str, Any]) -> dict[str, Any]:
-    """Take nodes x ranks-per-node from the torchrun environment; flags must agree with it."""
-    world = int(os.environ["WORLD_SIZE"])
-    per_node = int(os.environ["LOCAL_WORLD_SIZE"])
-    if per_node < 1 or world % per_node:
-        raise UsageError(f"Invalid topology: WORLD_SIZE={world} is not a multiple of LOCAL_WORLD_SIZE={per_node}")
-    env = {"nodes": world // per_node, "ranks_per_node": per_node}
-    for key, value in env.items():
-        if key in values and values[key] != value:
-            raise UsageError(
-                f"Invalid topology: --{key.replace('_', '-')} {values[key]} disagrees with torchrun's "
-                f"{env['nodes']} node(s) x {env['ranks_per_node']} rank(s)"
-            )
-    return {**values, **env}
-
-
-def rank_entry(
-    cfg_dict: dict[str, Any],
-    run_dir: str | None,
-    resume: str | None,
-    log_level: int,
-    device: str | None,
-    link: dict[str, Any] | None = None,
-) -> dict[str, Any] | None:
-    """What every rank runs, spawned for a simulated cluster or started by torchrun."""
-    import torch.distributed as dist
-
-    from deto.topology import Topology
-    from deto.train import loop
-    from deto.train.config import TrainConfig
-
-    configure_logging(log_level, rank=int(os.environ.get("RANK", "0")))
-    cfg = TrainConfig(**cfg_dict)
-    topo = Topology(nodes=cfg.nodes, ranks_per_node=cfg.ranks_per_node, device=device)
-    try:
-        return loop.run(cfg, topo, run_dir=run_dir, resume=resume, link=link)
-    except KeyboardInterrupt:
-        # the launcher forwards the terminal's Ctrl-C: leave quietly, once
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        sys.exit(EXIT_INTERRUPTED)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
 def cmd_train(ns: argparse.Namespace) -> int:
-    from deto.train import elastic as launch
-    from deto.train import loop, report
-    from deto.train.config import resolve
+    from deto.train import launch, report
+    from deto.train.config import FIELDS
 
-    level = logging.DEBUG if ns.verbose else logging.WARNING if ns.quiet else logging.INFO
-    torchrun = launch.under_torchrun()
-    if torchrun and ns.bandwidth is not None:
-        raise UsageError("--bandwidth emulates links between simulated nodes; under torchrun the links are real")
-    try:
-        values = train_overrides(ns)
-        if torchrun:
-            values = _torchrun_topology(values)
-        cfg = resolve(values)
-        resume = None
-        if cfg.resume is not None:
-            path = loop.find_checkpoint(cfg.resume)
-            loop.check_resumable(path, cfg)
-            resume = str(path)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-
-    if torchrun:
-        device = None if cfg.device == "auto" else cfg.device
-        try:
-            link = json.loads(os.environ[LINK_ENV]) if LINK_ENV in os.environ else None
-        except ValueError:
-            raise UsageError(f"Invalid {LINK_ENV}: not JSON") from None
-        configure_logging(level, rank=int(os.environ["RANK"]))
-        summary = rank_entry(cfg.to_dict(), cfg.out, resume, level, device, link)
-        if summary is not None:
-            print(report.format_table(summary), flush=True)
-        return EXIT_OK
-
-    if cfg.device == "cuda":
-        raise UsageError("Invalid device: 'cuda' (the simulated cluster runs on CPU; use torchrun for GPUs)")
-    if cfg.world_size > MAX_SIMULATED_RANKS:
-        raise UsageError(
-            f"Invalid topology: {cfg.nodes} x {cfg.ranks_per_node} = {cfg.world_size} ranks is too many "
-            f"to simulate on one machine (at most {MAX_SIMULATED_RANKS}); use torchrun"
-        )
-    cpus = os.cpu_count() or 1
-    if cfg.world_size > 2 * cpus:
-        logger.warning("%d ranks on %d CPU core(s): expect a slow run", cfg.world_size, cpus)
-    run_dir = cfg.out or loop.default_run_dir(cfg.scheme)
-    logger.info(
-        "deto train: %s on %s, %d node(s) x %d rank(s) simulated on this machine; output in %s",
-        cfg.scheme, cfg.task, cfg.nodes, cfg.ranks_per_node, run_dir,
+    summary = launch.train(
+        {k: v for k, v in vars(ns).items() if k in FIELDS},
+        config_file=getattr(ns, "config", None),
+        bandwidth=ns.bandwidth,
+        log_level=_log_level(ns),
     )
-    if ns.bandwidth is not None:
-        return _train_over_emulated_links(ns, values, cfg.nodes, cfg.ranks_per_node, run_dir, level)
-    results = launch.launch_local(
-        rank_entry, (cfg.to_dict(), run_dir, resume, level, "cpu", None), world_size=cfg.world_size
-    )
-    summary = results.get(0)
-    if summary is None:
-        raise RuntimeError("rank 0 returned no summary")
-    print(report.format_table(summary), flush=True)
-    return EXIT_OK
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    return json.dumps(str(value))  # a JSON string is a valid TOML basic string
-
-
-def _train_over_emulated_links(
-    ns: argparse.Namespace,
-    values: dict[str, Any],
-    nodes: int,
-    ranks_per_node: int,
-    run_dir: str,
-    level: int,
-) -> int:
-    """Run the simulated cluster with each node in its own network namespace, links shaped.
-
-    Every node starts torch's own launcher in its namespace with a static rendezvous at node 0
-    (the real multi-node path); each rank reads the same settings from ``train.toml``.
-    """
-    from pathlib import Path
-
-    from deto.train import netem, netlaunch, report
-
-    try:
-        link = netem.LinkSpec.from_text(ns.bandwidth)
-        if nodes < 2:
-            raise ValueError(f"--bandwidth needs at least 2 nodes, got {nodes}")
-        netem.check_requirements(nodes)
-    except (ValueError, RuntimeError) as exc:
-        raise UsageError(str(exc)) from None
-    removed = netem.cleanup_stale()
-    if removed:
-        logger.info("removed %d namespace(s) left by earlier runs", len(removed))
-    out = Path(run_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    settings = {**values, "out": str(out)}
-    (out / "train.toml").write_text(
-        "".join(f"{k} = {_toml_value(v)}\n" for k, v in settings.items() if v is not None)
-    )
-    verbosity = ["-v"] if level == logging.DEBUG else ["-q"] if level == logging.WARNING else []
-    program = ["-m", "deto", "train", "--config", str(out / "train.toml"), *verbosity]
-    with netem.EmulatedCluster(nodes, link) as cluster:
-        check = netem.verify_shaping(cluster)
-        if not check.ok:
-            raise RuntimeError(f"the emulated link is not what was asked for: {check.note}")
-        logger.info("link %s verified: probe measured %.1f Mbit/s", ns.bandwidth, check.measured_bps / 1e6)
-        code = netlaunch.run_nodes(
-            cluster, ranks_per_node, program, log_dir=out / "logs",
-            extra_env={LINK_ENV: json.dumps(cluster.describe())},
-        )
-    if code != 0:
-        raise RuntimeError(f"a node exited with status {code} (other nodes' logs: {out / 'logs'})")
-    summary = json.loads((out / "summary.json").read_text())
-    logger.debug("summary: %s", report.format_table(summary))
+    if summary is not None:
+        print(report.format_table(summary), flush=True)
     return EXIT_OK
 
 
@@ -465,7 +272,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if ns.command == "info":
         configure_logging(logging.WARNING)
     else:
-        configure_logging(logging.DEBUG if ns.verbose else logging.WARNING if ns.quiet else logging.INFO)
+        configure_logging(_log_level(ns))
     from deto.train.elastic import RankFailure
 
     try:

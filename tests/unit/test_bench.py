@@ -99,9 +99,9 @@ def test_a_failed_run_stops_the_bench(tmp_path):
 
 def test_node_argv_runs_torchrun_inside_the_namespace():
     cluster = EmulatedCluster(2, run_id="123-abc")
-    argv = node_argv(cluster, 1, 2, ["-m", "deto", "train"], {"DETO_LINK": "{}"})
+    argv = node_argv(cluster, 1, 2, ["-m", "deto", "train"])
     assert argv[:4] == ["ip", "netns", "exec", "deto-123-abc-n1"]
-    assert "GLOO_SOCKET_IFNAME=deto0" in argv and "OMP_NUM_THREADS=1" in argv and "DETO_LINK={}" in argv
+    assert "GLOO_SOCKET_IFNAME=deto0" in argv and "OMP_NUM_THREADS=1" in argv
     assert "TORCH_CPP_LOG_LEVEL=ERROR" in argv
     i = argv.index("torch.distributed.run")
     assert argv[i + 1 :] == [

@@ -3,13 +3,7 @@
 ``deto train`` without torchrun spawns ``nodes x ranks_per_node`` processes with
 :func:`torch.distributed.launcher.api.elastic_launch` (c10d rendezvous on 127.0.0.1, a free
 port chosen by the OS). Every worker runs the same per-rank entry function that a torchrun
-launch calls directly, so both paths train identically.
-
-Link emulation (``--bandwidth``) takes the other path: an
-:class:`deto.train.netem.EmulatedCluster` puts each simulated node in its own network namespace,
-one torchrun agent per node (:mod:`deto.train.netlaunch`), and every rank then enters
-``deto train`` as under a real torchrun launch; the link description reaches the summary's
-``link`` field through the ``DETO_LINK`` environment variable, read by the CLI.
+launch calls directly, so both paths train identically (see :mod:`deto.train.launch`).
 """
 
 from __future__ import annotations
@@ -22,15 +16,6 @@ from collections.abc import Callable
 from typing import Any
 
 logger = logging.getLogger(__name__)
-
-TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
-
-
-def under_torchrun(env: dict[str, str] | None = None) -> bool:
-    """Whether this process is one rank of a torchrun (or other torch elastic) launch."""
-    env = dict(os.environ) if env is None else env
-    return all(k in env for k in TORCHRUN_ENV)
-
 
 class RankFailure(RuntimeError):
     """One or more ranks failed; ``message`` is the first failing rank's error, one line."""

@@ -14,7 +14,6 @@ import logging
 import math
 import os
 import shutil
-import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -28,6 +27,7 @@ import deto
 from deto.topology import Topology
 from deto.train import report
 from deto.train.config import STRUCTURAL, TrainConfig
+from deto.train.console import progress_bar
 from deto.train.models import count_params
 from deto.train.optimizer import build_training, full_sync_bytes
 from deto.train.ranks import all_gather, from_rank0
@@ -58,13 +58,11 @@ def run(
     *,
     run_dir: str | None,
     resume: str | None = None,
-    link: dict[str, Any] | None = None,
 ) -> dict[str, Any] | None:
     """Train ``cfg`` on this rank of ``topo``; return the summary on rank 0, ``None`` elsewhere.
 
     ``run_dir``: where outputs go (``None``: rank 0 picks ``runs/<timestamp>-<scheme>``).
-    ``resume``: a complete checkpoint directory to continue from. ``link``: how the network
-    between nodes was emulated (recorded in the summary), or ``None``.
+    ``resume``: a complete checkpoint directory to continue from.
     """
     topo.init(timeout=COLLECTIVE_TIMEOUT)
     rank = dist.get_rank()
@@ -149,7 +147,7 @@ def run(
     rss = all_gather(peak_rss_mb())
     if rank != 0:
         return None
-    summary = build_summary(cfg, topo, task, params, state, full_sync, identical, digest, rss, link, out)
+    summary = build_summary(cfg, topo, task, params, state, full_sync, identical, digest, rss, out)
     summary["resumed_from"] = str(resume) if resume is not None else None
     report.write_json(out / "summary.json", summary)
     try:
@@ -192,17 +190,6 @@ def open_sinks(out: Path, earlier: list[dict[str, Any]]) -> list[report.MetricsS
     if tb is not None:
         sinks.append(tb)
     return sinks
-
-
-def progress_bar(total: int, initial: int) -> Any:
-    """A tqdm bar on a terminal; ``None`` when not interactive (logs carry the progress)."""
-    if not sys.stderr.isatty():
-        return None
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True, leave=True)
 
 
 # --------------------------------------------------------------------------------------------

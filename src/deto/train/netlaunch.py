@@ -1,31 +1,92 @@
-"""Launching a simulated cluster whose nodes live in emulated network namespaces.
+"""The emulated-link driver: a simulated cluster whose nodes live in network namespaces.
 
 Each node runs torch's own multi-node launcher (``python -m torch.distributed.run``) inside its
 namespace, with a static rendezvous at node 0's address: exactly the path of a real multi-node
 run, only the wire is a shaped veth link. Ranks of a node talk over the namespace's loopback
-(unshaped); ranks of different nodes cross the shaped link.
+(unshaped); ranks of different nodes cross the shaped link. Every rank enters ``deto train``
+as under torchrun and reads the run's settings from ``<out>/train.toml``; when the nodes are
+done, the driver records how the link was emulated in the run's ``summary.json``.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
-from deto.train.netem import EmulatedCluster
+from deto.train import report
+from deto.train.netem import (
+    EmulatedCluster,
+    LinkSpec,
+    cleanup_stale,
+    format_bandwidth,
+    verify_shaping,
+)
 from deto.train.processes import sigterm_raises, stop_processes
 
 logger = logging.getLogger(__name__)
 
 RENDEZVOUS_PORT = 29500  # the namespaces are fresh, so the port is free in node 0's
 GRACE_S = 10.0
-LINK_ENV = "DETO_LINK"  # JSON description of the emulated link, for summary.json
+
+
+def train_over_emulated_links(
+    values: Mapping[str, Any],
+    link: LinkSpec,
+    nodes: int,
+    ranks_per_node: int,
+    out: Path,
+    log_level: int,
+) -> None:
+    """Run ``deto train`` with ``values`` on ``nodes`` namespaces of ``ranks_per_node`` ranks,
+    joined by links shaped to ``link``; then write the link's description into the run's
+    ``summary.json``.
+
+    Raises ``RuntimeError`` when the link is not what was asked for or a node fails.
+    """
+    removed = cleanup_stale()
+    if removed:
+        logger.info("removed %d namespace(s) left by earlier runs", len(removed))
+    out.mkdir(parents=True, exist_ok=True)
+    settings = {**values, "out": str(out)}
+    (out / "train.toml").write_text(
+        "".join(f"{k} = {_toml_value(v)}\n" for k, v in settings.items() if v is not None)
+    )
+    verbosity = {logging.DEBUG: ["-v"], logging.WARNING: ["-q"]}.get(log_level, [])
+    program = ["-m", "deto", "train", "--config", str(out / "train.toml"), *verbosity]
+    with EmulatedCluster(nodes, link) as cluster:
+        check = verify_shaping(cluster)
+        if not check.ok:
+            raise RuntimeError(f"the emulated link is not what was asked for: {check.note}")
+        logger.info(
+            "link %s verified: probe measured %.1f Mbit/s",
+            format_bandwidth(link.bandwidth_bps), check.measured_bps / 1e6,
+        )
+        code = run_nodes(cluster, ranks_per_node, program, log_dir=out / "logs")
+        description = cluster.describe()
+    if code != 0:
+        raise RuntimeError(f"a node exited with status {code} (other nodes' logs: {out / 'logs'})")
+    summary = json.loads((out / "summary.json").read_text())
+    summary["link"] = description
+    report.write_json(out / "summary.json", summary)
+    logger.debug("summary: %s", report.format_table(summary))
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(str(value))  # a JSON string is a valid TOML basic string
 
 
 def node_argv(
-    cluster: EmulatedCluster, node: int, ranks_per_node: int, program: list[str], extra_env: dict[str, str]
+    cluster: EmulatedCluster, node: int, ranks_per_node: int, program: list[str]
 ) -> list[str]:
     """argv that starts ``node``'s launcher agent inside its namespace.
 
@@ -33,7 +94,7 @@ def node_argv(
     """
     # TORCH_CPP_LOG_LEVEL: inside a namespace c10d warns on every connection that the peer's
     # hostname does not resolve, which is expected there
-    env = {"OMP_NUM_THREADS": "1", "TORCH_CPP_LOG_LEVEL": "ERROR", **cluster.env(node), **extra_env}
+    env = {"OMP_NUM_THREADS": "1", "TORCH_CPP_LOG_LEVEL": "ERROR", **cluster.env(node)}
     return [
         *cluster.exec_prefix(node),
         "env",
@@ -57,7 +118,6 @@ def run_nodes(
     program: list[str],
     *,
     log_dir: Path,
-    extra_env: dict[str, str] | None = None,
 ) -> int:
     """Run ``program`` on every rank of every node; return the first failing exit code or 0.
 
@@ -72,7 +132,7 @@ def run_nodes(
     with sigterm_raises():
         try:
             for node in range(cluster.nodes):
-                argv = node_argv(cluster, node, ranks_per_node, program, extra_env or {})
+                argv = node_argv(cluster, node, ranks_per_node, program)
                 out = None
                 if node:
                     out = open(log_dir / f"node{node}.log", "wb")  # noqa: SIM115 - closed below

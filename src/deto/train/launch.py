@@ -1,0 +1,182 @@
+"""How ``deto train`` runs: which launch path, and what every rank enters.
+
+Three paths lead to one per-rank entry, :func:`rank_entry`, which runs
+:func:`deto.train.loop.run`:
+
+* under torchrun (``RANK``, ``WORLD_SIZE``, ``LOCAL_WORLD_SIZE`` set), this process is one
+  rank of a real cluster and enters directly;
+* otherwise :mod:`deto.train.elastic` spawns a simulated cluster on this machine through
+  torch's elastic launcher;
+* with ``--bandwidth``, the emulated-link driver (:mod:`deto.train.netlaunch`) puts each
+  simulated node in its own network namespace and starts torch's launcher there; its ranks
+  then take the torchrun path.
+
+Bad input raises :class:`UsageError` before anything starts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+
+from deto.topology import Topology
+from deto.train import loop, netem, netlaunch
+from deto.train.config import TrainConfig, load_toml, resolve
+from deto.train.console import configure_logging
+from deto.train.elastic import launch_local
+
+logger = logging.getLogger(__name__)
+
+TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
+MAX_SIMULATED_RANKS = 64
+
+
+class UsageError(ValueError):
+    """Bad input from the user: reported as one line, exit status 2."""
+
+
+def under_torchrun(env: Mapping[str, str] | None = None) -> bool:
+    """Whether this process is one rank of a torchrun (or other torch elastic) launch."""
+    env = os.environ if env is None else env
+    return all(k in env for k in TORCHRUN_ENV)
+
+
+def train(
+    flags: Mapping[str, Any],
+    *,
+    config_file: str | None,
+    bandwidth: str | None,
+    log_level: int,
+) -> dict[str, Any] | None:
+    """Run ``deto train`` with the settings of ``config_file`` overridden by ``flags``.
+
+    Returns the summary when this process holds it (rank 0 under torchrun, the simulated
+    cluster's launcher), else ``None``: another rank, or an emulated-link run, whose node 0
+    prints the summary itself. Raises :class:`UsageError` for bad input,
+    :class:`deto.train.elastic.RankFailure` when a rank fails and ``RuntimeError`` when a node
+    of an emulated cluster fails.
+    """
+    torchrun = under_torchrun()
+    if torchrun and bandwidth is not None:
+        raise UsageError(
+            "--bandwidth emulates links between simulated nodes; under torchrun the links are real"
+        )
+    try:
+        values = {**(load_toml(config_file) if config_file is not None else {}), **flags}
+        if torchrun:
+            values = torchrun_topology(values, os.environ)
+        cfg = resolve(values)
+        resume = checkpoint_to_resume(cfg)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+    if torchrun:
+        device = None if cfg.device == "auto" else cfg.device
+        return rank_entry(cfg.to_dict(), cfg.out, resume, log_level, device)
+
+    check_simulated(cfg)
+    run_dir = cfg.out or loop.default_run_dir(cfg.scheme)
+    logger.info(
+        "deto train: %s on %s, %d node(s) x %d rank(s) simulated on this machine; output in %s",
+        cfg.scheme, cfg.task, cfg.nodes, cfg.ranks_per_node, run_dir,
+    )  # fmt: skip
+    if bandwidth is not None:
+        link = emulated_link(bandwidth, cfg.nodes)
+        netlaunch.train_over_emulated_links(
+            values, link, cfg.nodes, cfg.ranks_per_node, Path(run_dir), log_level
+        )
+        return None
+    results = launch_local(
+        rank_entry, (cfg.to_dict(), run_dir, resume, log_level, "cpu"), world_size=cfg.world_size
+    )
+    summary = results.get(0)
+    if summary is None:
+        raise RuntimeError("rank 0 returned no summary")
+    return summary
+
+
+def torchrun_topology(values: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
+    """Take nodes x ranks-per-node from the torchrun environment; flags must agree with it."""
+    world = int(env["WORLD_SIZE"])
+    per_node = int(env["LOCAL_WORLD_SIZE"])
+    if per_node < 1 or world % per_node:
+        raise UsageError(
+            f"Invalid topology: WORLD_SIZE={world} is not a multiple of "
+            f"LOCAL_WORLD_SIZE={per_node}"
+        )
+    given = {"nodes": world // per_node, "ranks_per_node": per_node}
+    for key, value in given.items():
+        if key in values and values[key] != value:
+            raise UsageError(
+                f"Invalid topology: --{key.replace('_', '-')} {values[key]} disagrees with "
+                f"torchrun's {given['nodes']} node(s) x {given['ranks_per_node']} rank(s)"
+            )
+    return {**values, **given}
+
+
+def checkpoint_to_resume(cfg: TrainConfig) -> str | None:
+    """The complete checkpoint ``--resume`` names, checked against ``cfg``; ``ValueError`` if
+    there is none or it does not fit."""
+    if cfg.resume is None:
+        return None
+    path = loop.find_checkpoint(cfg.resume)
+    loop.check_resumable(path, cfg)
+    return str(path)
+
+
+def check_simulated(cfg: TrainConfig) -> None:
+    """A simulated cluster runs on this machine's CPU, with a bounded number of ranks."""
+    if cfg.device == "cuda":
+        raise UsageError(
+            "Invalid device: 'cuda' (the simulated cluster runs on CPU; use torchrun for GPUs)"
+        )
+    if cfg.world_size > MAX_SIMULATED_RANKS:
+        raise UsageError(
+            f"Invalid topology: {cfg.nodes} x {cfg.ranks_per_node} = {cfg.world_size} ranks is "
+            f"too many to simulate on one machine (at most {MAX_SIMULATED_RANKS}); use torchrun"
+        )
+    cpus = os.cpu_count() or 1
+    if cfg.world_size > 2 * cpus:
+        logger.warning("%d ranks on %d CPU core(s): expect a slow run", cfg.world_size, cpus)
+
+
+def emulated_link(bandwidth: str, nodes: int) -> netem.LinkSpec:
+    """The :class:`deto.train.netem.LinkSpec` of ``--bandwidth``, once this machine is known to
+    be able to emulate it for ``nodes`` nodes."""
+    try:
+        link = netem.LinkSpec.from_text(bandwidth)
+        if nodes < 2:
+            raise ValueError(f"--bandwidth needs at least 2 nodes, got {nodes}")
+        netem.check_requirements(nodes)
+    except (ValueError, RuntimeError) as exc:
+        raise UsageError(str(exc)) from None
+    return link
+
+
+def rank_entry(
+    cfg_dict: dict[str, Any],
+    run_dir: str | None,
+    resume: str | None,
+    log_level: int,
+    device: str | None,
+) -> dict[str, Any] | None:
+    """What every rank runs, spawned for a simulated cluster or started by torchrun."""
+    configure_logging(log_level, rank=int(os.environ.get("RANK", "0")))
+    cfg = TrainConfig(**cfg_dict)
+    topo = Topology(nodes=cfg.nodes, ranks_per_node=cfg.ranks_per_node, device=device)
+    try:
+        return loop.run(cfg, topo, run_dir=run_dir, resume=resume)
+    except KeyboardInterrupt:
+        # the launcher forwards the terminal's Ctrl-C: leave quietly, once
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        sys.exit(128 + signal.SIGINT)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
