@@ -9,6 +9,7 @@ import ipaddress
 import json
 import os
 import shutil
+import signal
 import subprocess
 from collections.abc import Callable
 
@@ -300,6 +301,16 @@ def test_exception_in_body_still_tears_down() -> None:
         raise KeyError("user code failed")
     assert sorted(runner.deleted) == sorted(runner.added)
     assert RUN_ID not in cleanup._LIVE
+
+
+def test_sigterm_while_open_exits_through_the_teardown() -> None:
+    runner = FakeRunner()
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as exc, EmulatedCluster(3, run_id=RUN_ID, runner=runner):
+        signal.raise_signal(signal.SIGTERM)
+    assert exc.value.code == 128 + signal.SIGTERM
+    assert sorted(runner.deleted) == sorted(runner.added) and runner.added
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler lives as long as the cluster
 
 
 def test_close_is_idempotent() -> None:

@@ -66,3 +66,26 @@ def test_sigterm_raises_only_inside_the_block():
         signal.raise_signal(signal.SIGTERM)
     assert exc.value.code == 128 + signal.SIGTERM
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_overlapping_blocks_restore_the_first_handler_once_all_are_left():
+    before = signal.getsignal(signal.SIGTERM)
+    outer, inner = sigterm_raises(), sigterm_raises()
+    outer.__enter__()
+    inner.__enter__()
+    outer.__exit__(None, None, None)  # left out of order, as a cluster and its nodes may be
+    with pytest.raises(SystemExit) as exc:
+        signal.raise_signal(signal.SIGTERM)
+    assert exc.value.code == 128 + signal.SIGTERM
+    inner.__exit__(None, None, None)
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_process_that_ignores_sigterm_keeps_ignoring_it():
+    before = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        with sigterm_raises():
+            signal.raise_signal(signal.SIGTERM)  # ignored: no SystemExit
+            assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, before)

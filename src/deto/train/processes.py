@@ -13,35 +13,59 @@ import contextlib
 import os
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
+from types import FrameType
 from typing import Any
 
 CHILD_GRACE_S = 30.0  # a stopped child tears down its own ranks and namespaces first
+
+
+_held = 0  # how many sigterm_raises blocks are open
+_previous: Any = None  # the SIGTERM handler before the first of them
+
+
+def _raise_exit(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)
 
 
 @contextlib.contextmanager
 def sigterm_raises() -> Iterator[None]:
     """Inside the block, SIGTERM raises ``SystemExit(128 + SIGTERM)`` in the main thread.
 
-    A process that owns children (node agents, a ``deto train`` run) must stop them before it
-    goes; by default SIGTERM ends it on the spot and orphans them. As an exception, the
-    ``except``/``finally`` clauses on the way out run instead. Outside the main thread (where
-    handlers cannot be set) the block runs unchanged.
+    Blocks may nest and overlap in any order (a cluster's lifetime, the node agents inside
+    it): the handler is installed by the first and the previous one restored by the last. A
+    process that ignores SIGTERM, or has a handler set outside Python, is left alone, and so
+    are threads other than the main one (where handlers cannot be set).
     """
-
-    def handler(signum: int, frame: object) -> None:
-        raise SystemExit(128 + signum)
-
-    try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:
-        yield
-        return
+    held = _hold()
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if held:
+            _release()
+
+
+def _hold() -> bool:
+    global _held, _previous
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    if _held == 0:
+        current = signal.getsignal(signal.SIGTERM)
+        if current is signal.SIG_IGN or current is None:
+            return False
+        signal.signal(signal.SIGTERM, _raise_exit)
+        _previous = current
+    _held += 1
+    return True
+
+
+def _release() -> None:
+    global _held
+    _held -= 1
+    if _held == 0:
+        signal.signal(signal.SIGTERM, _previous)
 
 
 def stop_processes(

@@ -1,8 +1,10 @@
 """Leaving no namespace behind: the clusters of this process, and leftovers of killed runs.
 
-Live clusters are registered here and closed at interpreter exit and on SIGTERM; a run killed
-with SIGKILL cannot clean up, so :func:`cleanup_stale` removes namespaces whose creating
-process is gone (the PID is part of every name).
+Live clusters are registered here and closed at interpreter exit; while one is open, SIGTERM
+raises ``SystemExit`` (the launch path's one SIGTERM strategy, :mod:`deto.train.processes`), so
+a terminated process exits that way too. A run killed with SIGKILL cannot clean up, so
+:func:`cleanup_stale` removes namespaces whose creating process is gone (the PID is part of
+every name).
 """
 
 from __future__ import annotations
@@ -12,10 +14,8 @@ import contextlib
 import logging
 import os
 import re
-import signal
 from collections.abc import Callable, Iterable
-from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from deto.train.netem.commands import (
     DEFAULT_PREFIX,
@@ -24,6 +24,7 @@ from deto.train.netem.commands import (
     run_command,
     teardown_commands,
 )
+from deto.train.processes import sigterm_raises
 
 if TYPE_CHECKING:
     from deto.train.netem.cluster import EmulatedCluster
@@ -86,12 +87,10 @@ def delete_namespaces(runner: Runner, namespaces: Iterable[str]) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------
-# Cleanup on exit and on SIGTERM
+# The clusters of this process
 
 _LIVE: dict[str, EmulatedCluster] = {}
-_atexit_registered = False
-_previous_sigterm: Any = None
-_sigterm_installed = False
+_exit = contextlib.ExitStack()  # holds SIGTERM as an exception while any cluster is open
 
 
 def _close_all() -> None:
@@ -99,47 +98,22 @@ def _close_all() -> None:
         cluster.close()
 
 
-def _on_sigterm(signum: int, frame: FrameType | None) -> None:
-    """Remove the namespaces, then behave as the previous handler would have."""
-    global _sigterm_installed
-    log.warning("netem: SIGTERM, removing emulated network namespaces")
-    _close_all()
-    previous = _previous_sigterm
-    if callable(previous):
-        previous(signum, frame)
-        return
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    _sigterm_installed = False
-    os.kill(os.getpid(), signal.SIGTERM)
+atexit.register(_close_all)
 
 
 def register(cluster: EmulatedCluster) -> None:
-    global _atexit_registered, _previous_sigterm, _sigterm_installed
+    """Close ``cluster`` at interpreter exit if nothing else does; while it is open, SIGTERM
+    raises ``SystemExit`` (:func:`deto.train.processes.sigterm_raises`), so the way out of a
+    terminated process closes it too."""
+    if not _LIVE:
+        _exit.enter_context(sigterm_raises())
     _LIVE[cluster.run_id] = cluster
-    if not _atexit_registered:
-        atexit.register(_close_all)
-        _atexit_registered = True
-    if not _sigterm_installed:
-        try:
-            current = signal.getsignal(signal.SIGTERM)
-            # SIG_IGN means the process chose to survive SIGTERM; None means a handler set
-            # outside Python that could not be restored afterwards: leave both alone.
-            if current is signal.SIG_DFL or callable(current):
-                signal.signal(signal.SIGTERM, _on_sigterm)
-                _previous_sigterm = current
-                _sigterm_installed = True
-        except ValueError:  # not the main thread: atexit and __exit__ still clean up
-            log.debug("netem: SIGTERM handler not installed outside the main thread")
 
 
 def unregister(cluster: EmulatedCluster) -> None:
-    global _sigterm_installed
     _LIVE.pop(cluster.run_id, None)
-    if not _LIVE and _sigterm_installed:
-        with contextlib.suppress(ValueError):
-            if signal.getsignal(signal.SIGTERM) is _on_sigterm:
-                signal.signal(signal.SIGTERM, _previous_sigterm)
-            _sigterm_installed = False
+    if not _LIVE:
+        _exit.close()
 
 
 def cleanup_stale(

@@ -13,7 +13,6 @@ from deto.train.netem.commands import (
     BRIDGE,
     DEFAULT_PREFIX,
     IFACE,
-    NetemError,
     Runner,
     bridge_namespace,
     check_nodes,
@@ -86,8 +85,9 @@ class EmulatedCluster:
 
     Use as a context manager: entering creates everything (and on failure removes what was
     already created before re-raising), leaving always deletes the namespaces. Namespaces are
-    also deleted at interpreter exit and on SIGTERM, so a killed parent does not leak them;
-    only SIGKILL can, which :func:`cleanup_stale` handles on the next run.
+    also deleted at interpreter exit, and while the cluster is open SIGTERM raises
+    ``SystemExit``, so a terminated parent does not leak them; only SIGKILL can, which
+    :func:`cleanup_stale` handles on the next run.
     """
 
     def __init__(
@@ -134,8 +134,6 @@ class EmulatedCluster:
                 ns = created_namespace(argv)
                 if ns is not None:
                     self.created.append(ns)
-                if not self._open:  # closed meanwhile by the SIGTERM handler
-                    raise NetemError(f"cluster {self.run_id} was closed during setup")
         except BaseException:
             log.error("netem: setting up cluster %s failed, removing what was created", self.run_id)
             self.close()
@@ -148,10 +146,11 @@ class EmulatedCluster:
         )
 
     def close(self) -> None:
-        """Delete every namespace created so far; idempotent and never raises."""
-        created, self.created = self.created, []
-        if created:
-            delete_namespaces(self.runner, reversed(created))
+        """Delete every namespace created so far, newest first; idempotent, and raises only
+        when interrupted (what is left is then deleted at interpreter exit)."""
+        while self.created:
+            delete_namespaces(self.runner, [self.created[-1]])
+            self.created.pop()
         self._open = False
         unregister(self)
 
