@@ -500,3 +500,30 @@ def test_check_requirements_ok(monkeypatch: pytest.MonkeyPatch) -> None:
     netem.check_requirements(nodes=3, runner=runner)
     assert any("bridge" in c for c in runner.calls)
     assert runner.deleted == runner.added
+
+
+def test_probe_peers_measure_a_loopback_connection() -> None:
+    """The probe's two programs, run as the probe runs them, over this machine's loopback."""
+    import sys
+
+    recv = subprocess.Popen(
+        [sys.executable, "-I", probe.PEER, "receive", "127.0.0.1", "0.2", "1000000", "10"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert recv.stdout is not None
+    ready = recv.stdout.readline().split()
+    assert ready[0] == "READY"
+    send = subprocess.run(
+        [sys.executable, "-I", probe.PEER, "send", "127.0.0.1", ready[1], "5", "1000000"],
+        timeout=60, check=False,
+    )  # fmt: skip
+    out, _ = recv.communicate(timeout=60)
+    assert send.returncode == 0 and recv.returncode == 0
+    result = json.loads(out.strip().splitlines()[-1])
+    assert 0 < result["bytes"] <= 1_000_000 and result["seconds"] > 0
+
+
+def test_probe_peer_usage() -> None:
+    from deto.train.netem.probe_peer import main
+
+    assert main(["listen"]) == 2

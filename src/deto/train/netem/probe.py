@@ -10,6 +10,7 @@ import selectors
 import subprocess
 import sys
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from deto.train.netem.cluster import EmulatedCluster
@@ -45,60 +46,10 @@ class ShapingCheck:
 
 
 
-_RECEIVER = r"""
-import json, socket, sys, time
-host, window, max_bytes, wait = sys.argv[1], float(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
-srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-srv.bind((host, 0))
-srv.listen(1)
-srv.settimeout(wait)
-print("READY", srv.getsockname()[1], flush=True)
-conn, _ = srv.accept()
-conn.settimeout(0.5)
-buf = bytearray(1 << 16)
-got, start, end = 0, None, None
-hard = time.monotonic() + wait + window
-while time.monotonic() < hard:
-    try:
-        n = conn.recv_into(buf)
-    except socket.timeout:
-        continue
-    now = time.monotonic()
-    if n == 0:
-        break
-    if start is None:
-        start = now
-    else:
-        got += n
-    end = now
-    if now - start >= window or got >= max_bytes:
-        break
-conn.close()
-srv.close()
-print(json.dumps({"bytes": got, "seconds": (end - start) if start is not None else 0.0}))
-"""
-
-_SENDER = r"""
-import socket, sys, time
-host, port, duration, max_bytes = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
-s = socket.create_connection((host, port), timeout=5.0)
-s.settimeout(0.5)
-chunk = bytes(1 << 16)
-sent = 0
-deadline = time.monotonic() + duration
-try:
-    while time.monotonic() < deadline and sent < max_bytes:
-        try:
-            sent += s.send(chunk)
-        except socket.timeout:
-            continue
-except OSError:
-    pass
-s.close()
-"""
-
 PROBE_MAX_BYTES = 4 * 1024**3
 PROBE_WAIT_S = 10.0
+PEER = str(Path(__file__).with_name("probe_peer.py"))
+"""The probe's two ends, run as a script (see :mod:`deto.train.netem.probe_peer`)."""
 
 
 def _kill(proc: subprocess.Popen[str]) -> None:
@@ -124,11 +75,11 @@ def probe_throughput(
         raise ValueError(f"Probe source and destination must differ, got node {src} twice")
     dst_addr = cluster.address(dst)
     cluster.address(src)
-    py = [sys.executable, "-I", "-c"]
+    py = [sys.executable, "-I", PEER]
     recv_argv = (
         cluster.exec_prefix(dst)
         + py
-        + [_RECEIVER, dst_addr, repr(seconds), str(PROBE_MAX_BYTES), repr(PROBE_WAIT_S)]
+        + ["receive", dst_addr, repr(seconds), str(PROBE_MAX_BYTES), repr(PROBE_WAIT_S)]
     )
     limit = seconds + PROBE_WAIT_S + 5.0
     recv = subprocess.Popen(recv_argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -147,7 +98,7 @@ def probe_throughput(
         send_argv = (
             cluster.exec_prefix(src)
             + py
-            + [_SENDER, dst_addr, ready[1], repr(seconds + 5.0), str(PROBE_MAX_BYTES)]
+            + ["send", dst_addr, ready[1], repr(seconds + 5.0), str(PROBE_MAX_BYTES)]
         )
         send = subprocess.Popen(
             send_argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
