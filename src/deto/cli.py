@@ -53,7 +53,9 @@ def _scheme_epilog() -> str:
     for p in PRESETS.values():
         lines.append(f"  {p.name:<{width}}  {p.summary}")
     lines.append("")
-    lines.append("outputs in --out: metrics.jsonl, summary.json, loss.png, config.json, checkpoints/")
+    lines.append(
+        "outputs in --out: metrics.jsonl, summary.json, loss.png, config.json, checkpoints/"
+    )
     return "\n".join(lines)
 
 
@@ -130,7 +132,9 @@ def cmd_bench(ns: argparse.Namespace) -> int:
     unknown = [s for s in schemes if s not in PRESETS]
     if not schemes or unknown:
         raise UsageError(f"Invalid --schemes: {ns.schemes!r} (valid: {', '.join(PRESETS)})")
-    bandwidths = tuple(None if b.strip() in ("none", "") else b.strip() for b in ns.bandwidth.split(","))
+    bandwidths = tuple(
+        None if b.strip() in ("none", "") else b.strip() for b in ns.bandwidth.split(",")
+    )
     if any(b is not None for b in bandwidths):
         from deto.train import netem
 
@@ -142,7 +146,9 @@ def cmd_bench(ns: argparse.Namespace) -> int:
         except (ValueError, RuntimeError) as exc:
             raise UsageError(str(exc)) from None
     out = Path(ns.out or f"bench/{time.strftime('%Y%m%d-%H%M%S')}")
-    cfg = bench.BenchConfig(schemes=schemes, bandwidths=bandwidths, out=out, train_args=tuple(ns.train_args))
+    cfg = bench.BenchConfig(
+        schemes=schemes, bandwidths=bandwidths, out=out, train_args=tuple(ns.train_args)
+    )
 
     def progress(i: int, n: int, name: str) -> None:
         logger.info("[%d/%d] %s", i + 1, n, name)
@@ -176,7 +182,9 @@ def info() -> dict[str, Any]:
         "git_sha": report.git_sha(),
         "device": {
             "default": "cuda" if cuda else "cpu",
-            "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else [],
+            "cuda_devices": [
+                torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())
+            ],
             "cpu_cores": os.cpu_count(),
         },
         "backend": deto.Topology(nodes=1).backend,
@@ -184,7 +192,10 @@ def info() -> dict[str, Any]:
             "gloo": dist.is_available() and dist.is_gloo_available(),
             "nccl": dist.is_available() and dist.is_nccl_available(),
         },
-        "replicators": {name: cls.__doc__.strip().splitlines()[0] if cls.__doc__ else "" for name, cls in sorted(REGISTRY.items())},
+        "replicators": {
+            name: cls.__doc__.strip().splitlines()[0] if cls.__doc__ else ""
+            for name, cls in sorted(REGISTRY.items())
+        },
         "schemes": {name: p.summary for name, p in PRESETS.items()},
     }
 
@@ -196,9 +207,10 @@ def cmd_info(ns: argparse.Namespace) -> int:
         return EXIT_OK
     v = data["versions"]
     lines = [
-        f"deto {v['deto']}  (python {v['python']}, torch {v['torch']}, git {data['git_sha'] or '-'})",
+        f"deto {v['deto']}  (python {v['python']}, torch {v['torch']}, "
+        f"git {data['git_sha'] or '-'})",
         f"device: {data['device']['default']}"
-        + (f" ({', '.join(data['device']['cuda_devices'])})" if data["device"]["cuda_devices"] else "")
+        + (f" ({', '.join(cuda)})" if (cuda := data["device"]["cuda_devices"]) else "")
         + f", {data['device']['cpu_cores']} CPU core(s)",
         f"backend: {data['backend']}  (available: "
         + ", ".join(k for k, ok in data["backends_available"].items() if ok) + ")",
@@ -235,7 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--bandwidth", metavar="RATE", default=None,
         help="emulate slow links between the simulated nodes: each node in its own network "
-        "namespace, links shaped to RATE with tc tbf (e.g. 100mbit, 1gbit; needs root and iproute2)",
+        "namespace, links shaped to RATE with tc tbf (e.g. 100mbit, 1gbit; needs root and "
+        "iproute2)",
     )
     train.set_defaults(func=cmd_train)
     bench_p = sub.add_parser(
@@ -246,7 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="comma-separated schemes (default: %(default)s)")
     bench_p.add_argument("--bandwidth", default="none", metavar="RATE,...",
                          help="comma-separated link rates, 'none' for unshaped (default: none)")
-    bench_p.add_argument("--out", default=None, metavar="DIR", help="output directory (default: bench/<timestamp>)")
+    bench_p.add_argument(
+        "--out", default=None, metavar="DIR", help="output directory (default: bench/<timestamp>)"
+    )
     bench_p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     bench_p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     bench_p.set_defaults(func=cmd_bench, train_args=[])

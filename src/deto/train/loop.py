@@ -1,8 +1,10 @@
 """One rank's run: build the task, prepare the model, train, evaluate, checkpoint, summarise.
 
-:func:`run` is the whole story, top to bottom; the helpers below it are the details. Every rank
-of the cluster calls it (spawned by :mod:`deto.train.launch` or started by torchrun); rank 0
-alone writes metrics, plots and the summary, every rank writes its part of a checkpoint.
+:func:`run` is the whole story, top to bottom. The task and its evaluation
+(:mod:`deto.train.tasks`), the optimizer (:mod:`deto.train.optimizer`) and the summary
+(:mod:`deto.train.summary`) are details with their own modules. Every rank of the cluster calls
+it (see :mod:`deto.train.launch`); rank 0 alone writes metrics, plots and the summary, every
+rank writes its part of a checkpoint.
 """
 
 from __future__ import annotations
@@ -129,13 +131,14 @@ def run(
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(
-                    loss=f"{state.last_loss:.3f}", **{f"{task.unit}/s": f"{per_step_items / elapsed:,.0f}"},
+                    loss=f"{state.last_loss:.3f}",
+                    **{f"{task.unit}/s": f"{per_step_items / elapsed:,.0f}"},
                     xnode=f"{sent / 1e3:,.1f}kB",
                 )
             if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
                 state.wall_time_s = time.perf_counter() - clock
-                ckpt = out / CHECKPOINTS
-                save_checkpoint(ckpt, cfg, state, model, opt, opt.base, topo)  # type: ignore[arg-type]
+                ckpt, base = out / CHECKPOINTS, opt.base
+                save_checkpoint(ckpt, cfg, state, model, opt, base, topo)  # type: ignore[arg-type]
     finally:
         if bar is not None:
             bar.close()
@@ -152,8 +155,9 @@ def run(
     report.write_json(out / "summary.json", summary)
     try:
         entropy = task.info.get("unigram_entropy")
+        title = f"{cfg.scheme} ({cfg.task}), {topo.nodes}x{topo.ranks_per_node}"
         report.plot_losses(
-            out / "loss.png", state.records, f"{cfg.scheme} ({cfg.task}), {topo.nodes}x{topo.ranks_per_node}",
+            out / "loss.png", state.records, title,
             ("unigram entropy", entropy) if entropy is not None else None,
         )
     except Exception as exc:  # a plotting problem must not lose the run's results

@@ -145,7 +145,9 @@ def run_nodes(
                 failed = [c for c in codes if c not in (None, 0)]
                 if failed:
                     bad = codes.index(failed[0])
-                    logger.error("node %d exited with status %d; stopping the others", bad, failed[0])
+                    logger.error(
+                        "node %d exited with status %d; stopping the others", bad, failed[0]
+                    )
                     stop_processes(procs, GRACE_S, process_group=True)
                     return failed[0]
                 if all(c == 0 for c in codes):

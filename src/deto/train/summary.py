@@ -58,7 +58,9 @@ class History:
 
     def take_train_loss(self, device: torch.device) -> float:
         """Mean training loss over all ranks and the steps since the last call (a collective)."""
-        totals = torch.tensor([self.loss_sum, float(self.loss_count)], dtype=torch.float64, device=device)
+        totals = torch.tensor(
+            [self.loss_sum, float(self.loss_count)], dtype=torch.float64, device=device
+        )
         self.loss_sum, self.loss_count = 0.0, 0
         dist.all_reduce(totals)
         return float(totals[0] / totals[1])
@@ -128,7 +130,9 @@ def replicas_identical(
     s = topo.ranks_per_node
     same = all(digests[i] == digests[i % s] for i in range(len(digests)))
     if not same:
-        logger.error("replicas differ across nodes although scheme %s promises identical ones", scheme)
+        logger.error(
+            "replicas differ across nodes although scheme %s promises identical ones", scheme
+        )
     return same
 
 

@@ -53,7 +53,9 @@ def build_task(cfg: TrainConfig, topo: Topology) -> Task:
         corpus = datalib.load_stdlib_corpus()
         digests = all_gather(corpus.digest)
         if len(set(digests)) > 1:
-            logger.warning("ranks read different standard library sources (Python versions differ?)")
+            logger.warning(
+                "ranks read different standard library sources (Python versions differ?)"
+            )
         starts = datalib.eval_windows(corpus.val, cfg.seq_len, cfg.eval_samples)
         return Task(
             model=ByteGPT(cfg.seq_len, shape),
