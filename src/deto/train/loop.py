@@ -431,12 +431,8 @@ def build_summary(
 def replicas_identical(model: nn.Module, opt: torch.optim.Optimizer, topo: Topology) -> bool | None:
     """Whether the parameters are bitwise equal across the replicate axis (``None``: the
     scheme does not promise it now, e.g. ``none``, or DiLoCo between synchronisations)."""
-    if isinstance(opt, deto.DecoupledOptimizer):
-        promised = all(r.promises_identical_replicas for r in opt.replicators) and all(
-            r.schedule.fires(opt.step_count) for r in opt.replicators if r.acts_on == "param"
-        )
-    else:
-        promised = True  # torch HSDP all-reduces gradients: replicas take identical steps
+    # torch HSDP all-reduces gradients: its replicas take identical steps
+    promised = opt.promises_identical_replicas if isinstance(opt, deto.DecoupledOptimizer) else True
     digests = _all_gather(_local_digest(model))
     if not promised:
         return None
