@@ -182,7 +182,7 @@ def rank_entry(
 
 
 def cmd_train(ns: argparse.Namespace) -> int:
-    from deto.train import launch, loop, report
+    from deto.train import checkpoint, launch, loop, report
     from deto.train.config import resolve
 
     level = logging.DEBUG if ns.verbose else logging.WARNING if ns.quiet else logging.INFO
@@ -196,8 +196,8 @@ def cmd_train(ns: argparse.Namespace) -> int:
         cfg = resolve(values)
         resume = None
         if cfg.resume is not None:
-            path = loop.find_checkpoint(cfg.resume)
-            loop.check_resumable(path, cfg)
+            path = checkpoint.find_checkpoint(cfg.resume)
+            checkpoint.check_resumable(path, cfg)
             resume = str(path)
     except ValueError as exc:
         raise UsageError(str(exc)) from None

@@ -140,6 +140,7 @@ class DecoupledOptimizer(torch.optim.Optimizer):
             if isinstance(rep, GradReplicator):
                 for slot in slots:
                     self._coverage[slot.index].append(r)
+        self._publish_scalars()
 
     @classmethod
     def from_model(
@@ -267,6 +268,7 @@ class DecoupledOptimizer(torch.optim.Optimizer):
             if isinstance(rep, ParamReplicator) and rep.schedule.fires(t):
                 rep.after_step(self.comm)
         self._finish_stats(skipped)
+        self._publish_scalars()
         return loss
 
     def _grad_replicator(self, position: int) -> GradReplicator:
@@ -357,6 +359,16 @@ class DecoupledOptimizer(torch.optim.Optimizer):
             out.update({replicator_key(r, rep.name, k): v for k, v in rep.scalars().items()})
         return out
 
+    def _publish_scalars(self) -> None:
+        """Keep the counters in every param group, where torch's state-dict code carries them.
+
+        DCP's flattened format rebuilds a group from the keys the live group has, so they are
+        group entries all the time, not only in :meth:`state_dict`'s result.
+        """
+        scalars = self._scalars()
+        for group in self.param_groups:
+            group.update(scalars)
+
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
         """torch's optimizer format: the base optimizer's state, then the replicators'.
 
@@ -369,15 +381,14 @@ class DecoupledOptimizer(torch.optim.Optimizer):
             pre_hook(self)
         if self.step_count == 0:
             init_base_state(self.base)
+        self._publish_scalars()
         base_sd = self.base.state_dict()
         state: dict[Any, dict[str, Any]] = {}
         for i, p in enumerate(self.params):
             entry = dict(base_sd["state"].get(i, {}))  # a copy: never add keys to the base's
             entry.update({k: per_node(b, p, self.mesh) for k, b in self._entries(i).items()})
             state[i] = entry
-        scalars = self._scalars()
-        groups = [{**g, **scalars} for g in base_sd["param_groups"]]
-        sd: dict[str, Any] = {"state": state, "param_groups": groups}
+        sd: dict[str, Any] = {"state": state, "param_groups": base_sd["param_groups"]}
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             result = post_hook(self, sd)
             if result is not None:
@@ -410,7 +421,6 @@ class DecoupledOptimizer(torch.optim.Optimizer):
             base_entry = {n: v for n, v in saved.get(k, {}).items() if not is_deto_key(n)}
             if base_entry:
                 base_state[k] = base_entry
-        base_groups = [{n: v for n, v in g.items() if not is_deto_key(n)} for g in groups]
         for i, k in enumerate(keys):
             entry = saved.get(k, {})
             ours = self._entries(i)
@@ -420,7 +430,7 @@ class DecoupledOptimizer(torch.optim.Optimizer):
                     f"Optimizer state of {self.names[i]} has replicator buffers {sorted(theirs)}, "
                     f"this optimizer {sorted(ours)}"
                 )
-        self.base.load_state_dict({"state": base_state, "param_groups": base_groups})
+        self.base.load_state_dict({"state": base_state, "param_groups": groups})
         self.param_groups = self.base.param_groups  # torch's load makes new group dicts
         for i, k in enumerate(keys):
             for n, buf in self._entries(i).items():

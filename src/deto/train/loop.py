@@ -7,15 +7,12 @@ alone writes metrics, plots and the summary, every rank writes its part of a che
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import hashlib
-import json
 import logging
 import math
 import os
 import resource
-import shutil
 import statistics
 import sys
 import time
@@ -37,7 +34,8 @@ from deto.sharding import shard_model
 from deto.topology import Topology
 from deto.train import data as datalib
 from deto.train import report
-from deto.train.config import STRUCTURAL, TrainConfig
+from deto.train.checkpoint import CHECKPOINTS, load_checkpoint, save_checkpoint
+from deto.train.config import TrainConfig
 from deto.train.models import ByteGPT, TransformerShape, ViT, count_params
 from deto.train.presets import PRESETS
 
@@ -46,8 +44,6 @@ logger = logging.getLogger(__name__)
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=10)
 FINAL_LR_RATIO = 0.1
 EVAL_BATCH = 64
-CHECKPOINTS = "checkpoints"
-COMPLETE = "COMPLETE"
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "sgd": torch.optim.SGD,
     "adamw": torch.optim.AdamW,
@@ -82,7 +78,7 @@ def run(
     torch.manual_seed(cfg.seed)  # the same initial model on every rank
     task = build_task(cfg, topo)
     params = count_params(task.model)
-    model, opt, base = build_training(cfg, topo, task.model)
+    model, opt, _ = build_training(cfg, topo, task.model)
     logger.info(
         "%s on %s: %s parameters, %d node(s) x %d rank(s), %d steps",
         cfg.scheme, cfg.task, f"{params:,}", topo.nodes, topo.ranks_per_node, cfg.steps,
@@ -90,7 +86,7 @@ def run(
 
     state = History()
     if resume is not None:
-        state = load_checkpoint(Path(resume), model, opt, base, topo)
+        state = History.from_checkpoint(*load_checkpoint(Path(resume), model, opt, topo))
         logger.info("resumed from %s at step %d", resume, state.step)
     full_sync = all_reduce_bytes(4 * params, topo.nodes)
     sinks = open_sinks(out, state.records) if rank == 0 else []
@@ -141,7 +137,11 @@ def run(
                 )
             if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
                 state.wall_time_s = time.perf_counter() - clock
-                save_checkpoint(out / CHECKPOINTS, cfg, state, model, opt, base, topo)
+                history, own = state.to_checkpoint()
+                save_checkpoint(
+                    out / CHECKPOINTS, step, model, opt, topo,
+                    history=history, config=cfg.to_dict(), rank_state=own,
+                )
     finally:
         if bar is not None:
             bar.close()
@@ -366,6 +366,20 @@ class History:
         self.loss_count += 1
         self.last_loss = loss
 
+    def to_checkpoint(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """``(shared, own)``: the run's record (JSON), and this rank's part of it."""
+        shared = asdict(self)
+        own = {"loss_sum": shared.pop("loss_sum"), "loss_count": shared.pop("loss_count")}
+        shared["last_loss"] = None if math.isnan(self.last_loss) else self.last_loss
+        return shared, own
+
+    @classmethod
+    def from_checkpoint(cls, shared: dict[str, Any], own: dict[str, Any]) -> History:
+        history = cls(**{k: v for k, v in shared.items() if k != "last_loss"})
+        history.last_loss = shared["last_loss"] if shared["last_loss"] is not None else math.nan
+        history.loss_sum, history.loss_count = float(own["loss_sum"]), int(own["loss_count"])
+        return history
+
     def take_train_loss(self, device: torch.device) -> float:
         """Mean training loss over all ranks and the steps since the last call (a collective)."""
         totals = torch.tensor([self.loss_sum, float(self.loss_count)], dtype=torch.float64, device=device)
@@ -501,157 +515,3 @@ def progress_bar(total: int, initial: int) -> Any:
     except ImportError:
         return None
     return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True, leave=True)
-
-
-# --------------------------------------------------------------------------------------------
-# Checkpoints
-#
-# A checkpoint is a directory <out>/checkpoints/step_<N>/ holding:
-#   * a torch.distributed.checkpoint (DCP) of the model and the base optimizer, under the key
-#     "node<i>" of each node, so that nodes whose replicas differ (none, DiLoCo) keep their own;
-#   * rank<r>.pt per rank: the replicators' state (per node and per shard), the step, RNG state;
-#   * trainer.json: the history (metrics so far, timings, traffic) and the config;
-#   * COMPLETE, written last. It is written in a temporary directory and renamed into place,
-#     so a crash mid-save never leaves a directory that loads as a checkpoint.
-
-
-def checkpoint_name(step: int) -> str:
-    return f"step_{step:08d}"
-
-
-def save_checkpoint(
-    root: Path,
-    cfg: TrainConfig,
-    state: History,
-    model: nn.Module,
-    opt: torch.optim.Optimizer,
-    base: torch.optim.Optimizer,
-    topo: Topology,
-) -> Path:
-    from torch.distributed import checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    rank = dist.get_rank()
-    final = root / checkpoint_name(state.step)
-    tmp = root / f".{final.name}.incomplete"
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    dist.barrier()
-    model_sd, optim_sd = get_state_dict(model, base)
-    dcp.save({f"node{topo.node}": {"model": model_sd, "optim": optim_sd}}, checkpoint_id=str(tmp))
-    own = {
-        "rank": rank,
-        "world_size": dist.get_world_size(),
-        "optimizer": _without_base(opt),
-        "rng": torch.get_rng_state(),
-        "loss_sum": state.loss_sum,
-        "loss_count": state.loss_count,
-    }
-    torch.save(own, tmp / f"rank{rank:05d}.pt")
-    dist.barrier()
-    if rank == 0:
-        history = asdict(state)
-        history.pop("loss_sum")
-        history.pop("loss_count")
-        history["last_loss"] = None if math.isnan(state.last_loss) else state.last_loss
-        report.write_json(tmp / "trainer.json", {"history": history, "config": cfg.to_dict()})
-        marker = {"step": state.step, "world_size": dist.get_world_size(), "config": cfg.to_dict()}
-        report.write_json(tmp / COMPLETE, marker)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(root)
-        logger.info("checkpoint saved: %s", final)
-    dist.barrier()
-    return final
-
-
-def _without_base(opt: torch.optim.Optimizer) -> dict[str, Any]:
-    if isinstance(opt, deto.DecoupledOptimizer):
-        sd = opt.state_dict()
-        sd.pop("base")
-        return sd
-    return {}
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def load_checkpoint(
-    path: Path,
-    model: nn.Module,
-    opt: torch.optim.Optimizer,
-    base: torch.optim.Optimizer,
-    topo: Topology,
-) -> History:
-    """Restore model, base optimizer, replicators and RNG; return the saved history."""
-    from torch.distributed import checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-    rank = dist.get_rank()
-    key = f"node{topo.node}"
-    model_sd, optim_sd = get_state_dict(model, base)
-    state: dict[str, Any] = {key: {"model": model_sd, "optim": optim_sd}}
-    dcp.load(state, checkpoint_id=str(path))
-    set_state_dict(
-        model, base, model_state_dict=state[key]["model"], optim_state_dict=state[key]["optim"]
-    )
-    own = torch.load(path / f"rank{rank:05d}.pt", weights_only=True)
-    if isinstance(opt, deto.DecoupledOptimizer):
-        opt.load_state_dict({"base": base.state_dict(), **own["optimizer"]})
-    torch.set_rng_state(own["rng"])
-    saved = json.loads((path / "trainer.json").read_text())["history"]
-    history = History(**{k: v for k, v in saved.items() if k != "last_loss"})
-    history.last_loss = saved["last_loss"] if saved["last_loss"] is not None else math.nan
-    history.loss_sum, history.loss_count = float(own["loss_sum"]), int(own["loss_count"])
-    return history
-
-
-def find_checkpoint(path: str | Path) -> Path:
-    """The checkpoint ``path`` names: itself if complete, else the latest complete one inside
-    it (or inside its ``checkpoints/``). Raises ``ValueError`` if there is none."""
-    path = Path(path)
-    if not path.is_dir():
-        raise ValueError(f"Checkpoint not found: {path}")
-    if (path / COMPLETE).is_file():
-        return path
-    for where in (path, path / CHECKPOINTS):
-        if where.is_dir():
-            found = sorted(
-                p for p in where.iterdir()
-                if p.is_dir() and p.name.startswith("step_") and (p / COMPLETE).is_file()
-            )
-            if found:
-                return found[-1]
-    if path.name.startswith("step_") or path.name.endswith(".incomplete"):
-        raise ValueError(f"Not a complete checkpoint (no {COMPLETE} marker): {path}")
-    raise ValueError(f"No complete checkpoint in {path}")
-
-
-def check_resumable(path: Path, cfg: TrainConfig) -> int:
-    """Check a checkpoint fits ``cfg``; return its step. ``ValueError`` explains a mismatch."""
-    try:
-        marker = json.loads((path / COMPLETE).read_text())
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"Unreadable checkpoint marker in {path}: {exc}") from None
-    saved = marker.get("config", {})
-    now = cfg.to_dict()
-    wrong = [f"{k}={saved.get(k)!r} (now {now[k]!r})" for k in STRUCTURAL if saved.get(k) != now[k]]
-    if wrong:
-        raise ValueError(f"Checkpoint {path} does not fit this run: it has {', '.join(wrong)}")
-    step = int(marker["step"])
-    if step >= cfg.steps:
-        raise ValueError(f"Checkpoint {path} is at step {step}: nothing to do for --steps {cfg.steps}")
-    changed = sorted(
-        k for k in now if k not in STRUCTURAL and k not in ("out", "resume", "steps") and saved.get(k) != now[k]
-    )
-    if changed:
-        logger.warning("resuming with changed settings: %s", ", ".join(f"{k}={now[k]!r}" for k in changed))
-    return step
