@@ -122,6 +122,7 @@ class DecoupledOptimizer(torch.optim.Optimizer):
 
         self.params = [p for g in base.param_groups for p in g["params"]]
         self._index_of = {id(p): i for i, p in enumerate(self.params)}
+        self._device = self.params[0].device if self.params else torch.device("cpu")
         self._group_of = [gi for gi, g in enumerate(base.param_groups) for _ in g["params"]]
         names = dict(param_names or {})
         self.names = [names.get(p, f"param{i}") for i, p in enumerate(self.params)]
@@ -140,6 +141,7 @@ class DecoupledOptimizer(torch.optim.Optimizer):
             if isinstance(rep, GradReplicator):
                 for slot in slots:
                     self._coverage[slot.index].append(r)
+        self._param_replicators = [r for r in self.replicators if isinstance(r, ParamReplicator)]
         self._publish_scalars()
 
     @classmethod
@@ -216,8 +218,7 @@ class DecoupledOptimizer(torch.optim.Optimizer):
         """Whether the replicas are bitwise identical across nodes after the last step."""
         return all(r.promises_identical_replicas for r in self.replicators) and all(
             self.step_count == 0 or r.schedule.fires(self.step_count)
-            for r in self.replicators
-            if isinstance(r, ParamReplicator)
+            for r in self._param_replicators
         )
 
     def __repr__(self) -> str:
@@ -264,9 +265,9 @@ class DecoupledOptimizer(torch.optim.Optimizer):
             if self.weight_decay:
                 local_tensor(self.params[i]).mul_(1.0 - lrs[i] * self.weight_decay)
         self.base.step()
-        for rep in self.replicators:
-            if isinstance(rep, ParamReplicator) and rep.schedule.fires(t):
-                rep.after_step(self.comm)
+        for param_rep in self._param_replicators:  # in list order, like the gradient ones
+            if param_rep.schedule.fires(t):
+                param_rep.after_step(self.comm)
         self._finish_stats(skipped)
         self._publish_scalars()
         return loss
@@ -285,10 +286,13 @@ class DecoupledOptimizer(torch.optim.Optimizer):
         gradient no replicator exchanged (one no gradient replicator covers) is checked on its
         own node only.
         """
-        if self.nonfinite == "ignore" or not grads:
+        if self.nonfinite == "ignore":
             return 0
         # one norm per tensor (fused on CUDA) and one host sync: inf/nan anywhere shows in the norm
-        bad_mask = ~torch.stack(torch._foreach_norm(list(grads.values()))).isfinite()
+        if grads:
+            bad_mask = ~torch.stack(torch._foreach_norm(list(grads.values()))).isfinite()
+        else:  # every rank of the node still joins the agreement below
+            bad_mask = torch.zeros(0, dtype=torch.bool, device=self._device)
         node_bad = bad_mask.any().to(torch.int64).reshape(1)
         if self.nonfinite == "raise" and self._node_group is not None:
             dist.all_reduce(node_bad, op=dist.ReduceOp.MAX, group=self._node_group)
@@ -323,9 +327,8 @@ class DecoupledOptimizer(torch.optim.Optimizer):
         stats.nonfinite_skipped = skipped
         self._last = stats
         if self._node_group is not None:
-            device = self.params[0].device if self.params else torch.device("cpu")
             totals = torch.tensor(
-                [stats.bytes_sent, stats.bytes_received], dtype=torch.int64, device=device
+                [stats.bytes_sent, stats.bytes_received], dtype=torch.int64, device=self._device
             )
             self._node_work = dist.all_reduce(totals, group=self._node_group, async_op=True)
             self._node_totals = totals
