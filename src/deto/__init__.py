@@ -4,14 +4,17 @@ Inside a node FSDP2 shards everything; between nodes a *replicator* decides what
 slow network and when.
 """
 
-from deto.comm import CommStats
+from deto.comm import Comm, CommStats
 from deto.optim import DecoupledOptimizer
 from deto.prepare import prepare
 from deto.replicators import (
     DeMo,
     DiLoCo,
     Full,
+    GradReplicator,
+    MomentumReplicator,
     NoReplication,
+    ParamReplicator,
     RandomSubset,
     Replicator,
     Slicing,
@@ -19,17 +22,23 @@ from deto.replicators import (
     make_replicator,
 )
 from deto.schedule import SyncSchedule
+from deto.testing import FakeComm
 from deto.topology import Topology
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Comm",
     "CommStats",
     "DeMo",
     "DecoupledOptimizer",
     "DiLoCo",
+    "FakeComm",
     "Full",
+    "GradReplicator",
+    "MomentumReplicator",
     "NoReplication",
+    "ParamReplicator",
     "RandomSubset",
     "Replicator",
     "Slicing",

@@ -9,6 +9,10 @@ of ``n`` bytes:
 * broadcast: ``(R - 1) / R * n`` sent and received on average (pipelined ring).
 
 Bytes are integers rounded up, so a count is never below what crossed the wire.
+
+:class:`Comm` does the coalescing and the counting; moving the bytes is a :class:`Transport`'s
+job: :class:`DistTransport` over a ``torch.distributed`` group here, an in-memory one in
+:mod:`deto.testing`, so simulated nodes count exactly what real ones do.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, fields
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
@@ -41,14 +46,12 @@ class CommStats:
     nonfinite_skipped: int = 0
 
     def __add__(self, other: CommStats) -> CommStats:
-        return CommStats(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
+        return CommStats(
+            **{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)}
+        )
 
     def as_dict(self) -> dict[str, float]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
-
-
-# torch 2.13 renames all_gather_into_tensor (deprecated there) to all_gather_single
-_all_gather_single = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
 
 
 def all_reduce_bytes(nbytes: int, group_size: int) -> int:
@@ -66,20 +69,75 @@ def broadcast_bytes(nbytes: int, group_size: int) -> int:
     return math.ceil((group_size - 1) * nbytes / group_size)
 
 
-class Comm:
-    """Collectives over the replicate group, coalesced into one buffer per call, and counted.
+class Transport(Protocol):
+    """Moves one flat buffer between the nodes; every node calls each method in the same order."""
 
-    ``group=None`` with ``size=1`` is a single-node run: every call is a local no-op, which is
-    also what the single-process unit tests use.
-    """
+    size: int  # number of nodes
+    rank: int  # this node's position among them
+
+    def all_reduce_sum(self, flat: torch.Tensor) -> None:
+        """Replace ``flat`` by its sum over the nodes, the same bytes on every node."""
+
+    def all_gather(self, out: torch.Tensor, buffer: torch.Tensor) -> None:
+        """Fill ``out`` (``size`` times ``buffer``'s length) with every node's ``buffer``."""
+
+    def broadcast(self, buffer: torch.Tensor, src: int) -> None:
+        """Overwrite ``buffer`` with node ``src``'s."""
+
+
+# torch 2.13 renames all_gather_into_tensor (deprecated there) to all_gather_single
+_all_gather_single = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
+
+
+class DistTransport:
+    """A :class:`Transport` over a ``torch.distributed`` process group."""
 
     def __init__(self, group: dist.ProcessGroup | None, size: int | None = None) -> None:
         self.group = group
         self.size = size if size is not None else dist.get_world_size(group)
+        self.rank = dist.get_rank(group) if group is not None else 0
+
+    def all_reduce_sum(self, flat: torch.Tensor) -> None:
+        dist.all_reduce(flat, group=self.group)
+
+    def all_gather(self, out: torch.Tensor, buffer: torch.Tensor) -> None:
+        _all_gather_single(out, buffer, group=self.group)
+
+    def broadcast(self, buffer: torch.Tensor, src: int) -> None:
+        dist.broadcast(buffer, group_src=src, group=self.group)
+
+
+class Comm:
+    """Collectives over the replicate group, coalesced into one buffer per call, and counted.
+
+    ``Comm(group, size)`` talks over a ``torch.distributed`` group; ``group=None`` with
+    ``size=1`` is a single-node run, where every call is a local no-op. ``transport=`` plugs
+    in another way of moving bytes (see :class:`deto.testing.FakeComm`).
+    """
+
+    def __init__(
+        self,
+        group: dist.ProcessGroup | None = None,
+        size: int | None = None,
+        *,
+        transport: Transport | None = None,
+    ) -> None:
+        if transport is not None and (group is not None or size is not None):
+            raise ValueError("Pass either a process group (and size) or a transport, not both")
+        self.transport = transport if transport is not None else DistTransport(group, size)
         if self.size < 1:
             raise ValueError(f"Invalid group size: {self.size}")
-        self.rank = dist.get_rank(group) if group is not None else 0
         self._stats = CommStats()
+
+    @property
+    def size(self) -> int:
+        """Number of nodes."""
+        return self.transport.size
+
+    @property
+    def rank(self) -> int:
+        """This node's position among them."""
+        return self.transport.rank
 
     def take_stats(self) -> CommStats:
         """Return what was counted since the last call, and start counting afresh."""
@@ -105,10 +163,11 @@ class Comm:
             raise TypeError("all_reduce_mean needs tensors of one dtype")
         start = time.perf_counter()
         flat = torch.cat([t.reshape(-1) for t in tensors])
-        dist.all_reduce(flat, group=self.group)
+        self.transport.all_reduce_sum(flat)
         flat.div_(self.size)
         self._count(all_reduce_bytes(flat.numel() * flat.element_size(), self.size), start)
-        return [c.view_as(t) for c, t in zip(flat.split([t.numel() for t in tensors]), tensors, strict=True)]
+        sizes = [t.numel() for t in tensors]
+        return [c.view_as(t) for c, t in zip(flat.split(sizes), tensors, strict=True)]
 
     def all_gather(self, tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
         """Gather every node's ``tensors`` (same shapes and dtypes on every node), in one call.
@@ -122,7 +181,7 @@ class Comm:
             return [unpack(buffer, specs) for _ in range(self.size)]
         start = time.perf_counter()
         gathered = buffer.new_empty(self.size * buffer.numel())
-        _all_gather_single(gathered, buffer, group=self.group)
+        self.transport.all_gather(gathered, buffer)
         self._count(all_gather_bytes(buffer.numel(), self.size), start)
         return [unpack(part, specs) for part in gathered.chunk(self.size)]
 
@@ -132,7 +191,7 @@ class Comm:
             return
         start = time.perf_counter()
         buffer, specs = pack(tensors)
-        dist.broadcast(buffer, group_src=src, group=self.group)
+        self.transport.broadcast(buffer, src)
         for t, new in zip(tensors, unpack(buffer, specs), strict=True):
             t.copy_(new)
         self._count(broadcast_bytes(buffer.numel(), self.size), start)

@@ -1,8 +1,6 @@
-"""Pieces of the training loop that need no process group: schedule, models, checkpoint lookup."""
+"""Pieces of the training loop that need no process group: schedule, models, history."""
 
 from __future__ import annotations
-
-import json
 
 import pytest
 import torch
@@ -45,38 +43,11 @@ def test_lm_is_causal() -> None:
     assert torch.equal(lm(x)[0, :-1], lm(y)[0, :-1])
 
 
-def _fake_checkpoint(root, step: int, complete: bool, config: dict) -> None:
-    d = root / loop.checkpoint_name(step)
-    d.mkdir(parents=True)
-    if complete:
-        (d / loop.COMPLETE).write_text(json.dumps({"step": step, "config": config}))
-
-
-def test_find_checkpoint_takes_the_latest_complete_one(tmp_path) -> None:
-    cfg = resolve({"steps": 40})
-    ckpts = tmp_path / "run" / loop.CHECKPOINTS
-    _fake_checkpoint(ckpts, 10, True, cfg.to_dict())
-    _fake_checkpoint(ckpts, 20, True, cfg.to_dict())
-    _fake_checkpoint(ckpts, 30, False, cfg.to_dict())  # a crash mid-save
-    assert loop.find_checkpoint(tmp_path / "run").name == "step_00000020"
-    assert loop.find_checkpoint(ckpts).name == "step_00000020"
-    assert loop.find_checkpoint(ckpts / "step_00000010").name == "step_00000010"
-    with pytest.raises(ValueError, match="Not a complete checkpoint"):
-        loop.find_checkpoint(ckpts / "step_00000030")
-    with pytest.raises(ValueError, match="Checkpoint not found"):
-        loop.find_checkpoint(tmp_path / "nowhere")
-    with pytest.raises(ValueError, match="No complete checkpoint"):
-        loop.find_checkpoint(tmp_path)
-
-
-def test_check_resumable(tmp_path) -> None:
-    cfg = resolve({"steps": 40})
-    _fake_checkpoint(tmp_path, 20, True, cfg.to_dict())
-    path = tmp_path / "step_00000020"
-    assert loop.check_resumable(path, cfg) == 20
-    with pytest.raises(ValueError, match="nodes=2 .now 3."):
-        loop.check_resumable(path, resolve({"steps": 40, "nodes": 3}))
-    with pytest.raises(ValueError, match="scheme='flexdemo' .now 'hsdp'."):
-        loop.check_resumable(path, resolve({"steps": 40, "scheme": "hsdp"}))
-    with pytest.raises(ValueError, match="nothing to do"):
-        loop.check_resumable(path, resolve({"steps": 20}))
+def test_history_survives_its_checkpoint_form() -> None:
+    history = loop.History()
+    history.advance(1, 0.5, 100, 90, 2.0)
+    shared, own = history.to_checkpoint()
+    assert "loss_sum" not in shared and own == {"loss_sum": 2.0, "loss_count": 1}
+    assert loop.History.from_checkpoint(shared, own) == history
+    fresh, own = loop.History().to_checkpoint()
+    assert fresh["last_loss"] is None  # NaN is not JSON

@@ -7,7 +7,7 @@ import torch
 
 import deto
 from deto.comm import Comm
-from deto.prepare import build_replicators
+from deto.replicators import build_replicators
 
 
 @pytest.mark.parametrize(

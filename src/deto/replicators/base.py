@@ -1,17 +1,19 @@
-"""The replicator interface: what crosses the node boundary, and when.
+"""The replicator interfaces: what crosses the node boundary, and when.
 
 A replicator owns the parameters it covers (optionally filtered by name) and keeps its own
 per-parameter state, so several replicators never share or overwrite each other's buffers.
-Gradient replicators turn each node's (node-averaged, sharded) gradient into the gradient the
-base optimizer uses; parameter replicators act on parameters after the base step.
+Two kinds exist, each a small ABC: a :class:`GradReplicator` turns each node's (node-averaged,
+sharded) gradient into the gradient the base optimizer uses; a :class:`ParamReplicator` acts on
+the parameters after the base step. :class:`Replicator` holds what both share: the schedule,
+the coverage filter, the per-parameter state and the count of replications.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import torch
 from torch.distributed.tensor import DTensor
@@ -42,7 +44,7 @@ class Slot:
 
 
 class Replicator(ABC):
-    """Base class of every scheme; subclasses implement the math, this class the bookkeeping.
+    """What every scheme shares; subclass :class:`GradReplicator` or :class:`ParamReplicator`.
 
     Args:
         every: fire on every ``every``-th optimizer step.
@@ -51,10 +53,13 @@ class Replicator(ABC):
         include: ``(name, param) -> bool`` choosing the parameters this replicator covers
             (default: all). With several gradient replicators, a parameter is replicated by the
             first one in order that covers it and fires on the step.
+
+    ``state[pos]`` holds the buffers of ``slots[pos]``, each shaped like that parameter's local
+    shard; they are created in :meth:`bind` (so a fresh optimizer's state dict already has every
+    key a checkpoint will have) and checkpointed by the optimizer with the base optimizer's state.
     """
 
     name: ClassVar[str]
-    acts_on: ClassVar[Literal["grad", "param"]] = "grad"
     promises_identical_replicas: ClassVar[bool] = True
 
     def __init__(
@@ -85,46 +90,12 @@ class Replicator(ABC):
         """Per-parameter state for a local shard; stateless schemes keep the empty default."""
         return {}
 
-    # -- gradient replicators ---------------------------------------------------------------
-    def replicate(
-        self, positions: list[int], grads: list[torch.Tensor], lrs: list[float], comm: Comm
-    ) -> list[torch.Tensor]:
-        """Exchange what this scheme sends for ``slots[positions]`` and return their gradients.
+    def scalars(self) -> dict[str, int]:
+        """The replicator's counters, checkpointed next to its per-parameter state."""
+        return {"fired": self.fired}
 
-        Every node calls this with the same positions (the schedule and coverage depend only on
-        the step and the model), so the collectives line up.
-        """
-        raise NotImplementedError(f"{type(self).__name__} does not replicate gradients")
-
-    def defer(self, positions: list[int], grads: list[torch.Tensor], lrs: list[float]) -> None:
-        """Fold a step's gradients into the state on a step the schedule skips; nothing is sent."""
-        raise NotImplementedError(f"{type(self).__name__} does not replicate gradients")
-
-    # -- parameter replicators --------------------------------------------------------------
-    def after_step(self, comm: Comm) -> None:
-        """Act on the covered parameters after the base optimizer's step."""
-        raise NotImplementedError(f"{type(self).__name__} does not replicate parameters")
-
-    # -- checkpointing ----------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        """Counters and buffers; like torch optimizers', tensors are references, not copies."""
-        return {
-            "name": self.name,
-            "fired": self.fired,
-            "params": [s.name for s in self.slots],
-            "state": [dict(st) for st in self.state],
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("name") != self.name:
-            raise ValueError(f"State of replicator {state.get('name')!r} loaded into {self.name!r}")
-        names = [s.name for s in self.slots]
-        if state["params"] != names:
-            raise ValueError(f"{self.name}: saved state covers other parameters than this model's")
-        self.fired = int(state["fired"])
-        self.state = []
-        for slot, saved in zip(self.slots, state["state"], strict=True):
-            self.state.append({k: v.to(slot.local.device, copy=True) for k, v in saved.items()})
+    def load_scalars(self, scalars: dict[str, int]) -> None:
+        self.fired = int(scalars["fired"])
 
     def extra_repr(self) -> str:
         return ""
@@ -136,7 +107,33 @@ class Replicator(ABC):
         return f"{type(self).__name__}({extra}{', ' if extra else ''}{sched})"
 
 
-class MomentumReplicator(Replicator):
+class GradReplicator(Replicator):
+    """Replaces each node's gradient by one that every node agrees on (or folds it away)."""
+
+    @abstractmethod
+    def replicate(
+        self, positions: list[int], grads: list[torch.Tensor], lrs: list[float], comm: Comm
+    ) -> list[torch.Tensor]:
+        """Exchange what this scheme sends for ``slots[positions]`` and return their gradients.
+
+        Every node calls this with the same positions (the schedule and coverage depend only on
+        the step and the model), so the collectives line up.
+        """
+
+    @abstractmethod
+    def defer(self, positions: list[int], grads: list[torch.Tensor], lrs: list[float]) -> None:
+        """Fold a step's gradients into the state on a step the schedule skips; nothing is sent."""
+
+
+class ParamReplicator(Replicator):
+    """Acts on the covered parameters after the base optimizer's step, on the steps it fires."""
+
+    @abstractmethod
+    def after_step(self, comm: Comm) -> None:
+        """Bring the covered parameters (and this replicator's state) into agreement."""
+
+
+class MomentumReplicator(GradReplicator):
     """A gradient replicator with a decoupled momentum buffer ``delta`` per local shard.
 
     ``delta <- decay * delta + lr * grad`` every step; what a scheme sends is subtracted from
@@ -189,3 +186,31 @@ def make_replicator(name: str, **options: Any) -> Replicator:
             f"Unknown replicator: {name!r} (valid: {', '.join(sorted(REGISTRY))})"
         ) from None
     return cls(**options)
+
+
+ReplicatorSpec = str | Replicator | Sequence[str | Replicator]
+
+
+def build_replicators(spec: ReplicatorSpec, options: dict[str, Any]) -> list[Replicator]:
+    """Turn a name, an instance or a list of either into replicators.
+
+    ``options`` configure a replicator given by name; they are an error with instances (which
+    carry their own settings) or with a list of several names (ambiguous).
+    """
+    items = [spec] if isinstance(spec, (str, Replicator)) else list(spec)
+    if not items:
+        raise ValueError("replicator list is empty (use 'none' for no replication)")
+    names = [it for it in items if isinstance(it, str)]
+    if options and len(names) != 1:
+        raise ValueError(
+            f"Options {sorted(options)} need exactly one replicator given by name, got {items!r}"
+        )
+    out = []
+    for it in items:
+        if isinstance(it, Replicator):
+            out.append(it)
+        elif isinstance(it, str):
+            out.append(make_replicator(it, **options))
+        else:
+            raise TypeError(f"replicator must be a name or a Replicator, got {type(it).__name__}")
+    return out

@@ -13,11 +13,11 @@ import torch
 
 from deto._validate import check_float
 from deto.comm import Comm
-from deto.replicators.base import Replicator, register
+from deto.replicators.base import ParamReplicator, register
 
 
 @register
-class DiLoCo(Replicator):
+class DiLoCo(ParamReplicator):
     """Outer optimisation over nodes every ``every`` (H) steps.
 
     Args:
@@ -28,7 +28,6 @@ class DiLoCo(Replicator):
     """
 
     name = "diloco"
-    acts_on = "param"
 
     def __init__(
         self,

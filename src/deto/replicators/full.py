@@ -5,40 +5,43 @@ from __future__ import annotations
 import torch
 
 from deto.comm import Comm
-from deto.replicators.base import Replicator, register
+from deto.replicators.base import GradReplicator, register
 
 
 @register
-class Full(Replicator):
+class Full(GradReplicator):
     """All-reduce (average) of the sharded gradient: HSDP's full sync as a replicator.
 
-    With an AdamW base and sign off this is numerically HSDP + AdamW. On steps the schedule
-    skips, gradients are summed into a pending buffer and sent with the next replication.
+    With an AdamW base and sign off this is numerically HSDP + AdamW. When the schedule skips
+    steps, their gradients are summed into a ``pending`` buffer and sent with the next
+    replication; the buffer exists from the start, so checkpoints always carry it.
     """
 
     name = "full"
 
+    def init_state(self, local: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.schedule.every == 1 and not self.schedule.skip_every:
+            return {}  # fires on every step: nothing is ever pending
+        return {"pending": torch.zeros_like(local, dtype=torch.float32)}
+
     def defer(self, positions: list[int], grads: list[torch.Tensor], lrs: list[float]) -> None:
         for pos, grad in zip(positions, grads, strict=True):
-            pending = self.state[pos].get("pending")
-            if pending is None:
-                self.state[pos]["pending"] = grad.detach().to(torch.float32, copy=True)
-            else:
-                pending.add_(grad)
+            self.state[pos]["pending"].add_(grad)
 
     def replicate(
         self, positions: list[int], grads: list[torch.Tensor], lrs: list[float], comm: Comm
     ) -> list[torch.Tensor]:
-        send = []
-        for pos, grad in zip(positions, grads, strict=True):
-            pending = self.state[pos].pop("pending", None)
-            send.append(grad.float() if pending is None else pending.add_(grad))
+        pending = [self.state[pos].get("pending") for pos in positions]
+        send = [g.float() if p is None else p.add(g) for p, g in zip(pending, grads, strict=True)]
+        for p in pending:
+            if p is not None:
+                p.zero_()
         self.fired += 1
         return comm.all_reduce_mean(send)
 
 
 @register
-class NoReplication(Replicator):
+class NoReplication(GradReplicator):
     """Nothing crosses the network: every node steps on its own gradient (a control).
 
     Replicas diverge from the first step, by design.

@@ -27,7 +27,7 @@ from typing import Any
 import torch.distributed as dist
 
 from deto.topology import Topology
-from deto.train import loop, netem, netlaunch
+from deto.train import checkpoint, loop, netem, netlaunch
 from deto.train.config import TrainConfig, load_toml, resolve
 from deto.train.console import configure_logging
 from deto.train.elastic import launch_local
@@ -126,8 +126,8 @@ def checkpoint_to_resume(cfg: TrainConfig) -> str | None:
     there is none or it does not fit."""
     if cfg.resume is None:
         return None
-    path = loop.find_checkpoint(cfg.resume)
-    loop.check_resumable(path, cfg)
+    path = checkpoint.find_checkpoint(cfg.resume)
+    checkpoint.check_resumable(path, cfg)
     return str(path)
 
 

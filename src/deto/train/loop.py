@@ -9,15 +9,11 @@ rank writes its part of a checkpoint.
 
 from __future__ import annotations
 
-import contextlib
 import datetime
-import json
 import logging
 import math
 import os
-import shutil
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +21,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-import deto
 from deto.topology import Topology
 from deto.train import report
-from deto.train.config import STRUCTURAL, TrainConfig
+from deto.train.checkpoint import CHECKPOINTS, load_checkpoint, save_checkpoint
+from deto.train.config import TrainConfig
 from deto.train.console import progress_bar
 from deto.train.models import count_params
 from deto.train.optimizer import build_training, full_sync_bytes
@@ -46,8 +42,6 @@ logger = logging.getLogger(__name__)
 
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=10)
 FINAL_LR_RATIO = 0.1
-CHECKPOINTS = "checkpoints"
-COMPLETE = "COMPLETE"
 
 
 # --------------------------------------------------------------------------------------------
@@ -84,7 +78,7 @@ def run(
 
     state = History()
     if resume is not None:
-        state = load_checkpoint(Path(resume), model, opt, opt.base, topo)  # type: ignore[arg-type]
+        state = History.from_checkpoint(*load_checkpoint(Path(resume), model, opt, topo))
         logger.info("resumed from %s at step %d", resume, state.step)
     full_sync = full_sync_bytes(params, topo.nodes)
     sinks = open_sinks(out, state.records) if rank == 0 else []
@@ -137,8 +131,11 @@ def run(
                 )
             if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
                 state.wall_time_s = time.perf_counter() - clock
-                ckpt, base = out / CHECKPOINTS, opt.base
-                save_checkpoint(ckpt, cfg, state, model, opt, base, topo)  # type: ignore[arg-type]
+                history, own = state.to_checkpoint()
+                save_checkpoint(
+                    out / CHECKPOINTS, step, model, opt, topo,
+                    history=history, config=cfg.to_dict(), rank_state=own,
+                )
     finally:
         if bar is not None:
             bar.close()
@@ -194,157 +191,3 @@ def open_sinks(out: Path, earlier: list[dict[str, Any]]) -> list[report.MetricsS
     if tb is not None:
         sinks.append(tb)
     return sinks
-
-
-# --------------------------------------------------------------------------------------------
-# Checkpoints
-#
-# A checkpoint is a directory <out>/checkpoints/step_<N>/ holding:
-#   * a torch.distributed.checkpoint (DCP) of the model and the base optimizer, under the key
-#     "node<i>" of each node, so that nodes whose replicas differ (none, DiLoCo) keep their own;
-#   * rank<r>.pt per rank: the replicators' state (per node and per shard), the step, RNG state;
-#   * trainer.json: the history (metrics so far, timings, traffic) and the config;
-#   * COMPLETE, written last. It is written in a temporary directory and renamed into place,
-#     so a crash mid-save never leaves a directory that loads as a checkpoint.
-
-
-def checkpoint_name(step: int) -> str:
-    return f"step_{step:08d}"
-
-
-def save_checkpoint(
-    root: Path,
-    cfg: TrainConfig,
-    state: History,
-    model: nn.Module,
-    opt: torch.optim.Optimizer,
-    base: torch.optim.Optimizer,
-    topo: Topology,
-) -> Path:
-    from torch.distributed import checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    rank = dist.get_rank()
-    final = root / checkpoint_name(state.step)
-    tmp = root / f".{final.name}.incomplete"
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    dist.barrier()
-    model_sd, optim_sd = get_state_dict(model, base)
-    dcp.save({f"node{topo.node}": {"model": model_sd, "optim": optim_sd}}, checkpoint_id=str(tmp))
-    own = {
-        "rank": rank,
-        "world_size": dist.get_world_size(),
-        "optimizer": _without_base(opt),
-        "rng": torch.get_rng_state(),
-        "loss_sum": state.loss_sum,
-        "loss_count": state.loss_count,
-    }
-    torch.save(own, tmp / f"rank{rank:05d}.pt")
-    dist.barrier()
-    if rank == 0:
-        history = asdict(state)
-        history.pop("loss_sum")
-        history.pop("loss_count")
-        history["last_loss"] = None if math.isnan(state.last_loss) else state.last_loss
-        report.write_json(tmp / "trainer.json", {"history": history, "config": cfg.to_dict()})
-        marker = {"step": state.step, "world_size": dist.get_world_size(), "config": cfg.to_dict()}
-        report.write_json(tmp / COMPLETE, marker)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(root)
-        logger.info("checkpoint saved: %s", final)
-    dist.barrier()
-    return final
-
-
-def _without_base(opt: torch.optim.Optimizer) -> dict[str, Any]:
-    if isinstance(opt, deto.DecoupledOptimizer):
-        sd = opt.state_dict()
-        sd.pop("base")
-        return sd
-    return {}
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def load_checkpoint(
-    path: Path,
-    model: nn.Module,
-    opt: torch.optim.Optimizer,
-    base: torch.optim.Optimizer,
-    topo: Topology,
-) -> History:
-    """Restore model, base optimizer, replicators and RNG; return the saved history."""
-    from torch.distributed import checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-    rank = dist.get_rank()
-    key = f"node{topo.node}"
-    model_sd, optim_sd = get_state_dict(model, base)
-    state: dict[str, Any] = {key: {"model": model_sd, "optim": optim_sd}}
-    dcp.load(state, checkpoint_id=str(path))
-    set_state_dict(
-        model, base, model_state_dict=state[key]["model"], optim_state_dict=state[key]["optim"]
-    )
-    own = torch.load(path / f"rank{rank:05d}.pt", weights_only=True)
-    if isinstance(opt, deto.DecoupledOptimizer):
-        opt.load_state_dict({"base": base.state_dict(), **own["optimizer"]})
-    torch.set_rng_state(own["rng"])
-    saved = json.loads((path / "trainer.json").read_text())["history"]
-    history = History(**{k: v for k, v in saved.items() if k != "last_loss"})
-    history.last_loss = saved["last_loss"] if saved["last_loss"] is not None else math.nan
-    history.loss_sum, history.loss_count = float(own["loss_sum"]), int(own["loss_count"])
-    return history
-
-
-def find_checkpoint(path: str | Path) -> Path:
-    """The checkpoint ``path`` names: itself if complete, else the latest complete one inside
-    it (or inside its ``checkpoints/``). Raises ``ValueError`` if there is none."""
-    path = Path(path)
-    if not path.is_dir():
-        raise ValueError(f"Checkpoint not found: {path}")
-    if (path / COMPLETE).is_file():
-        return path
-    for where in (path, path / CHECKPOINTS):
-        if where.is_dir():
-            found = sorted(
-                p for p in where.iterdir()
-                if p.is_dir() and p.name.startswith("step_") and (p / COMPLETE).is_file()
-            )
-            if found:
-                return found[-1]
-    if path.name.startswith("step_") or path.name.endswith(".incomplete"):
-        raise ValueError(f"Not a complete checkpoint (no {COMPLETE} marker): {path}")
-    raise ValueError(f"No complete checkpoint in {path}")
-
-
-def check_resumable(path: Path, cfg: TrainConfig) -> int:
-    """Check a checkpoint fits ``cfg``; return its step. ``ValueError`` explains a mismatch."""
-    try:
-        marker = json.loads((path / COMPLETE).read_text())
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"Unreadable checkpoint marker in {path}: {exc}") from None
-    saved = marker.get("config", {})
-    now = cfg.to_dict()
-    wrong = [f"{k}={saved.get(k)!r} (now {now[k]!r})" for k in STRUCTURAL if saved.get(k) != now[k]]
-    if wrong:
-        raise ValueError(f"Checkpoint {path} does not fit this run: it has {', '.join(wrong)}")
-    step = int(marker["step"])
-    if step >= cfg.steps:
-        raise ValueError(f"Checkpoint {path} is at step {step}: nothing to do for --steps {cfg.steps}")
-    changed = sorted(
-        k for k in now if k not in STRUCTURAL and k not in ("out", "resume", "steps") and saved.get(k) != now[k]
-    )
-    if changed:
-        logger.warning("resuming with changed settings: %s", ", ".join(f"{k}={now[k]!r}" for k in changed))
-    return step

@@ -1,8 +1,8 @@
 """The run's optimizer: deto's decoupled optimizer, or the HSDP baseline, behind one interface.
 
-The loop asks an optimizer for four things besides stepping: the inter-node traffic of the last
+The loop asks an optimizer for three things besides stepping: the inter-node traffic of the last
 step (:meth:`stats`), whether the replicas are bitwise identical now
-(``promises_identical_replicas``), its state dict, and its ``base`` torch optimizer (what a
+(``promises_identical_replicas``) and its state dict in torch's format (what a
 ``torch.distributed.checkpoint`` saves next to the model). :class:`deto.DecoupledOptimizer`
 has all of them; :class:`HSDPBaseline` gives torch's own HSDP the same shape, so the loop never
 asks which one it holds.
@@ -83,11 +83,11 @@ class HSDPBaseline:
         return replace(self._stats)
 
     def state_dict(self) -> dict[str, Any]:
-        """The base optimizer's state, under ``"base"`` as in deto's optimizer."""
-        return {"base": self.base.state_dict()}
+        """The base optimizer's state, in torch's format (as deto's optimizer's is)."""
+        return self.base.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.base.load_state_dict(state_dict["base"])
+        self.base.load_state_dict(state_dict)
 
 
 def build_training(

@@ -14,7 +14,7 @@ import math
 import resource
 import statistics
 import sys
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,20 @@ class History:
         self.loss_sum += loss
         self.loss_count += 1
         self.last_loss = loss
+
+    def to_checkpoint(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """``(shared, own)``: the run's record (JSON), and this rank's part of it."""
+        shared = asdict(self)
+        own = {"loss_sum": shared.pop("loss_sum"), "loss_count": shared.pop("loss_count")}
+        shared["last_loss"] = None if math.isnan(self.last_loss) else self.last_loss
+        return shared, own
+
+    @classmethod
+    def from_checkpoint(cls, shared: dict[str, Any], own: dict[str, Any]) -> History:
+        history = cls(**{k: v for k, v in shared.items() if k != "last_loss"})
+        history.last_loss = shared["last_loss"] if shared["last_loss"] is not None else math.nan
+        history.loss_sum, history.loss_count = float(own["loss_sum"]), int(own["loss_count"])
+        return history
 
     def take_train_loss(self, device: torch.device) -> float:
         """Mean training loss over all ranks and the steps since the last call (a collective)."""

@@ -1,0 +1,211 @@
+"""``deto train``'s checkpoints, written through ``torch.distributed.checkpoint`` (DCP).
+
+A checkpoint is a directory ``<out>/checkpoints/step_<N>/`` holding:
+
+* a DCP checkpoint of ``{"model": ..., "optim": ...}`` as DCP's ``get_state_dict`` returns them,
+  the same path any user of DCP takes (for deto's optimizer this holds the base optimizer's
+  state and the replicators' buffers and counters, see :mod:`deto.optim_state`). Nodes whose
+  replicas differ (``none``, DiLoCo between synchronisations, each node's DeMo ``delta``) must
+  each get their own state back, so every tensor is saved as one entry per node;
+* ``rank<r>.pt`` per rank: what only the trainer knows about the rank (its RNG state, the
+  training loss since the last record);
+* ``trainer.json``: the history (metrics so far, timings, traffic) and the config;
+* ``COMPLETE``, written last. The checkpoint is written in a temporary directory and renamed
+  into place, so a crash mid-save never leaves a directory that loads as a checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import DTensor
+from torch.utils._pytree import tree_map
+
+from deto.optim_state import per_node
+from deto.replicators.base import local_tensor
+from deto.topology import Topology
+from deto.train import report
+from deto.train.config import STRUCTURAL, TrainConfig
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+COMPLETE = "COMPLETE"
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+@torch.no_grad()
+def _one_entry_per_node(
+    state: dict[str, Any], topo: Topology
+) -> tuple[dict[str, Any], dict[int, torch.Tensor]]:
+    """``state`` with every tensor not yet spread over both mesh axes given a node dimension.
+
+    The new entries share memory with the old ones, so a DCP load into them restores the old
+    ones in place; the second value maps each new entry back to the tensor it stands for.
+    """
+    originals: dict[int, torch.Tensor] = {}
+
+    def lift(value: Any) -> Any:
+        if not isinstance(value, torch.Tensor):
+            return value
+        if isinstance(value, DTensor) and value.device_mesh.ndim == 2:
+            return value  # already one entry per node (deto's buffers) or a 2-D HSDP tensor
+        entry = per_node(local_tensor(value).detach(), value, topo.mesh)
+        originals[id(entry)] = value
+        return entry
+
+    return tree_map(lift, state), originals
+
+
+def _torch_optimizer(opt: Any) -> torch.optim.Optimizer:
+    """deto's optimizer is a torch optimizer; the HSDP baseline wraps one as ``base``."""
+    return opt if isinstance(opt, torch.optim.Optimizer) else opt.base
+
+
+def _state(model: nn.Module, opt: Any) -> dict[str, Any]:
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, _torch_optimizer(opt))
+    return {"model": model_sd, "optim": optim_sd}
+
+
+def save_checkpoint(
+    root: Path,
+    step: int,
+    model: nn.Module,
+    opt: Any,
+    topo: Topology,
+    *,
+    history: dict[str, Any],
+    config: dict[str, Any],
+    rank_state: dict[str, Any],
+) -> Path:
+    """Write the checkpoint of ``step`` under ``root`` (a collective); return its directory.
+
+    ``history`` (JSON) is the trainer's record of the run, ``rank_state`` this rank's extras.
+    """
+    from torch.distributed import checkpoint as dcp
+
+    rank = dist.get_rank()
+    final = root / checkpoint_name(step)
+    tmp = root / f".{final.name}.incomplete"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    entries, _ = _one_entry_per_node(_state(model, opt), topo)
+    dcp.save(entries, checkpoint_id=str(tmp))
+    own = {
+        "rank": rank,
+        "world_size": dist.get_world_size(),
+        "rng": torch.get_rng_state(),
+        **rank_state,
+    }
+    torch.save(own, tmp / f"rank{rank:05d}.pt")
+    dist.barrier()
+    if rank == 0:
+        report.write_json(tmp / "trainer.json", {"history": history, "config": config})
+        marker = {"step": step, "world_size": dist.get_world_size(), "config": config}
+        report.write_json(tmp / COMPLETE, marker)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        logger.info("checkpoint saved: %s", final)
+    dist.barrier()
+    return final
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def load_checkpoint(
+    path: Path, model: nn.Module, opt: Any, topo: Topology
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Restore the model, the optimizer and this rank's RNG (a collective).
+
+    Returns ``(history, rank_state)`` as given to :func:`save_checkpoint`.
+    """
+    from torch.distributed import checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    entries, originals = _one_entry_per_node(_state(model, opt), topo)
+    dcp.load(entries, checkpoint_id=str(path))
+    # tensors were loaded in place; other values (counters, settings) only into ``entries``
+    state = tree_map(lambda v: originals.get(id(v), v), entries)
+    set_state_dict(
+        model, _torch_optimizer(opt),
+        model_state_dict=state["model"], optim_state_dict=state["optim"],
+    )
+    own = torch.load(path / f"rank{dist.get_rank():05d}.pt", weights_only=True)
+    torch.set_rng_state(own.pop("rng"))
+    for key in ("rank", "world_size"):
+        own.pop(key)
+    history = json.loads((path / "trainer.json").read_text())["history"]
+    return history, own
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """The checkpoint ``path`` names: itself if complete, else the latest complete one inside
+    it (or inside its ``checkpoints/``). Raises ``ValueError`` if there is none."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ValueError(f"Checkpoint not found: {path}")
+    if (path / COMPLETE).is_file():
+        return path
+    for where in (path, path / CHECKPOINTS):
+        if where.is_dir():
+            found = sorted(
+                p for p in where.iterdir()
+                if p.is_dir() and p.name.startswith("step_") and (p / COMPLETE).is_file()
+            )
+            if found:
+                return found[-1]
+    if path.name.startswith("step_") or path.name.endswith(".incomplete"):
+        raise ValueError(f"Not a complete checkpoint (no {COMPLETE} marker): {path}")
+    raise ValueError(f"No complete checkpoint in {path}")
+
+
+def check_resumable(path: Path, cfg: TrainConfig) -> int:
+    """Check a checkpoint fits ``cfg``; return its step. ``ValueError`` explains a mismatch."""
+    try:
+        marker = json.loads((path / COMPLETE).read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"Unreadable checkpoint marker in {path}: {exc}") from None
+    saved = marker.get("config", {})
+    now = cfg.to_dict()
+    wrong = [f"{k}={saved.get(k)!r} (now {now[k]!r})" for k in STRUCTURAL if saved.get(k) != now[k]]
+    if wrong:
+        raise ValueError(f"Checkpoint {path} does not fit this run: it has {', '.join(wrong)}")
+    step = int(marker["step"])
+    if step >= cfg.steps:
+        raise ValueError(
+            f"Checkpoint {path} is at step {step}: nothing to do for --steps {cfg.steps}"
+        )
+    changed = sorted(
+        k for k in now
+        if k not in STRUCTURAL and k not in ("out", "resume", "steps") and saved.get(k) != now[k]
+    )
+    if changed:
+        logger.warning(
+            "resuming with changed settings: %s", ", ".join(f"{k}={now[k]!r}" for k in changed)
+        )
+    return step
