@@ -12,26 +12,40 @@ from deto.replicators.base import (
     build_replicators,
     make_replicator,
 )
-from deto.replicators.demo import DeMo
-from deto.replicators.diloco import DiLoCo
+from deto.replicators.demo import DeMo, DeMoOptions
+from deto.replicators.diloco import DiLoCo, DiLoCoOptions
 from deto.replicators.full import Full, NoReplication
-from deto.replicators.subset import RandomSubset, Slicing, Striding, SubsetReplicator
+from deto.replicators.options import KnobTypeError, MomentumOptions, Options, ReplicatorOptions
+from deto.replicators.subset import (
+    RandomSubset,
+    Slicing,
+    Striding,
+    SubsetOptions,
+    SubsetReplicator,
+)
 
 __all__ = [
     "REGISTRY",
     "DeMo",
+    "DeMoOptions",
     "DiLoCo",
+    "DiLoCoOptions",
     "Full",
     "GradReplicator",
+    "KnobTypeError",
+    "MomentumOptions",
     "MomentumReplicator",
     "NoReplication",
+    "Options",
     "ParamReplicator",
     "RandomSubset",
     "Replicator",
+    "ReplicatorOptions",
     "ReplicatorSpec",
     "Slicing",
     "Slot",
     "Striding",
+    "SubsetOptions",
     "SubsetReplicator",
     "build_replicators",
     "make_replicator",

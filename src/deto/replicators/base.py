@@ -20,6 +20,7 @@ from torch.distributed.tensor import DTensor
 
 from deto._validate import check_float
 from deto.comm import Comm
+from deto.replicators.options import Options
 from deto.schedule import SyncSchedule
 
 ParamFilter = Callable[[str, torch.Tensor], bool]
@@ -61,6 +62,7 @@ class Replicator(ABC):
 
     name: ClassVar[str]
     promises_identical_replicas: ClassVar[bool] = True
+    Options: ClassVar[type[Options]] = Options  # the knobs its constructor takes by keyword
 
     def __init__(
         self,

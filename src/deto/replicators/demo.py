@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, get_args
 
 import torch
 
-from deto._validate import check_choice, check_int
 from deto.comm import Comm
 from deto.compress.chunking import BlockLayout, BlockMode, from_blocks, make_layout, to_blocks
 from deto.compress.dct import dct_blocks
@@ -22,6 +21,7 @@ from deto.compress.decode import decode_blocks
 from deto.compress.topk import topk_per_block
 from deto.compress.wire import VALUE_CODECS, WireFormat
 from deto.replicators.base import MomentumReplicator, register
+from deto.replicators.options import MomentumOptions, knob
 
 logger = logging.getLogger(__name__)
 
@@ -59,51 +59,71 @@ def plan_shard(
     return Plan(layout, 0 if dense_fallback and sparse >= layout.numel * 4 else k)
 
 
+@dataclass(frozen=True)
+class DeMoOptions(MomentumOptions):
+    """DeMo's knobs.
+
+    ``topk`` counts coefficients per nominal block (see :func:`plan_shard`), at most its
+    ``chunk`` (1-D) or ``chunk x chunk`` (2-D) coefficients. ``blocks="2d"`` is a separable DCT
+    on ``chunk x chunk`` blocks of the weight (DeMo's original, far better compression for
+    matrices); ``"1d"`` cuts the flattened shard into chunks of ``chunk`` (the reference's
+    behaviour on flat shards); 1-D tensors always use 1-D. ``values`` is the wire format of the
+    values (:class:`~deto.compress.wire.WireFormat`; indices always travel bit-packed,
+    ``ceil(log2(block size))`` bits). ``aggregation="selected"`` averages each coefficient over
+    the nodes that sent it (the reference), ``"all"`` divides by the number of nodes. With
+    ``dense_fallback`` a shard whose top-k payload would not be smaller than itself (tiny
+    tensors) is all-reduced dense; off, every shard goes through the DCT, whatever it costs.
+    """
+
+    topk: int = knob(32, "DCT coefficients kept per chunk", low=1, metavar="K")
+    chunk: int = knob(64, "chunk edge; 2-D blocks are chunk x chunk", low=1, metavar="C")
+    blocks: str = knob(
+        "2d", "DCT over 2-D blocks of the weight, or 1-D chunks of the flat shard",
+        choices=get_args(BlockMode),
+    )
+    values: str = knob(
+        "fp32", "wire format of the sent values (int8: one fp32 scale per block)",
+        choices=VALUE_CODECS,
+    )
+    aggregation: str = knob(
+        "selected", "average each coefficient over the nodes that sent it, or over all nodes",
+        choices=("selected", "all"),
+    )
+    dense_fallback: bool = knob(
+        True, "send a tensor dense when its top-k payload would not be smaller"
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        nominal = self.chunk if self.blocks == "1d" else self.chunk * self.chunk
+        if self.topk > nominal:
+            raise ValueError(
+                f"Invalid topk: {self.topk} (a {self.blocks} block of chunk {self.chunk} has "
+                f"{nominal} coefficients)"
+            )
+
+
 @register
 class DeMo(MomentumReplicator):
     """Decoupled momentum with DCT top-k compression.
 
-    Args:
-        topk: coefficients kept per nominal block (see :func:`plan_shard`).
-        chunk: nominal block edge; 2-D blocks are ``chunk x chunk``.
-        decay: momentum decay ``beta`` in ``[0, 1)``.
-        blocks: ``"2d"`` (default; separable DCT on c x c blocks of the weight, DeMo's original
-            and far better compression for matrices) or ``"1d"`` (the flattened shard in chunks
-            of ``chunk``, the reference's behaviour on flat shards). 1-D tensors always use 1-D.
-        values: wire format of the values: ``"fp32"``, ``"bf16"``, or ``"int8"`` (one fp32
-            scale per block). Indices always travel bit-packed, ``ceil(log2(block size))`` bits.
-        aggregation: ``"selected"`` averages each coefficient over the nodes that sent it (the
-            reference); ``"all"`` divides by the number of nodes.
-        dense_fallback: all-reduce a shard dense when its top-k payload would not be smaller
-            (tiny tensors); off, every shard goes through the DCT, whatever it costs.
+    Keyword arguments: the knobs of :class:`DeMoOptions` (``topk=32, chunk=64, decay=0.999,
+    blocks="2d", values="fp32", aggregation="selected", dense_fallback=True, every=1``), and
+    the schedule's ``skip_every``, ``offset`` and ``include`` (see :class:`Replicator`).
     """
 
     name = "demo"
+    Options = DeMoOptions
 
-    def __init__(
-        self,
-        topk: int = 32,
-        chunk: int = 64,
-        decay: float = 0.999,
-        *,
-        blocks: BlockMode = "2d",
-        values: str = "fp32",
-        aggregation: str = "selected",
-        dense_fallback: bool = True,
-        **schedule: Any,
-    ) -> None:
-        self.topk = check_int("topk", topk, 1)
-        self.chunk = check_int("chunk", chunk, 1)
-        nominal = chunk if blocks == "1d" else chunk * chunk
-        if topk > nominal:
-            raise ValueError(f"Invalid topk: {topk} (a {blocks} block of chunk {chunk} has {nominal})")
-        self.blocks: BlockMode = check_choice("blocks", blocks, ("1d", "2d"))  # type: ignore[assignment]
-        self.wire = WireFormat(check_choice("values", values, VALUE_CODECS))
-        self.aggregation = check_choice("aggregation", aggregation, ("selected", "all"))
-        if not isinstance(dense_fallback, bool):
-            raise TypeError(f"dense_fallback must be a bool, got {type(dense_fallback).__name__}")
-        self.dense_fallback = dense_fallback
-        super().__init__(decay=decay, **schedule)
+    def __init__(self, **kwargs: Any) -> None:
+        self.options, schedule = DeMoOptions.take(kwargs)
+        self.topk = self.options.topk
+        self.chunk = self.options.chunk
+        self.blocks: BlockMode = self.options.blocks  # type: ignore[assignment]
+        self.wire = WireFormat(self.options.values)
+        self.aggregation = self.options.aggregation
+        self.dense_fallback = self.options.dense_fallback
+        super().__init__(decay=self.options.decay, every=self.options.every, **schedule)
         self.plans: list[Plan] = []
 
     @property

@@ -7,43 +7,46 @@ holds the same anchor, so replicas are bitwise identical on replication steps.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from deto._validate import check_float
 from deto.comm import Comm
 from deto.replicators.base import ParamReplicator, register
+from deto.replicators.options import ReplicatorOptions, knob
+
+
+@dataclass(frozen=True)
+class DiLoCoOptions(ReplicatorOptions):
+    """DiLoCo's knobs; ``outer_momentum=0`` disables the outer momentum."""
+
+    every: int = knob(100, "inner steps between synchronisations (H)", low=1, metavar="N")
+    outer_lr: float = knob(0.7, "outer learning rate", low=0.0, low_open=True, metavar="LR")
+    outer_momentum: float = knob(
+        0.9, "outer momentum", low=0.0, high=1.0, high_open=True, metavar="M"
+    )
+    nesterov: bool = knob(True, "Nesterov outer momentum (else heavy-ball)")
 
 
 @register
 class DiLoCo(ParamReplicator):
     """Outer optimisation over nodes every ``every`` (H) steps.
 
-    Args:
-        every: inner steps between synchronisations (H).
-        outer_lr: outer learning rate (0.7 in the paper).
-        outer_momentum: outer Nesterov momentum (0.9 in the paper); 0 disables momentum.
-        nesterov: use Nesterov momentum (default) or heavy-ball.
+    Keyword arguments: the knobs of :class:`DiLoCoOptions` (``every=100, outer_lr=0.7,
+    outer_momentum=0.9, nesterov=True``; the paper's values), and the schedule's
+    ``skip_every``, ``offset`` and ``include``.
     """
 
     name = "diloco"
+    Options = DiLoCoOptions
 
-    def __init__(
-        self,
-        every: int = 100,
-        outer_lr: float = 0.7,
-        outer_momentum: float = 0.9,
-        *,
-        nesterov: bool = True,
-        **schedule: Any,
-    ) -> None:
-        self.outer_lr = check_float("outer_lr", outer_lr, 0.0, float("inf"), low_open=True)
-        self.outer_momentum = check_float("outer_momentum", outer_momentum, 0.0, 1.0, high_open=True)
-        if not isinstance(nesterov, bool):
-            raise TypeError(f"nesterov must be a bool, got {type(nesterov).__name__}")
-        self.nesterov = nesterov
-        super().__init__(every=every, **schedule)
+    def __init__(self, **kwargs: Any) -> None:
+        self.options, schedule = DiLoCoOptions.take(kwargs)
+        self.outer_lr = self.options.outer_lr
+        self.outer_momentum = self.options.outer_momentum
+        self.nesterov = self.options.nesterov
+        super().__init__(every=self.options.every, **schedule)
 
     def extra_repr(self) -> str:
         return f"outer_lr={self.outer_lr}, outer_momentum={self.outer_momentum}"

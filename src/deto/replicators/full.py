@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from deto.comm import Comm
 from deto.replicators.base import GradReplicator, register
+from deto.replicators.options import ReplicatorOptions
 
 
 @register
@@ -15,9 +18,17 @@ class Full(GradReplicator):
     With an AdamW base and sign off this is numerically HSDP + AdamW. When the schedule skips
     steps, their gradients are summed into a ``pending`` buffer and sent with the next
     replication; the buffer exists from the start, so checkpoints always carry it.
+
+    Keyword arguments: ``every`` (:class:`ReplicatorOptions`), and the schedule's
+    ``skip_every``, ``offset`` and ``include``.
     """
 
     name = "full"
+    Options = ReplicatorOptions
+
+    def __init__(self, **kwargs: Any) -> None:
+        self.options, schedule = ReplicatorOptions.take(kwargs)
+        super().__init__(every=self.options.every, **schedule)
 
     def init_state(self, local: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.schedule.every == 1 and not self.schedule.skip_every:

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import math
 from abc import abstractmethod
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from deto._validate import check_float, check_int
+from deto._validate import check_int
 from deto.comm import Comm
 from deto.replicators.base import MomentumReplicator, register
+from deto.replicators.options import MomentumOptions, knob
 
 
 def subset_size(rows: int, rate: float) -> int:
@@ -30,12 +32,29 @@ def row_view(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0], math.prod(t.shape[1:])) if t.dim() >= 2 else t.reshape(-1, 1)
 
 
-class SubsetReplicator(MomentumReplicator):
-    """Shared mechanics of the row-subset schemes; subclasses only choose the rows."""
+@dataclass(frozen=True)
+class SubsetOptions(MomentumOptions):
+    """The knobs of the row-subset schemes (Random, Striding, Slicing)."""
 
-    def __init__(self, rate: float = 1 / 16, decay: float = 0.999, **schedule: Any) -> None:
-        self.rate = check_float("rate", rate, 0.0, 1.0, low_open=True)
-        super().__init__(decay=decay, **schedule)
+    rate: float = knob(
+        1 / 16, "fraction of rows sent per replication", low=0.0, high=1.0, low_open=True,
+        metavar="R",
+    )
+
+
+class SubsetReplicator(MomentumReplicator):
+    """Shared mechanics of the row-subset schemes; subclasses only choose the rows.
+
+    Keyword arguments: the knobs of :class:`SubsetOptions` (``rate=1/16, decay=0.999,
+    every=1``), and the schedule's ``skip_every``, ``offset`` and ``include``.
+    """
+
+    Options = SubsetOptions
+
+    def __init__(self, **kwargs: Any) -> None:
+        self.options, schedule = SubsetOptions.take(kwargs)
+        self.rate = self.options.rate
+        super().__init__(decay=self.options.decay, every=self.options.every, **schedule)
 
     def extra_repr(self) -> str:
         return f"rate={self.rate}, decay={self.decay}"
@@ -70,9 +89,9 @@ class RandomSubset(SubsetReplicator):
 
     name = "random"
 
-    def __init__(self, rate: float = 1 / 16, decay: float = 0.999, *, seed: int = 0, **schedule: Any) -> None:
-        self.seed = check_int("seed", seed, 0)
-        super().__init__(rate, decay, **schedule)
+    def __init__(self, *, seed: int = 0, **kwargs: Any) -> None:
+        self.seed = check_int("seed", seed, 0)  # not an option: a fixed, shared choice of rows
+        super().__init__(**kwargs)
 
     def rows(self, index: int, n: int) -> torch.Tensor:
         gen = torch.Generator().manual_seed((self.seed * 1_000_003 + self.fired) * 65_537 + index)

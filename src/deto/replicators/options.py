@@ -1,0 +1,127 @@
+"""Each replicator's knobs, declared once: a frozen dataclass whose fields carry their bounds.
+
+A field made with :func:`knob` states its default, one line of help, and its bounds (numbers)
+or choices (strings). Building an options object checks every field against them, naming the
+bad value: a value of the wrong type raises :class:`KnobTypeError` (a ``TypeError`` and a
+``ValueError``: bad input either way), one out of bounds a ``ValueError``. Every replicator
+class names its options class (``Replicator.Options``); its constructor builds one from its
+keyword arguments, and ``deto train``'s flags, config keys, presets and ``--help`` are derived
+from the same classes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+OptionsT = TypeVar("OptionsT", bound="Options")
+
+
+class KnobTypeError(TypeError, ValueError):
+    """A knob given a value of the wrong type."""
+
+
+def knob(
+    default: Any,
+    help: str,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    choices: tuple[str, ...] | None = None,
+    metavar: str | None = None,
+) -> Any:
+    """A dataclass field for a knob. Numbers lie in ``[low, high]`` (an end open as asked,
+    ``None``: unbounded); strings are one of ``choices``."""
+    return field(
+        default=default,
+        metadata={
+            "help": help, "low": low, "high": high, "low_open": low_open,
+            "high_open": high_open, "choices": choices, "metavar": metavar,
+        },
+    )  # fmt: skip
+
+
+def check_knob(f: dataclasses.Field[Any], value: Any) -> Any:
+    """``value`` if it fits knob ``f`` (a float knob's value as a float), else raise."""
+    name, meta, kind = f.name, f.metadata, f.type
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise KnobTypeError(f"Invalid {name}: {value!r} ({name} must be a bool, {_got(value)})")
+        return value
+    if kind == "str":
+        choices = meta["choices"]
+        if value not in choices:
+            raise ValueError(f"Invalid {name}: {value!r} (expected one of {', '.join(choices)})")
+        return value
+    low, high = meta["low"], meta["high"]
+    if kind == "int":
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise KnobTypeError(f"Invalid {name}: {value!r} ({name} must be an int, {_got(value)})")
+        if (low is not None and value < low) or (high is not None and value > high):
+            bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+            raise ValueError(f"Invalid {name}: {value!r} (must be an integer {bound})")
+        return value
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise KnobTypeError(f"Invalid {name}: {value!r} ({name} must be a number, {_got(value)})")
+    lo = -math.inf if low is None else low
+    hi = math.inf if high is None else high
+    too_low = value <= lo if meta["low_open"] else value < lo
+    too_high = value >= hi if meta["high_open"] else value > hi
+    if math.isnan(value) or too_low or too_high:
+        interval = f"{'(' if meta['low_open'] else '['}{lo}, {hi}{')' if meta['high_open'] else ']'}"
+        raise ValueError(f"Invalid {name}: {value!r} (must be a number in {interval})")
+    return float(value)
+
+
+def _got(value: Any) -> str:
+    return f"got {type(value).__name__}"
+
+
+@dataclass(frozen=True)
+class Options:
+    """Knobs of a replicator; this base class has none (e.g. ``NoReplication``)."""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            object.__setattr__(self, f.name, check_knob(f, getattr(self, f.name)))
+
+    @classmethod
+    def knobs(cls) -> Mapping[str, dataclasses.Field[Any]]:
+        """The knobs, by name, in declaration order."""
+        return {f.name: f for f in dataclasses.fields(cls)}
+
+    @classmethod
+    def take(cls: type[OptionsT], kwargs: Mapping[str, Any]) -> tuple[OptionsT, dict[str, Any]]:
+        """The options among a constructor's ``kwargs``, and the other arguments."""
+        knobs = cls.knobs()
+        options = cls(**{k: v for k, v in kwargs.items() if k in knobs})
+        return options, {k: v for k, v in kwargs.items() if k not in knobs}
+
+    def changed(self) -> dict[str, Any]:
+        """The knobs that differ from their defaults: all a constructor needs to rebuild this."""
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if getattr(self, f.name) != f.default
+        }
+
+
+@dataclass(frozen=True)
+class ReplicatorOptions(Options):
+    """The schedule every replicator with options has."""
+
+    every: int = knob(1, "replicate every N steps", low=1, metavar="N")
+
+
+@dataclass(frozen=True)
+class MomentumOptions(ReplicatorOptions):
+    """Replicators with a decoupled momentum (see ``MomentumReplicator``)."""
+
+    decay: float = knob(
+        0.999, "decoupled momentum decay", low=0.0, high=1.0, high_open=True, metavar="BETA"
+    )
