@@ -74,15 +74,18 @@ def _int(text: str) -> int:
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per :class:`~deto.train.config.TrainConfig` field; unset flags stay unset."""
-    from deto.train.config import FIELDS, flag
+    """One flag per :data:`~deto.train.config.KEYS` entry (the run's settings and the
+    replicator knobs); unset flags stay unset."""
+    from deto.train.config import KEYS, flag, key_help
 
     parser.add_argument("--config", metavar="FILE.toml", default=argparse.SUPPRESS,
                         help="read settings from a flat TOML file (flags override it)")
-    for name, f in FIELDS.items():
+    for name, f in KEYS.items():
         meta = f.metadata
-        kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": meta["help"], "dest": name}
-        if name == "sign":
+        kwargs: dict[str, Any] = {
+            "default": argparse.SUPPRESS, "help": key_help(name), "dest": name
+        }
+        if f.type in ("bool", bool):
             kwargs["action"] = argparse.BooleanOptionalAction
         elif meta["choices"]:
             kwargs["choices"] = meta["choices"]
@@ -97,10 +100,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 def cmd_train(ns: argparse.Namespace) -> int:
     from deto.train import launch, report
-    from deto.train.config import FIELDS
+    from deto.train.config import KEYS
 
     summary = launch.train(
-        {k: v for k, v in vars(ns).items() if k in FIELDS},
+        {k: v for k, v in vars(ns).items() if k in KEYS},
         config_file=getattr(ns, "config", None),
         bandwidth=ns.bandwidth,
         log_level=_log_level(ns),

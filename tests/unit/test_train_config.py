@@ -33,7 +33,7 @@ def test_preset_specific_defaults() -> None:
     demo = resolve({"scheme": "demo"})
     assert demo.ranks_per_node == 1 and demo.nodes == 4
     diloco = resolve({"scheme": "diloco"})
-    assert diloco.replicator_options()["every"] == PRESETS["diloco"].defaults["every"]
+    assert diloco.replicator_options()["every"] == PRESETS["diloco"].options.every == 25
 
 
 def test_overrides_win_and_reach_the_replicator() -> None:

@@ -82,7 +82,7 @@ class DeMoOptions(MomentumOptions):
         choices=get_args(BlockMode),
     )
     values: str = knob(
-        "fp32", "wire format of the sent values (int8: one fp32 scale per block)",
+        "fp32", "wire format of the sent values; int8 has one fp32 scale per block",
         choices=VALUE_CODECS,
     )
     aggregation: str = knob(

@@ -73,7 +73,8 @@ def check_knob(f: dataclasses.Field[Any], value: Any) -> Any:
     too_low = value <= lo if meta["low_open"] else value < lo
     too_high = value >= hi if meta["high_open"] else value > hi
     if math.isnan(value) or too_low or too_high:
-        interval = f"{'(' if meta['low_open'] else '['}{lo}, {hi}{')' if meta['high_open'] else ']'}"
+        opening, closing = "(" if meta["low_open"] else "[", ")" if meta["high_open"] else "]"
+        interval = f"{opening}{lo}, {hi}{closing}"
         raise ValueError(f"Invalid {name}: {value!r} (must be a number in {interval})")
     return float(value)
 

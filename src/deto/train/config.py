@@ -4,6 +4,11 @@ Values are resolved in this order, later winning: built-in defaults, the task's 
 ``--scheme`` preset, the TOML config file, command-line flags. A config file is a flat TOML
 table whose keys are the long flag names (``ranks_per_node = 2`` or ``ranks-per-node = 2``);
 an unknown key is an error, like an unknown flag.
+
+The replicator's settings are nested: ``TrainConfig.replicator`` is the scheme's options object
+(:class:`deto.replicators.DeMoOptions`, ...). Their knobs are flat flags and keys all the same
+(``--topk``, ``topk = 14``): :data:`KNOBS` collects them from the options classes of the
+schemes, with their bounds, choices and help.
 """
 
 from __future__ import annotations
@@ -16,20 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from deto.train.presets import (
-    DEFAULT_SCHEME,
-    OPTIMIZERS,
-    PRESETS,
-    REPLICATOR_OPTIONS,
-    default_lr,
-)
+from deto.replicators import Options
+from deto.train.presets import DEFAULT_SCHEME, OPTIMIZERS, PRESETS, default_lr
 
 TASKS = ("lm", "vision")
 LR_SCHEDULES = ("cosine", "constant")
 PRECISIONS = ("fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
-BLOCK_MODES = ("2d", "1d")
-VALUE_DTYPES = ("fp32", "bf16", "int8")
 
 TASK_DEFAULTS: Mapping[str, Mapping[str, Any]] = {
     "lm": {"steps": 300, "batch_size": 16, "d_model": 128, "layers": 2, "heads": 4},
@@ -76,16 +74,7 @@ class TrainConfig:
     lr_schedule: str = _f("cosine", "after warm-up: cosine decay to 10%% of --lr at --steps, "
                           "or constant", choices=LR_SCHEDULES)
     grad_clip: float = _f(0.0, "clip the node's gradient norm to this (0: off)", meta="NORM")
-    topk: int = _f(None, "DeMo: coefficients kept per chunk (presets: 14; DeMo's own: 32)", meta="K")
-    chunk: int = _f(None, "DeMo: chunk edge; 2-D blocks are chunk x chunk (presets: 32; DeMo's own: 64)", meta="C")
-    blocks: str = _f(None, "DeMo: DCT blocks, 2d (default) or 1d", choices=BLOCK_MODES)
-    values: str = _f(None, "DeMo: wire format of the values: fp32, bf16, or int8 with a "
-                     "per-block scale (presets: int8; DeMo's own: fp32)", choices=VALUE_DTYPES)
-    decay: float = _f(None, "decoupled momentum decay of demo/random/striding/slicing (0.999)", meta="BETA")
-    rate: float = _f(None, "random/striding/slicing: fraction of rows sent (1/16)", meta="R")
-    every: int = _f(None, "replicate every N steps (diloco: inner steps H, default 25)", meta="N")
-    outer_lr: float = _f(None, "DiLoCo: outer learning rate (0.7)", meta="LR")
-    outer_momentum: float = _f(None, "DiLoCo: outer Nesterov momentum (0.9)", meta="M")
+    replicator: Options | None = None  # the scheme's options, see KNOBS (None: the preset's)
     eval_every: int = _f(50, "evaluate on the validation split every N steps (and at the end)", meta="N")
     eval_samples: int = _f(256, "validation windows of --seq-len bytes (lm)", meta="N")
     log_every: int = _f(10, "write a metrics line every N steps", meta="N")
@@ -99,9 +88,16 @@ class TrainConfig:
                      "available", choices=DEVICES)
 
     def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
+        for f in FIELDS.values():
             _check_field(f, getattr(self, f.name))
         preset = PRESETS[self.scheme]
+        if self.replicator is None:  # frozen: take the preset's options once
+            object.__setattr__(self, "replicator", preset.options)
+        if type(self.replicator) is not type(preset.options):
+            raise ValueError(
+                f"Invalid replicator: {self.replicator!r} (scheme {self.scheme!r} takes "
+                f"{type(preset.options).__name__})"
+            )
         if preset.ranks_per_node is not None and self.ranks_per_node != preset.ranks_per_node:
             raise ValueError(
                 f"Invalid topology: scheme {self.scheme!r} needs ranks_per_node="
@@ -109,27 +105,34 @@ class TrainConfig:
             )
         if self.d_model is not None and self.heads is not None and self.d_model % self.heads:
             raise ValueError(f"Invalid heads: {self.heads} (d_model={self.d_model} is not divisible by it)")
-        if self.topk is not None and self.chunk is not None:
-            nominal = self.chunk if self.blocks == "1d" else self.chunk * self.chunk
-            if self.topk > nominal:
-                raise ValueError(f"Invalid topk: {self.topk} (a chunk of {self.chunk} has {nominal} coefficients)")
 
     @property
     def world_size(self) -> int:
         return self.nodes * self.ranks_per_node
 
     def replicator_options(self) -> dict[str, Any]:
-        """Options for the scheme's replicator: those set, among the ones it accepts."""
-        accepted = PRESETS[self.scheme].options
-        return {k: getattr(self, k) for k in sorted(accepted) if getattr(self, k) is not None}
+        """Keyword arguments for the scheme's replicator: its knobs that differ from the
+        replicator's own defaults."""
+        return self.replicator.changed() if self.replicator is not None else {}
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Flat, as flags and config files have it: every key of :data:`KEYS`, a knob the
+        scheme does not have as ``None``."""
+        own = {f.name: getattr(self, f.name) for f in FIELDS.values()}
+        knobs = dataclasses.asdict(self.replicator) if self.replicator is not None else {}
+        return {k: own[k] if k in own else knobs.get(k) for k in KEYS}
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> TrainConfig:
+        """The inverse of :meth:`to_dict`."""
+        own = {k: v for k, v in values.items() if k in FIELDS}
+        knobs = {k: v for k, v in values.items() if k in KNOBS and v is not None}
+        return cls(**own, replicator=_options(own.get("scheme", DEFAULT_SCHEME), knobs))
 
 
 _INT_MIN = {
     "nodes": 1, "ranks_per_node": 1, "steps": 1, "batch_size": 1, "seq_len": 1, "d_model": 1,
-    "layers": 1, "heads": 1, "warmup": 0, "topk": 1, "chunk": 1, "every": 1, "eval_every": 1,
+    "layers": 1, "heads": 1, "warmup": 0, "eval_every": 1,
     "eval_samples": 1, "log_every": 1, "seed": 0, "checkpoint_every": 0,
 }
 # (low, high, low_open, high_open)
@@ -137,10 +140,6 @@ _FLOAT_RANGE = {
     "lr": (0.0, math.inf, True, True),
     "weight_decay": (0.0, math.inf, False, True),
     "grad_clip": (0.0, math.inf, False, True),
-    "decay": (0.0, 1.0, False, True),
-    "rate": (0.0, 1.0, True, False),
-    "outer_lr": (0.0, math.inf, True, True),
-    "outer_momentum": (0.0, 1.0, False, True),
 }
 
 
@@ -173,11 +172,71 @@ def _check_field(f: dataclasses.Field[Any], value: Any) -> None:
         raise AssertionError(f"field {name} has no check")
 
 
-FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig) if f.name != "replicator"}
+"""The run's own settings: one flag and config key each."""
+
+
+def _knobs() -> dict[str, dataclasses.Field[Any]]:
+    knobs: dict[str, dataclasses.Field[Any]] = {}
+    for preset in PRESETS.values():
+        if preset.options is not None:
+            for name, f in preset.options.knobs().items():
+                knobs.setdefault(name, f)
+    return knobs
+
+
+KNOBS = _knobs()
+"""The replicator knobs of every scheme, by name (first declaration): one flag and key each."""
+
+
+def _keys() -> dict[str, dataclasses.Field[Any]]:
+    keys: dict[str, dataclasses.Field[Any]] = {}
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == "replicator":
+            keys.update(KNOBS)  # the knobs stand where the nested options do
+        else:
+            keys[f.name] = f
+    return keys
+
+
+KEYS = _keys()
+"""Every flag and config key, in ``--help`` order."""
 
 
 def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
+
+
+def _has(options: Options | None, knob: str) -> bool:
+    return options is not None and knob in options.knobs()
+
+
+def key_help(name: str) -> str:
+    """``--help`` of a key; a knob's adds its value in every scheme that has it."""
+    text = str(KEYS[name].metadata["help"])
+    if name not in KNOBS:
+        return text
+    schemes: dict[Any, list[str]] = {}
+    for p in PRESETS.values():
+        if _has(p.options, name):
+            schemes.setdefault(getattr(p.options, name), []).append(p.name)
+    values = "; ".join(f"{', '.join(names)}: {value}" for value, names in schemes.items())
+    return f"{text} ({values})"
+
+
+def _options(scheme: str, knobs: Mapping[str, Any]) -> Options | None:
+    """The scheme's preset options with ``knobs`` changed; ``ValueError`` for a bad value."""
+    preset = PRESETS[scheme]
+    for key in sorted(knobs):
+        if not _has(preset.options, key):
+            users = sorted(p.name for p in PRESETS.values() if _has(p.options, key))
+            raise ValueError(
+                f"{flag(key)} does not apply to scheme {scheme!r} (it applies to: "
+                f"{', '.join(users)})"
+            )
+    if preset.options is None:
+        return None
+    return dataclasses.replace(preset.options, **knobs)
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:
@@ -197,8 +256,8 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         name = key.replace("-", "_")
         if isinstance(value, dict):
             raise ValueError(f"Invalid [{key}] in {path}: tables are not allowed (the file is flat)")
-        if name not in FIELDS:
-            raise ValueError(f"Unknown key in {path}: {key!r} (valid: {', '.join(FIELDS)})")
+        if name not in KEYS:
+            raise ValueError(f"Unknown key in {path}: {key!r} (valid: {', '.join(KEYS)})")
         out[name] = value
     return out
 
@@ -209,7 +268,7 @@ def resolve(overrides: Mapping[str, Any]) -> TrainConfig:
     Raises ``ValueError`` with a one-line message for any invalid, unknown or inapplicable
     value (e.g. ``--topk`` with ``--scheme hsdp``).
     """
-    unknown = sorted(set(overrides) - set(FIELDS))
+    unknown = sorted(set(overrides) - set(KEYS))
     if unknown:
         raise ValueError(f"Unknown option(s): {', '.join(unknown)}")
     scheme = overrides.get("scheme", DEFAULT_SCHEME)
@@ -218,20 +277,18 @@ def resolve(overrides: Mapping[str, Any]) -> TrainConfig:
     _check_field(FIELDS["task"], task)
     preset = PRESETS[scheme]
 
+    knobs = {k: v for k, v in overrides.items() if k in KNOBS and v is not None}
+    replicator = _options(scheme, knobs)
     for key in sorted(overrides):
-        if key in REPLICATOR_OPTIONS and key not in preset.options and overrides[key] is not None:
-            users = sorted(p.name for p in PRESETS.values() if key in p.options)
-            raise ValueError(
-                f"{flag(key)} does not apply to scheme {scheme!r} (it applies to: {', '.join(users)})"
-            )
         if key in LM_ONLY and task != "lm":
             raise ValueError(f"{flag(key)} applies to --task lm only, not {task!r}")
     if preset.replicator is None and overrides.get("sign"):
         raise ValueError(f"--sign does not apply to scheme {scheme!r} (no deto optimizer)")
 
-    values: dict[str, Any] = {**TASK_DEFAULTS[task], **preset.defaults, **overrides}
+    own = {k: v for k, v in overrides.items() if k in FIELDS}
+    values: dict[str, Any] = {**TASK_DEFAULTS[task], **preset.defaults, **own}
     if "lr" not in overrides:
         opt, sign = values["optimizer"], values["sign"]
         if opt in OPTIMIZERS and isinstance(sign, bool):
             values["lr"] = default_lr(scheme, task, opt, sign)
-    return TrainConfig(**values)
+    return TrainConfig(**values, replicator=replicator)

@@ -169,7 +169,7 @@ def rank_entry(
 ) -> dict[str, Any] | None:
     """What every rank runs, spawned for a simulated cluster or started by torchrun."""
     configure_logging(log_level, rank=int(os.environ.get("RANK", "0")))
-    cfg = TrainConfig(**cfg_dict)
+    cfg = TrainConfig.from_dict(cfg_dict)
     topo = Topology(nodes=cfg.nodes, ranks_per_node=cfg.ranks_per_node, device=device)
     try:
         return loop.run(cfg, topo, run_dir=run_dir, resume=resume)

@@ -1,6 +1,8 @@
 """``--scheme`` presets: which replicator, which base optimizer, and tuned defaults for each.
 
 A preset only supplies defaults; every value can be overridden by the config file or a flag.
+Its replicator settings are an instance of that replicator's options class (the knobs a
+``--scheme`` accepts are that class's fields).
 Learning rates were tuned on the embedded tasks (``deto train`` with no other flags, and
 ``--task vision``); see docs/cli.md.
 """
@@ -8,23 +10,25 @@ Learning rates were tuned on the embedded tasks (``deto train`` with no other fl
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any
 
 import torch
 
+from deto.replicators import (
+    REGISTRY,
+    DeMoOptions,
+    DiLoCoOptions,
+    Options,
+    ReplicatorOptions,
+    SubsetOptions,
+)
+
 OPTIMIZERS: Mapping[str, type[torch.optim.Optimizer]] = MappingProxyType(
     {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}
 )
 """``--optimizer``: the base optimizers (torch's SGD without momentum, AdamW)."""
-
-DEMO_OPTIONS = frozenset({"topk", "chunk", "blocks", "values", "decay", "every"})
-SUBSET_OPTIONS = frozenset({"rate", "decay", "every"})
-DILOCO_OPTIONS = frozenset({"every", "outer_lr", "outer_momentum"})
-REPLICATOR_OPTIONS = DEMO_OPTIONS | SUBSET_OPTIONS | DILOCO_OPTIONS
-"""Config keys passed to the replicator (only when set, and only those the scheme accepts)."""
-
 
 def _frozen(d: Mapping[str, Any]) -> Mapping[str, Any]:
     return MappingProxyType(dict(d))
@@ -39,8 +43,9 @@ class Preset:
         summary: one line for ``--help`` and the docs.
         replicator: registry name of the deto replicator, or ``None`` for torch-native HSDP
             (FSDP2 over the 2-D mesh, no deto optimizer).
-        options: replicator option keys this scheme accepts.
-        defaults: config values this scheme sets (optimizer, sign, replicator options, ...).
+        options: the replicator's settings, an instance of ``REGISTRY[replicator].Options``
+            (``None`` with no replicator).
+        defaults: other config values this scheme sets (optimizer, sign, topology).
         lr: tuned learning rate per task for the preset's own optimizer and sign.
         ranks_per_node: if set, the only ranks-per-node this scheme allows.
     """
@@ -48,10 +53,18 @@ class Preset:
     name: str
     summary: str
     replicator: str | None
-    options: frozenset[str] = frozenset()
+    options: Options | None = None
     defaults: Mapping[str, Any] = field(default_factory=lambda: _frozen({}))
     lr: Mapping[str, float] = field(default_factory=lambda: _frozen({}))
     ranks_per_node: int | None = None
+
+    def __post_init__(self) -> None:
+        expected = None if self.replicator is None else REGISTRY[self.replicator].Options
+        if type(self.options) is not (type(None) if expected is None else expected):
+            raise TypeError(
+                f"Preset {self.name!r}: options {self.options!r} do not fit replicator "
+                f"{self.replicator!r}"
+            )
 
 
 # Learning rates for a base optimizer other than the preset's own (after --optimizer/--sign):
@@ -71,11 +84,11 @@ _SUBSET_LR = _frozen({"lm": 1e-2, "vision": 3e-2})  # only 1/16 of the rows move
 # blocks keeping 14 coefficients (1/73), sent as 10-bit indices and int8 values with a per-block
 # scale, match HSDP's loss on the LM task (measured over seeds 0-1) while sending 1/112 of its
 # bytes.
-_DEMO = {"chunk": 32, "topk": 14, "values": "int8"}
+_DEMO = DeMoOptions(chunk=32, topk=14, values="int8")
 # Plain DeMo (4 nodes x 1 rank) at those settings ends at 2.43 on the LM task: each node's
 # gradient comes from one rank's batch, and the top 14 of four noisier nodes trail. It keeps
 # DeMo's 32 coefficients per block, fp32, on 32x32 blocks (2.08, HSDP's loss or better).
-_PLAIN_DEMO = {"chunk": 32}
+_PLAIN_DEMO = DeMoOptions(chunk=32)
 
 PRESETS: Mapping[str, Preset] = _frozen({
     p.name: p
@@ -92,7 +105,7 @@ PRESETS: Mapping[str, Preset] = _frozen({
             "full",
             "deto's Full replicator (all-reduce of the sharded gradient) + AdamW, sign off",
             "full",
-            frozenset({"every"}),
+            ReplicatorOptions(),
             _frozen({"optimizer": "adamw", "sign": False}),
             _ADAMW_LR,
         ),
@@ -101,8 +114,8 @@ PRESETS: Mapping[str, Preset] = _frozen({
             "FlexDeMo: FSDP2 inside a node, DeMo (DCT top-k of the decoupled momentum) across "
             "nodes, sign-SGD",
             "demo",
-            DEMO_OPTIONS,
-            _frozen({"optimizer": "sgd", "sign": True, **_DEMO}),
+            _DEMO,
+            _frozen({"optimizer": "sgd", "sign": True}),
             _SIGN_LR,
         ),
         Preset(
@@ -110,16 +123,16 @@ PRESETS: Mapping[str, Preset] = _frozen({
             "FlexDeMo's replication with an AdamW base optimizer, sign off (momentum decay 0: "
             "AdamW keeps its own)",
             "demo",
-            DEMO_OPTIONS,
-            _frozen({"optimizer": "adamw", "sign": False, "decay": 0.0, **_DEMO}),
+            replace(_DEMO, decay=0.0),
+            _frozen({"optimizer": "adamw", "sign": False}),
             _ADAMW_LR,
         ),
         Preset(
             "demo",
             "plain DeMo: one rank per node (every rank its own replica), sign-SGD",
             "demo",
-            DEMO_OPTIONS,
-            _frozen({"optimizer": "sgd", "sign": True, "nodes": 4, "ranks_per_node": 1, **_PLAIN_DEMO}),
+            _PLAIN_DEMO,
+            _frozen({"optimizer": "sgd", "sign": True, "nodes": 4, "ranks_per_node": 1}),
             _SIGN_LR,
             ranks_per_node=1,
         ),
@@ -128,8 +141,8 @@ PRESETS: Mapping[str, Preset] = _frozen({
             "DiLoCo: local AdamW steps, every --every steps an outer Nesterov step on the "
             "averaged pseudo-gradient",
             "diloco",
-            DILOCO_OPTIONS,
-            _frozen({"optimizer": "adamw", "sign": False, "every": 25}),
+            DiLoCoOptions(every=25),
+            _frozen({"optimizer": "adamw", "sign": False}),
             _frozen({"lm": 1e-3, "vision": 1e-3}),
         ),
         Preset(
@@ -137,7 +150,7 @@ PRESETS: Mapping[str, Preset] = _frozen({
             "decoupled momentum, all-reduce of a shared-seed random subset of rows (--rate), "
             "sign-SGD",
             "random",
-            SUBSET_OPTIONS,
+            SubsetOptions(),
             _frozen({"optimizer": "sgd", "sign": True}),
             _SUBSET_LR,
         ),
@@ -146,7 +159,7 @@ PRESETS: Mapping[str, Preset] = _frozen({
             "decoupled momentum, all-reduce of every 1/--rate-th row with a cycling offset, "
             "sign-SGD",
             "striding",
-            SUBSET_OPTIONS,
+            SubsetOptions(),
             _frozen({"optimizer": "sgd", "sign": True}),
             _SUBSET_LR,
         ),
@@ -155,7 +168,7 @@ PRESETS: Mapping[str, Preset] = _frozen({
             "decoupled momentum, all-reduce of a moving contiguous window of rows (--rate), "
             "sign-SGD",
             "slicing",
-            SUBSET_OPTIONS,
+            SubsetOptions(),
             _frozen({"optimizer": "sgd", "sign": True}),
             _SUBSET_LR,
         ),
@@ -163,7 +176,7 @@ PRESETS: Mapping[str, Preset] = _frozen({
             "none",
             "no inter-node communication: every node trains alone (a control), AdamW",
             "none",
-            frozenset(),
+            Options(),
             _frozen({"optimizer": "adamw", "sign": False}),
             _ADAMW_LR,
         ),
