@@ -31,7 +31,9 @@ def composed(steps: int) -> dict:
         "full": len(full.slots),
         "demo_fired": demo.fired,
         "full_fired": full.fired,
-        "delta_nonzero": all(st["delta"].abs().sum() > 0 for st in demo.state if st["delta"].numel()),
+        "delta_nonzero": all(
+            demo.momentum(pos).abs().sum() > 0 for pos, s in enumerate(demo.slots) if s.local.numel()
+        ),
     }
 
 

@@ -9,6 +9,7 @@ sender uses :meth:`WireFormat.round_trip` to subtract exactly that from its mome
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -41,11 +42,10 @@ def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
     if not 1 <= bits <= 31:
         raise ValueError(f"Invalid bit width: {bits} (expected 1..31)")
     flat = values.reshape(-1).to(torch.int64)
-    if bool(((flat < 0) | (flat >= 1 << bits)).any()):  # one host sync on an accelerator
+    if bool((flat >> bits).any()):  # negative or too wide; one host sync on an accelerator
         raise ValueError(f"values do not fit in {bits} unsigned bits")
-    offset = torch.arange(flat.numel(), device=flat.device) * bits
-    shifted = flat << (offset % 8)
-    first = offset // 8
+    first, shift = _bit_offsets(flat.numel(), bits, flat.device)
+    shifted = flat << shift
     nbytes, span = packed_nbytes(flat.numel(), bits), _span(bits)
     out = torch.zeros(nbytes + span, dtype=torch.int64, device=flat.device)
     for j in range(span):
@@ -60,12 +60,18 @@ def unpack_bits(buffer: torch.Tensor, bits: int, count: int) -> torch.Tensor:
             f"Buffer of {buffer.numel()} {buffer.dtype} does not hold {count} values of {bits} bits"
         )
     padded = torch.nn.functional.pad(buffer.to(torch.int64), (0, _span(bits)))
-    offset = torch.arange(count, device=buffer.device) * bits
-    first = offset // 8
-    word = torch.zeros(count, dtype=torch.int64, device=buffer.device)
-    for j in range(_span(bits)):
-        word |= padded[first + j] << (8 * j)
-    return (word >> (offset % 8)) & ((1 << bits) - 1)
+    first, shift = _bit_offsets(count, bits, buffer.device)
+    word = padded.index_select(0, first)
+    for j in range(1, _span(bits)):
+        word |= padded.index_select(0, first + j) << (8 * j)
+    return (word >> shift) & ((1 << bits) - 1)
+
+
+@functools.lru_cache(maxsize=32)
+def _bit_offsets(count: int, bits: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """First byte of each of ``count`` packed values, and its bit offset in that byte."""
+    offset = torch.arange(count, device=device) * bits
+    return offset // 8, offset % 8
 
 
 def _span(bits: int) -> int:

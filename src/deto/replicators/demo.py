@@ -2,10 +2,13 @@
 
 Per local shard: blocks -> orthonormal DCT-II -> top-k per block -> subtract what is sent from
 ``delta`` -> all-gather (bit-packed indices, coded values; :mod:`deto.compress.wire`) over the
-nodes -> deterministic aggregate -> inverse DCT. Shards whose blocks have the same shape are encoded and decoded as one batch. Every node decodes the same gathered bytes with the same ops, so replicas stay bitwise
-identical. FlexDeMo is this replicator on FSDP2 shards; plain DeMo is one rank per node.
+nodes -> deterministic aggregate -> inverse DCT. Shards whose blocks have the same shape form a
+:class:`~deto.compress.blockgroup.BlockGroup`, which keeps their momentum in the DCT domain (one
+forward transform of the gradient and one inverse transform of the aggregate per step) and is
+encoded and decoded as one batch. Every node decodes the same gathered bytes with the same ops,
+so replicas stay bitwise identical. FlexDeMo is this replicator on FSDP2 shards; plain DeMo is
+one rank per node.
 """
-
 from __future__ import annotations
 
 import logging
@@ -16,10 +19,8 @@ import torch
 
 from deto._validate import check_choice, check_int
 from deto.comm import Comm
-from deto.compress.chunking import BlockLayout, BlockMode, from_blocks, make_layout, to_blocks
-from deto.compress.dct import dct_blocks
-from deto.compress.decode import decode_blocks
-from deto.compress.topk import topk_per_block
+from deto.compress.blockgroup import BlockGroup
+from deto.compress.chunking import BlockLayout, BlockMode, make_layout
 from deto.compress.wire import VALUE_CODECS, WireFormat
 from deto.replicators.base import MomentumReplicator, register
 
@@ -105,6 +106,8 @@ class DeMo(MomentumReplicator):
         self.dense_fallback = dense_fallback
         super().__init__(decay=decay, **schedule)
         self.plans: list[Plan] = []
+        self.groups: list[BlockGroup] = []
+        self._member: dict[int, tuple[int, int]] = {}  # slot position -> (group, member)
 
     @property
     def values(self) -> str:
@@ -128,60 +131,103 @@ class DeMo(MomentumReplicator):
                 "smaller: %s", len(dense), sum(n for _, n in dense),
                 ", ".join(n for n, _ in dense[:5]) + (" ..." if len(dense) > 5 else ""),
             )
+        self._bind_groups()
+
+    def _bind_groups(self) -> None:
+        """One :class:`BlockGroup` per (block shape, k); sparse shards keep their momentum there."""
+        keys: dict[tuple[int, int, int], list[int]] = {}
+        for pos, plan in enumerate(self.plans):
+            if plan.k and plan.layout.num_blocks:
+                keys.setdefault((plan.layout.block_rows, plan.layout.block_cols, plan.k), []).append(pos)
+        self.groups = [
+            BlockGroup([self.plans[p].layout for p in members], k, self.slots[members[0]].local.device)
+            for (_, _, k), members in keys.items()
+        ]
+        self._member = {}
+        for g, members in enumerate(keys.values()):
+            for i, pos in enumerate(members):
+                self._member[pos] = (g, i)
+                self.state[pos]["delta"] = self.groups[g].region(self.groups[g].coeffs, i)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        for pos, (g, i) in self._member.items():
+            region = self.groups[g].region(self.groups[g].coeffs, i)
+            region.copy_(self.state[pos]["delta"])
+            self.state[pos]["delta"] = region
+
+    def momentum(self, pos: int) -> torch.Tensor:
+        """The decoupled momentum of ``slots[pos]`` in parameter space (a copy).
+
+        Shards sent as DCT coefficients keep it in the DCT domain (``state[pos]["delta"]``);
+        this transforms it back.
+        """
+        if pos in self._member:
+            g, i = self._member[pos]
+            return self.groups[g].momentum(i)
+        return self.state[pos]["delta"].clone()
 
     def extra_repr(self) -> str:
         return f"topk={self.topk}, chunk={self.chunk}, decay={self.decay}, blocks={self.blocks!r}, values={self.values!r}"
 
+    def defer(self, positions: list[int], grads: list[torch.Tensor], lrs: list[float]) -> None:
+        """``delta <- decay * delta + lr * grad``; in the DCT domain for sparse shards."""
+        per_group: dict[int, tuple[list[int], list[torch.Tensor], list[float]]] = {}
+        for pos, grad, lr in zip(positions, grads, lrs, strict=True):
+            if pos in self._member:
+                g, i = self._member[pos]
+                entry = per_group.setdefault(g, ([], [], []))
+                entry[0].append(i)
+                entry[1].append(grad)
+                entry[2].append(lr)
+            else:
+                self.state[pos]["delta"].mul_(self.decay).add_(grad, alpha=lr)
+        for g, (members, gs, ls) in per_group.items():
+            self.groups[g].accumulate(members, gs, ls, self.decay)
+
     def exchange(
         self, positions: list[int], deltas: list[torch.Tensor], comm: Comm
     ) -> list[torch.Tensor]:
-        """Encode, send and decode; shards with the same block shape are batched together."""
+        """Select and send each group's top-k, all-reduce the dense shards, decode.
+
+        Sparse shards' ``deltas`` are their groups' coefficient regions, which the groups
+        update in place; groups are encoded in bind order, members in slot order.
+        """
         out: list[torch.Tensor | None] = [None] * len(positions)
         dense: list[int] = []
-        groups: dict[tuple[int, int, int], list[int]] = {}
-        for i, (pos, delta) in enumerate(zip(positions, deltas, strict=True)):
-            plan = self.plans[pos]
-            if plan.layout.numel == 0:
-                out[i] = torch.zeros_like(delta)
-            elif plan.k == 0:
-                dense.append(i)
+        present: dict[int, list[tuple[int, int]]] = {}  # group -> (member, output slot)
+        for j, (pos, delta) in enumerate(zip(positions, deltas, strict=True)):
+            if pos in self._member:
+                g, i = self._member[pos]
+                present.setdefault(g, []).append((i, j))
+            elif self.plans[pos].layout.numel == 0:
+                out[j] = torch.zeros_like(delta)
             else:
-                key = (plan.layout.block_rows, plan.layout.block_cols, plan.k)
-                groups.setdefault(key, []).append(i)
-
+                dense.append(j)
+        active = sorted((g, sorted(members)) for g, members in present.items())
         payload: list[torch.Tensor] = []
-        for (rows, cols, k), members in groups.items():
-            layouts = [self.plans[positions[i]].layout for i in members]
-            blocks = torch.cat([to_blocks(deltas[i], lay) for i, lay in zip(members, layouts, strict=True)])
-            idx, vals = topk_per_block(dct_blocks(blocks).reshape(len(blocks), -1), k)
-            # error feedback: what is sent (as the receivers will read it) leaves delta
-            sent = decode_blocks([idx], [self.wire.round_trip(vals)], rows, cols, "all")
-            for i, lay, part in zip(members, layouts, sent.split([lay.num_blocks for lay in layouts]), strict=True):
-                deltas[i].sub_(from_blocks(part, lay))
-            payload += self.wire.encode(idx, vals, rows * cols)
+        for g, members in active:
+            group = self.groups[g]
+            idx, vals = group.select([i for i, _ in members], self.wire)
+            payload += self.wire.encode(idx, vals, group.m)
 
         if dense:
-            averaged = comm.all_reduce_mean([deltas[i] for i in dense])
-            for i, avg in zip(dense, averaged, strict=True):
-                deltas[i].zero_()
-                out[i] = avg
+            averaged = comm.all_reduce_mean([deltas[j] for j in dense])
+            for j, avg in zip(dense, averaged, strict=True):
+                deltas[j].zero_()
+                out[j] = avg
         if payload:
             nodes = comm.all_gather(payload)
             parts = self.wire.parts
-            for g, ((rows, cols, k), members) in enumerate(groups.items()):
-                layouts = [self.plans[positions[i]].layout for i in members]
-                num_blocks = sum(lay.num_blocks for lay in layouts)
+            for n, (g, members) in enumerate(active):
+                group, which = self.groups[g], [i for i, _ in members]
+                num_blocks = sum(group.members[i].layout.num_blocks for i in which)
                 received = [
-                    self.wire.decode(node[parts * g : parts * (g + 1)], num_blocks, k, rows * cols, deltas[members[0]].dtype)
+                    self.wire.decode(node[parts * n : parts * (n + 1)], num_blocks, group.k,
+                                     group.m, torch.float32)
                     for node in nodes
                 ]
-                decoded = decode_blocks(
-                    [idx for idx, _ in received],
-                    [vals for _, vals in received],
-                    rows,
-                    cols,
-                    self.aggregation,  # type: ignore[arg-type]
-                )
-                for i, lay, part in zip(members, layouts, decoded.split([lay.num_blocks for lay in layouts]), strict=True):
-                    out[i] = from_blocks(part, lay)
+                decoded = group.decode(which, received, self.aggregation)  # type: ignore[arg-type]
+                for (_, j), t in zip(members, decoded, strict=True):
+                    out[j] = t
         return [t for t in out if t is not None]
