@@ -13,7 +13,18 @@ from deto.compress.chunking import block_size, from_blocks, make_layout, to_bloc
 from deto.compress.dct import dct_blocks, dct_matrix, idct_blocks
 from deto.compress.packing import pack, unpack
 from deto.compress.topk import keyed_topk, topk_indices
-from deto.compress.wire import WireFormat, index_bits, pack_bits, packed_nbytes, unpack_bits
+from deto.compress.wire import (
+    WireFormat,
+    _pack_spans,
+    _pack_words,
+    _unpack_spans,
+    _unpack_words,
+    _word,
+    index_bits,
+    pack_bits,
+    packed_nbytes,
+    unpack_bits,
+)
 from deto.replicators.demo import plan_shard
 
 CPU = torch.device("cpu")
@@ -127,6 +138,15 @@ def test_pack_bits_round_trip_and_size(bits, n, data):
     packed = pack_bits(values, bits)
     assert packed.dtype == torch.uint8 and packed.numel() == packed_nbytes(n, bits) == math.ceil(n * bits / 8)
     assert torch.equal(unpack_bits(packed, bits, n), values)
+
+
+@pytest.mark.parametrize("bits", [b for b in range(1, 32) if _word(b)])
+def test_word_and_span_packing_write_the_same_stream(bits):
+    for n in (0, 1, 7, 33):
+        values = torch.randint(0, 2**bits, (n,))
+        packed = _pack_spans(values, bits)
+        assert torch.equal(_pack_words(values, bits), packed)
+        assert torch.equal(_unpack_words(packed, bits, n), _unpack_spans(packed, bits, n))
 
 
 def test_pack_bits_layout_is_lsb_first():

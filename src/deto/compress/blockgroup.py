@@ -54,6 +54,28 @@ class Member:
         return self.padded != (self.layout.rows, self.layout.cols)
 
 
+class _Views:
+    """A member's views of the group buffers, made once (a step then only does arithmetic)."""
+
+    def __init__(self, group: BlockGroup, m: Member) -> None:
+        (r, c), (g0, g1) = m.padded, m.layout.grid
+        b0, b1 = group.b0, group.b1
+        part = slice(m.offset, m.offset + m.padded_numel)
+        self.coeffs_rows = group.coeffs[part].view(-1, b1)  # (r * g1, b1): one product per row
+        self.coeffs_3d = group.coeffs[part].view(g0, b0, c)  # (g0, b0, c): the column product
+        self.coeffs_blocks = group.coeffs[part].view(g0, b0, g1, b1).transpose(1, 2)
+        self.scratch_rows = group._scratch[part].view(-1, b1)
+        self.scratch_3d = group._scratch[part].view(g0, b0, c)
+        self.aggregate_rows = group._aggregate[part].view(-1, b1)
+        self.out_rows = group._out[part].view(-1, b1)
+        self.out_3d = group._out[part].view(g0, b0, c)
+        self.dr = group.dr.expand(g0, b0, b0)
+        self.dr_t = group.dr.T.expand(g0, b0, b0)
+        out = group._out[part].view(r, c)
+        self.result = out.view(m.layout.shape) if not m.has_padding else out[: m.layout.rows, : m.layout.cols]
+        self.pad = torch.zeros(r, c, device=group.coeffs.device) if m.has_padding else None
+
+
 class BlockGroup:
     """The DCT-domain momentum and workspaces of shards cut into ``b0 x b1`` blocks, top ``k``.
 
@@ -81,12 +103,13 @@ class BlockGroup:
         self.dc = dct_matrix(self.b1, device, torch.float32)
         # the momentum (state) and the reused workspaces
         self.coeffs = torch.zeros(self.numel, device=device)
-        self._scratch = torch.empty(self.numel, device=device)  # column transforms, magnitudes
+        self._scratch = torch.empty(self.numel, device=device)  # column products, magnitudes
         self._aggregate = torch.zeros(self.numel, device=device)  # all-zero between steps
-        self._count = torch.zeros(self.numel, device=device)  # all-zero between steps
-        self._out = torch.empty(self.numel, device=device)
-        self._pads = {i: torch.zeros(m.padded, device=device)
-                      for i, m in enumerate(self.members) if m.has_padding}
+        # senders per coefficient; all-zero between steps; 16 bits count 32767 nodes exactly
+        self._count = torch.zeros(self.numel, dtype=torch.int16, device=device)
+        self._out = torch.empty(self.numel, device=device)  # decoded updates; top-k keys
+        self._views = [_Views(self, m) for m in self.members]
+        self._all = list(range(len(self.members)))
         # flat position of coefficient (0, 0) of every block, and the row stride of its member
         base, stride = [], []
         for m in self.members:
@@ -101,10 +124,10 @@ class BlockGroup:
         self._starts: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
 
     # -- views ------------------------------------------------------------------------------
-    def region(self, buffer: torch.Tensor, i: int) -> torch.Tensor:
-        """Member ``i``'s part of a group buffer, as its padded ``rows x cols`` matrix."""
+    def region(self, i: int) -> torch.Tensor:
+        """Member ``i``'s coefficients, as its padded ``rows x cols`` matrix (a view)."""
         m = self.members[i]
-        return buffer[m.offset : m.offset + m.padded_numel].view(m.padded)
+        return self.coeffs[m.offset : m.offset + m.padded_numel].view(m.padded)
 
     def _block_starts(self, present: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Flat position of coefficient (0, 0) of every block of the members ``present``, and
@@ -133,33 +156,28 @@ class BlockGroup:
                    decay: float) -> None:
         """``coeffs <- decay * coeffs + lr * DCT(grad)`` for the members ``present``."""
         for i, grad, lr in zip(present, grads, lrs, strict=True):
-            m = self.members[i]
+            m, v = self.members[i], self._views[i]
             x = grad.reshape(m.layout.rows, m.layout.cols)
-            if i in self._pads:
-                self._pads[i][: m.layout.rows, : m.layout.cols].copy_(x)
-                x = self._pads[i]
+            if v.pad is not None:
+                v.pad[: m.layout.rows, : m.layout.cols].copy_(x)
+                x = v.pad
             elif x.dtype != torch.float32:
                 x = x.float()
-            coeffs, (r, c) = self.region(self.coeffs, i), m.padded
-            if self.b0 == 1:  # one matrix product, momentum update fused in
-                coeffs.view(-1, self.b1).addmm_(x.reshape(-1, self.b1), self.dc.T,
-                                                beta=decay, alpha=lr)
-                continue
-            cols = self.region(self._scratch, i).view(-1, self.b1)
-            torch.mm(x.reshape(-1, self.b1), self.dc.T, out=cols)
-            g0 = r // self.b0
-            coeffs.view(g0, self.b0, c).baddbmm_(self.dr.expand(g0, self.b0, self.b0),
-                                                 cols.view(g0, self.b0, c), beta=decay, alpha=lr)
+            if self.b0 == 1:  # one matrix product, with the momentum update fused in
+                v.coeffs_rows.addmm_(x.reshape(-1, self.b1), self.dc.T, beta=decay, alpha=lr)
+            else:
+                torch.mm(x.reshape(-1, self.b1), self.dc.T, out=v.scratch_rows)
+                v.coeffs_3d.baddbmm_(v.dr, v.scratch_3d, beta=decay, alpha=lr)
 
     def magnitudes(self, present: list[int]) -> torch.Tensor:
         """``|coeffs|`` of the members ``present`` as ``(blocks, b0 * b1)``, in block order."""
+        if self.b0 == 1 and present == self._all:  # 1-D blocks are already in block order
+            return torch.abs(self.coeffs, out=self._scratch).view(-1, self.m)
         start = 0
         for i in present:
-            m = self.members[i]
-            (g0, g1), n = m.layout.grid, m.layout.num_blocks
-            src = self.region(self.coeffs, i).view(g0, self.b0, g1, self.b1).transpose(1, 2)
-            dst = self._scratch[start * self.m : (start + n) * self.m].view(g0, g1, self.b0, self.b1)
-            torch.abs(src, out=dst)
+            (g0, g1), n = self.members[i].layout.grid, self.members[i].layout.num_blocks
+            dst = self._scratch[start * self.m : (start + n) * self.m]
+            torch.abs(self._views[i].coeffs_blocks, out=dst.view(g0, g1, self.b0, self.b1))
             start += n
         return self._scratch[: start * self.m].view(start, self.m)
 
@@ -176,7 +194,7 @@ class BlockGroup:
         values = self.coeffs.index_select(0, flat).view_as(indices)
         sent = wire.round_trip(values)
         self.coeffs.index_copy_(0, flat, (values - sent).view(-1))
-        if self._pads:
+        if any(self._views[i].pad is not None for i in present):
             self._restore_padding(present, indices, sent)
         return indices, values
 
@@ -190,17 +208,15 @@ class BlockGroup:
         start = 0
         for i in present:
             m = self.members[i]
-            g0, g1 = m.layout.grid
-            if i in self._pads:
+            if m.has_padding:
                 edge = _edge_blocks(m.layout)
-                rows = start + edge[:, 0] * g1 + edge[:, 1]
+                rows = start + edge[:, 0] * m.layout.grid[1] + edge[:, 1]
                 dense = torch.zeros(len(edge), self.m, device=sent.device)
                 dense.scatter_(1, indices[rows], sent[rows])
                 spatial = self.dr.T @ dense.view(-1, self.b0, self.b1) @ self.dc
                 spatial.mul_(_padding_mask(m.layout, edge, spatial.device))
                 back = self.dr @ spatial @ self.dc.T
-                view = self.region(self.coeffs, i).view(g0, self.b0, g1, self.b1).transpose(1, 2)
-                view.index_put_((edge[:, 0], edge[:, 1]), back, accumulate=True)
+                self._views[i].coeffs_blocks.index_put_((edge[:, 0], edge[:, 1]), back, accumulate=True)
             start += m.layout.num_blocks
 
     def decode(
@@ -219,44 +235,57 @@ class BlockGroup:
         """
         flats = [self.flat_index(present, idx) for idx, _ in received]
         values = [v.reshape(-1) for _, v in received]
+        # writing zeros where the nodes wrote beats clearing a buffer only while they wrote
+        # to a small part of it
+        sparse = len(received) * self.k * 16 <= self.m
         if mode == "selected":
+            ones = torch.ones(values[0].shape, dtype=self._count.dtype, device=self._count.device)
             for flat in flats:
-                self._count.index_add_(0, flat, torch.ones_like(values[0]))
+                self._count.scatter_add_(0, flat, ones)
             scaled = [v / self._count.index_select(0, f) for f, v in zip(flats, values, strict=True)]
-            for flat in flats:
-                self._count.index_fill_(0, flat, 0.0)
+            _clear(self._count, flats, sparse)
         else:
             scaled = [v / len(values) for v in values]
         for flat, v in zip(flats, scaled, strict=True):
-            self._aggregate.index_add_(0, flat, v)
-        out = [self._inverse(i) for i in present]
-        for flat in flats:
-            self._aggregate.index_fill_(0, flat, 0.0)
-        return out
-
-    def _inverse(self, i: int) -> torch.Tensor:
-        """Inverse DCT of member ``i``'s aggregate, cropped to its shard's shape."""
-        m = self.members[i]
-        (r, c), lay = m.padded, m.layout
-        coeffs, out = self.region(self._aggregate, i), self.region(self._out, i)
-        if self.b0 == 1:
-            torch.mm(coeffs.view(-1, self.b1), self.dc, out=out.view(-1, self.b1))
+            self._aggregate.scatter_add_(0, flat, v)
+        if self.b0 == 1 and present == self._all:  # one product for the whole group
+            torch.mm(self._aggregate.view(-1, self.b1), self.dc, out=self._out.view(-1, self.b1))
         else:
-            cols = self.region(self._scratch, i)
-            torch.mm(coeffs.view(-1, self.b1), self.dc, out=cols.view(-1, self.b1))
-            g0 = r // self.b0
-            torch.matmul(self.dr.T, cols.view(g0, self.b0, c), out=out.view(g0, self.b0, c))
-        if m.has_padding:
-            return out[: lay.rows, : lay.cols].reshape(lay.shape)
-        return out.view(lay.shape)
+            for i in present:
+                self._inverse(i)
+        _clear(self._aggregate, flats, sparse)
+        return [self._result(i) for i in present]
+
+    def _inverse(self, i: int) -> None:
+        """Inverse DCT of member ``i``'s aggregate into its part of the output workspace."""
+        v = self._views[i]
+        if self.b0 == 1:
+            torch.mm(v.aggregate_rows, self.dc, out=v.out_rows)
+        else:
+            torch.mm(v.aggregate_rows, self.dc, out=v.scratch_rows)
+            torch.bmm(v.dr_t, v.scratch_3d, out=v.out_3d)
+
+    def _result(self, i: int) -> torch.Tensor:
+        """Member ``i``'s decoded update in its shard's shape (a view unless padded)."""
+        m, v = self.members[i], self._views[i]
+        return v.result if not m.has_padding else v.result.reshape(m.layout.shape)
 
     def momentum(self, i: int) -> torch.Tensor:
         """Member ``i``'s momentum in parameter space (an inverse DCT; for inspection)."""
         m = self.members[i]
         (r, c), lay = m.padded, m.layout
         padded = BlockLayout((r, c), r, c, self.b0, self.b1)
-        spatial = from_blocks(idct_blocks(to_blocks(self.region(self.coeffs, i), padded)), padded)
+        spatial = from_blocks(idct_blocks(to_blocks(self.region(i), padded)), padded)
         return spatial[: lay.rows, : lay.cols].reshape(lay.shape)
+
+
+def _clear(buffer: torch.Tensor, written: list[torch.Tensor], sparse: bool) -> None:
+    """Make ``buffer`` all-zero again after writes at the positions ``written``."""
+    if sparse:
+        for flat in written:
+            buffer.index_fill_(0, flat, 0)
+    else:
+        buffer.zero_()
 
 
 def _edge_blocks(layout: BlockLayout) -> torch.Tensor:

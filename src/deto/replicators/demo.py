@@ -147,12 +147,12 @@ class DeMo(MomentumReplicator):
         for g, members in enumerate(keys.values()):
             for i, pos in enumerate(members):
                 self._member[pos] = (g, i)
-                self.state[pos]["delta"] = self.groups[g].region(self.groups[g].coeffs, i)
+                self.state[pos]["delta"] = self.groups[g].region(i)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         for pos, (g, i) in self._member.items():
-            region = self.groups[g].region(self.groups[g].coeffs, i)
+            region = self.groups[g].region(i)
             region.copy_(self.state[pos]["delta"])
             self.state[pos]["delta"] = region
 
