@@ -16,11 +16,12 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from deto.compress.packing import pack, unpack
+from deto.compress.packing import TensorSpec, pack, unpack
 
 
 @dataclass
@@ -64,6 +65,22 @@ def all_gather_bytes(nbytes: int, group_size: int) -> int:
 def broadcast_bytes(nbytes: int, group_size: int) -> int:
     """Bytes one rank sends (and receives), on average, in a pipelined ring broadcast."""
     return math.ceil((group_size - 1) * nbytes / group_size)
+
+
+class PendingGather:
+    """An all-gather in flight (:meth:`Comm.all_gather_async`)."""
+
+    def __init__(self, comm: Comm, work: Any, gathered: torch.Tensor, specs: list[TensorSpec]) -> None:
+        self._comm, self._work, self._gathered, self._specs = comm, work, gathered, specs
+
+    def wait(self) -> list[list[torch.Tensor]]:
+        """Every node's tensors, one list per node in replicate-rank order."""
+        if self._work is not None:
+            start = time.perf_counter()
+            self._work.wait()
+            self._work = None
+            self._comm._stats.seconds += time.perf_counter() - start
+        return [unpack(part, self._specs) for part in self._gathered.chunk(self._comm.size)]
 
 
 class Comm:
@@ -115,16 +132,23 @@ class Comm:
 
         Returns one list per node, in replicate-rank order.
         """
-        if self.size == 1:
-            return [list(tensors)]
+        return self.all_gather_async(tensors).wait()
+
+    def all_gather_async(self, tensors: list[torch.Tensor]) -> PendingGather:
+        """Start :meth:`all_gather` and return at once; :meth:`PendingGather.wait` finishes it.
+
+        Counted like :meth:`all_gather`, in the stats of the step that starts it (the seconds
+        of the start and of the wait both count). Collectives complete in the order they were
+        started, the same on every node.
+        """
         buffer, specs = pack(tensors)
-        if buffer.numel() == 0:
-            return [unpack(buffer, specs) for _ in range(self.size)]
+        if self.size == 1 or buffer.numel() == 0:
+            return PendingGather(self, None, buffer.repeat(self.size), specs)
         start = time.perf_counter()
         gathered = buffer.new_empty(self.size * buffer.numel())
-        _all_gather_single(gathered, buffer, group=self.group)
+        work = _all_gather_single(gathered, buffer, group=self.group, async_op=True)
         self._count(all_gather_bytes(buffer.numel(), self.size), start)
-        return [unpack(part, specs) for part in gathered.chunk(self.size)]
+        return PendingGather(self, work, gathered, specs)
 
     def broadcast(self, tensors: list[torch.Tensor], src: int = 0) -> None:
         """Copy node ``src``'s ``tensors`` into every node's, in place, with one call."""

@@ -2,7 +2,8 @@
 
 Indices address one of ``m`` coefficients of a block, so ``ceil(log2 m)`` bits each is enough
 (12 for a 64 x 64 block, where a whole byte type would spend 16). Values travel as fp32, bf16,
-or int8 with one fp32 scale per block (absmax / 127). Every node decodes the same gathered bytes
+or with one fp32 scale per block as int8, 2-bit levels or 1-bit signs (:class:`WireFormat`).
+Every node decodes the same gathered bytes
 with the same ops, so what a node reads back is bitwise what every other node reads back; the
 sender uses :meth:`WireFormat.round_trip` to subtract exactly that from its momentum.
 """
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-VALUE_CODECS = ("fp32", "bf16", "int8")
+VALUE_CODECS = ("fp32", "bf16", "int8", "int2", "sign")
 INT8_MAX = 127
 
 
@@ -128,11 +129,25 @@ def _span(bits: int) -> int:
     return (bits + 7 + 7) // 8
 
 
+# bits per value of the codecs that carry one fp32 scale per block
+SCALED_BITS = {"int8": 8, "int2": 2, "sign": 1}
+
+
 @dataclass(frozen=True)
 class WireFormat:
     """Encoding of ``(num_blocks, k)`` top-k indices and values of blocks of ``m`` coefficients.
 
-    ``values``: ``"fp32"``, ``"bf16"`` or ``"int8"`` (symmetric, one fp32 scale per block).
+    ``values``:
+
+    * ``"fp32"``, ``"bf16"``: the values themselves;
+    * ``"int8"``: symmetric, ``round(v / s)`` with ``s = absmax / 127`` per block;
+    * ``"int2"`` (Templar-style): 4 levels ``(-1, -1/3, 1/3, 1) * s`` with ``s = absmax`` per
+      block (the nearest level; the largest value is exact), 2 bits each;
+    * ``"sign"`` (Psyche-style): 1 bit each, read back as ``sign(v) * mean |v|`` of the block
+      (a zero reads as positive).
+
+    The scaled codecs send one fp32 scale per block; the 2- and 1-bit codes are bit-packed over
+    the whole group like the indices.
     """
 
     values: str = "fp32"
@@ -143,14 +158,17 @@ class WireFormat:
 
     @property
     def parts(self) -> int:
-        """Tensors per encoded group: indices, values (and scales for int8)."""
-        return 3 if self.values == "int8" else 2
+        """Tensors per encoded group: indices, values (and the scales of scaled codecs)."""
+        return 3 if self.values in SCALED_BITS else 2
 
     def nbytes(self, num_blocks: int, k: int, m: int) -> int:
         """Wire bytes of one group: the exact size of :meth:`encode`'s tensors."""
         entries = num_blocks * k
-        value_bytes = {"fp32": 4 * entries, "bf16": 2 * entries, "int8": entries + 4 * num_blocks}
-        return packed_nbytes(entries, index_bits(m)) + value_bytes[self.values]
+        if self.values in SCALED_BITS:
+            value_bytes = packed_nbytes(entries, SCALED_BITS[self.values]) + 4 * num_blocks
+        else:
+            value_bytes = {"fp32": 4, "bf16": 2}[self.values] * entries
+        return packed_nbytes(entries, index_bits(m)) + value_bytes
 
     def encode(self, indices: torch.Tensor, values: torch.Tensor, m: int) -> list[torch.Tensor]:
         """``(num_blocks, k)`` indices and float values -> the tensors to send."""
@@ -163,23 +181,39 @@ class WireFormat:
         if len(parts) != self.parts:
             raise ValueError(f"{self.values} groups have {self.parts} parts, got {len(parts)}")
         indices = unpack_bits(parts[0], index_bits(m), num_blocks * k).view(num_blocks, k)
-        return indices, self._decode_values(parts[1:], dtype).reshape(num_blocks, k)
+        return indices, self._decode_values(parts[1:], (num_blocks, k), dtype)
 
     def round_trip(self, values: torch.Tensor) -> torch.Tensor:
         """What receivers will read for ``values``, in ``values``' dtype (for error feedback)."""
-        return self._decode_values(self._encode_values(values), values.dtype)
+        shape = (values.shape[0], values.shape[-1])
+        return self._decode_values(self._encode_values(values), shape, values.dtype)
 
     def _encode_values(self, values: torch.Tensor) -> list[torch.Tensor]:
+        v = values.float()
         if self.values == "fp32":
-            return [values.float()]
+            return [v]
         if self.values == "bf16":
             return [values.to(torch.bfloat16)]
-        scale = values.abs().amax(dim=-1, keepdim=True).float() / INT8_MAX
-        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-        return [torch.round(values.float() / safe).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8), scale]
+        if self.values == "sign":
+            return [pack_bits(torch.signbit(v) & (v != 0), 1), v.abs().mean(dim=-1, keepdim=True)]
+        peak = v.abs().amax(dim=-1, keepdim=True)
+        if self.values == "int8":
+            scale = peak / INT8_MAX
+            safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+            return [torch.round(v / safe).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8), scale]
+        # int2: level q in 0..3 is (2q - 3) / 3 of the peak; the nearest one
+        safe = torch.where(peak > 0, peak, torch.ones_like(peak))
+        return [pack_bits(torch.floor(v / safe * 1.5).add_(2).clamp_(0, 3), 2), peak]
 
-    @staticmethod
-    def _decode_values(parts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-        if len(parts) == 2:  # int8 values and their per-block scale
+    def _decode_values(
+        self, parts: list[torch.Tensor], shape: tuple[int, int], dtype: torch.dtype
+    ) -> torch.Tensor:
+        if self.values == "int8":
             return (parts[0].to(torch.float32) * parts[1]).to(dtype)
-        return parts[0].to(dtype)
+        if self.values in ("int2", "sign"):
+            bits = SCALED_BITS[self.values]
+            codes = unpack_bits(parts[0], bits, shape[0] * shape[1]).view(shape)
+            if self.values == "sign":
+                return ((1 - 2 * codes).to(torch.float32) * parts[1]).to(dtype)
+            return ((2 * codes - 3).to(torch.float32) / 3 * parts[1]).to(dtype)
+        return parts[0].to(dtype).reshape(shape)

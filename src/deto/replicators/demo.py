@@ -9,9 +9,11 @@ encoded and decoded as one batch. Every node decodes the same gathered bytes wit
 so replicas stay bitwise identical. FlexDeMo is this replicator on FSDP2 shards; plain DeMo is
 one rank per node.
 """
+
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,12 +73,20 @@ class DeMo(MomentumReplicator):
         blocks: ``"2d"`` (default; separable DCT on c x c blocks of the weight, DeMo's original
             and far better compression for matrices) or ``"1d"`` (the flattened shard in chunks
             of ``chunk``, the reference's behaviour on flat shards). 1-D tensors always use 1-D.
-        values: wire format of the values: ``"fp32"``, ``"bf16"``, or ``"int8"`` (one fp32
-            scale per block). Indices always travel bit-packed, ``ceil(log2(block size))`` bits.
+        values: wire format of the values: ``"fp32"``, ``"bf16"``, or with one fp32 scale per
+            block ``"int8"``, ``"int2"`` (4 levels) or ``"sign"`` (1 bit; Psyche-style); see
+            :class:`~deto.compress.wire.WireFormat`. Indices always travel bit-packed,
+            ``ceil(log2(block size))`` bits.
         aggregation: ``"selected"`` averages each coefficient over the nodes that sent it (the
             reference); ``"all"`` divides by the number of nodes.
         dense_fallback: all-reduce a shard dense when its top-k payload would not be smaller
             (tiny tensors); off, every shard goes through the DCT, whatever it costs.
+        overlap: start each step's all-gather and return at once, applying the aggregate of
+            the previous replication step (a one-step delay, as Psyche does): the exchange runs
+            under the next forward and backward. Every node applies the same aggregate, so
+            replicas stay identical; the first step applies nothing to sparse shards, and
+            shards sent dense are still all-reduced in the step. Checkpoints hold the payload
+            in flight.
     """
 
     name = "demo"
@@ -91,6 +101,7 @@ class DeMo(MomentumReplicator):
         values: str = "fp32",
         aggregation: str = "selected",
         dense_fallback: bool = True,
+        overlap: bool = False,
         **schedule: Any,
     ) -> None:
         self.topk = check_int("topk", topk, 1)
@@ -104,10 +115,17 @@ class DeMo(MomentumReplicator):
         if not isinstance(dense_fallback, bool):
             raise TypeError(f"dense_fallback must be a bool, got {type(dense_fallback).__name__}")
         self.dense_fallback = dense_fallback
+        if not isinstance(overlap, bool):
+            raise TypeError(f"overlap must be a bool, got {type(overlap).__name__}")
+        self.overlap = overlap
         super().__init__(decay=decay, **schedule)
         self.plans: list[Plan] = []
         self.groups: list[BlockGroup] = []
         self._member: dict[int, tuple[int, int]] = {}  # slot position -> (group, member)
+        self._slot_of: dict[tuple[int, int], int] = {}
+        # overlap: the previous step's all-gather (a wait returning every node's payload) and
+        # the (group, members) it carries
+        self._in_flight: tuple[Callable[[], list[list[torch.Tensor]]], list[tuple[int, list[int]]]] | None = None
 
     @property
     def values(self) -> str:
@@ -148,6 +166,7 @@ class DeMo(MomentumReplicator):
             for i, pos in enumerate(members):
                 self._member[pos] = (g, i)
                 self.state[pos]["delta"] = self.groups[g].region(i)
+        self._slot_of = {where: pos for pos, where in self._member.items()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
@@ -155,6 +174,12 @@ class DeMo(MomentumReplicator):
             region = self.groups[g].region(i)
             region.copy_(self.state[pos]["delta"])
             self.state[pos]["delta"] = region
+        self._in_flight = None
+        saved = state.get("in_flight")
+        if saved is not None:
+            device = self.groups[0].coeffs.device
+            nodes = [[t.to(device, copy=True) for t in node] for node in saved["nodes"]]
+            self._in_flight = (lambda: nodes, [(int(g), [int(i) for i in m]) for g, m in saved["active"]])
 
     def momentum(self, pos: int) -> torch.Tensor:
         """The decoupled momentum of ``slots[pos]`` in parameter space (a copy).
@@ -168,7 +193,9 @@ class DeMo(MomentumReplicator):
         return self.state[pos]["delta"].clone()
 
     def extra_repr(self) -> str:
-        return f"topk={self.topk}, chunk={self.chunk}, decay={self.decay}, blocks={self.blocks!r}, values={self.values!r}"
+        extra = ", overlap=True" if self.overlap else ""
+        return (f"topk={self.topk}, chunk={self.chunk}, decay={self.decay}, blocks={self.blocks!r}, "
+                f"values={self.values!r}{extra}")
 
     def defer(self, positions: list[int], grads: list[torch.Tensor], lrs: list[float]) -> None:
         """``delta <- decay * delta + lr * grad``; in the DCT domain for sparse shards."""
@@ -191,15 +218,16 @@ class DeMo(MomentumReplicator):
         """Select and send each group's top-k, all-reduce the dense shards, decode.
 
         Sparse shards' ``deltas`` are their groups' coefficient regions, which the groups
-        update in place; groups are encoded in bind order, members in slot order.
+        update in place; groups are encoded in bind order, members in slot order. With
+        ``overlap``, this step's all-gather is left in flight and the previous one is decoded.
         """
         out: list[torch.Tensor | None] = [None] * len(positions)
         dense: list[int] = []
-        present: dict[int, list[tuple[int, int]]] = {}  # group -> (member, output slot)
+        present: dict[int, list[int]] = {}  # group -> members
         for j, (pos, delta) in enumerate(zip(positions, deltas, strict=True)):
             if pos in self._member:
                 g, i = self._member[pos]
-                present.setdefault(g, []).append((i, j))
+                present.setdefault(g, []).append(i)
             elif self.plans[pos].layout.numel == 0:
                 out[j] = torch.zeros_like(delta)
             else:
@@ -207,9 +235,8 @@ class DeMo(MomentumReplicator):
         active = sorted((g, sorted(members)) for g, members in present.items())
         payload: list[torch.Tensor] = []
         for g, members in active:
-            group = self.groups[g]
-            idx, vals = group.select([i for i, _ in members], self.wire)
-            payload += self.wire.encode(idx, vals, group.m)
+            idx, vals = self.groups[g].select(members, self.wire)
+            payload += self.wire.encode(idx, vals, self.groups[g].m)
 
         if dense:
             averaged = comm.all_reduce_mean([deltas[j] for j in dense])
@@ -217,17 +244,40 @@ class DeMo(MomentumReplicator):
                 deltas[j].zero_()
                 out[j] = avg
         if payload:
-            nodes = comm.all_gather(payload)
-            parts = self.wire.parts
-            for n, (g, members) in enumerate(active):
-                group, which = self.groups[g], [i for i, _ in members]
-                num_blocks = sum(group.members[i].layout.num_blocks for i in which)
-                received = [
-                    self.wire.decode(node[parts * n : parts * (n + 1)], num_blocks, group.k,
-                                     group.m, torch.float32)
-                    for node in nodes
-                ]
-                decoded = group.decode(which, received, self.aggregation)  # type: ignore[arg-type]
-                for (_, j), t in zip(members, decoded, strict=True):
-                    out[j] = t
+            if self.overlap:
+                previous, self._in_flight = self._in_flight, (comm.all_gather_async(payload).wait, active)
+                decoded = self._decode(previous[1], previous[0]()) if previous else {}
+            else:
+                decoded = self._decode(active, comm.all_gather(payload))
+            for j, pos in enumerate(positions):
+                if pos in self._member:
+                    out[j] = decoded.get(pos, None)
+                    if out[j] is None:  # nothing in flight for it yet: no update this step
+                        out[j] = torch.zeros(self.slots[pos].local.shape, device=deltas[j].device)
         return [t for t in out if t is not None]
+
+    def _decode(
+        self, active: list[tuple[int, list[int]]], nodes: list[list[torch.Tensor]]
+    ) -> dict[int, torch.Tensor]:
+        """Every node's payload -> the aggregate update of each slot position in ``active``."""
+        parts, out = self.wire.parts, {}
+        for n, (g, members) in enumerate(active):
+            group = self.groups[g]
+            num_blocks = sum(group.members[i].layout.num_blocks for i in members)
+            received = [
+                self.wire.decode(node[parts * n : parts * (n + 1)], num_blocks, group.k, group.m,
+                                 torch.float32)
+                for node in nodes
+            ]
+            decoded = group.decode(members, received, self.aggregation)  # type: ignore[arg-type]
+            for i, t in zip(members, decoded, strict=True):
+                out[self._slot_of[(g, i)]] = t
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        """With ``overlap``, also the payload in flight (waited for), so a resume is exact."""
+        state = super().state_dict()
+        if self._in_flight is not None:
+            wait, active = self._in_flight
+            state["in_flight"] = {"nodes": wait(), "active": [[g, list(m)] for g, m in active]}
+        return state

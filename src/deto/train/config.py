@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from deto.compress.wire import VALUE_CODECS
 from deto.train.presets import (
     DEFAULT_SCHEME,
     OPTIMIZERS,
@@ -29,7 +30,7 @@ LR_SCHEDULES = ("cosine", "constant")
 PRECISIONS = ("fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 BLOCK_MODES = ("2d", "1d")
-VALUE_DTYPES = ("fp32", "bf16", "int8")
+VALUE_DTYPES = VALUE_CODECS
 
 TASK_DEFAULTS: Mapping[str, Mapping[str, Any]] = {
     "lm": {"steps": 300, "batch_size": 16, "d_model": 128, "layers": 2, "heads": 4},
@@ -79,8 +80,9 @@ class TrainConfig:
     topk: int = _f(None, "DeMo: coefficients kept per chunk (presets: 14; DeMo's own: 32)", meta="K")
     chunk: int = _f(None, "DeMo: chunk edge; 2-D blocks are chunk x chunk (presets: 32; DeMo's own: 64)", meta="C")
     blocks: str = _f(None, "DeMo: DCT blocks, 2d (default) or 1d", choices=BLOCK_MODES)
-    values: str = _f(None, "DeMo: wire format of the values: fp32, bf16, or int8 with a "
-                     "per-block scale (presets: int8; DeMo's own: fp32)", choices=VALUE_DTYPES)
+    values: str = _f(None, "DeMo: wire format of the values: fp32, bf16, or with a per-block "
+                     "scale int8, int2 or sign (1 bit) (presets: int8; DeMo's own: fp32)",
+                     choices=VALUE_DTYPES)
     decay: float = _f(None, "decoupled momentum decay of demo/random/striding/slicing (0.999)", meta="BETA")
     rate: float = _f(None, "random/striding/slicing: fraction of rows sent (1/16)", meta="R")
     every: int = _f(None, "replicate every N steps (diloco: inner steps H, default 25)", meta="N")
