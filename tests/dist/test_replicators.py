@@ -23,6 +23,7 @@ SYNCING = {
     "demo-int2": {"values": "int2"},
     "demo-sign": {"values": "sign", "topk": 8, "chunk": 8},
     "demo-sparse": {"topk": 4, "chunk": 4, "dense_fallback": False},
+    "demo-overlap": {"overlap": True, "values": "int8"},
     "full": {},
     "random": {"rate": 0.3},
     "striding": {"rate": 0.25},
