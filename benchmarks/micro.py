@@ -247,6 +247,30 @@ def summarize(times: dict[str, list[list[float]]], elements: int, pairs: list[tu
     return {"results": rows, "speedups": ratios}
 
 
+def markdown(report: dict[str, Any]) -> str:
+    """The report as the tables that ``report.md`` holds."""
+    env = report["environment"]
+    lines = [
+        f"# Local work per step: {report['model']}, {report['elements_per_rank']:,} elements per "
+        f"rank, {report['nodes']} nodes' payloads",
+        "",
+        f"{env['date']}, deto {env['git_sha'][:10]}, torch {env['torch']}, {env['cpu']} "
+        f"({env['cpus']} CPUs, {env['threads']} thread, load average {env['load_average'][0]:.1f}); "
+        f"{report['rounds']} interleaved rounds x {report['steps_per_round']} steps.",
+        "",
+        "| contender | ms/step (median) | p25 | p75 | elements/s |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [f"| {r['contender']} | {r['ms_median']:.1f} | {r['ms_p25']:.1f} | {r['ms_p75']:.1f} | "
+              f"{r['elements_per_s']:.3g} |" for r in report["results"]]
+    if report["speedups"]:
+        lines += ["", "| faster | slower | speedup (median of rounds) | range over rounds |",
+                  "|---|---|---|---|"]
+        lines += [f"| {s['faster']} | {s['slower']} | {s['speedup_median']:.2f}x | "
+                  f"{s['speedup_min']:.2f}-{s['speedup_max']:.2f}x |" for s in report["speedups"]]
+    return "\n".join(lines) + "\n"
+
+
 def environment() -> dict[str, Any]:
     cpu = platform.processor() or platform.machine()
     try:
@@ -279,7 +303,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--reference", help="checkout of the reference implementation (DeToNATION)")
     p.add_argument("--baseline-src", help="another deto's src folder, timed in a child process")
-    p.add_argument("--out", help="folder for micro.json")
+    p.add_argument("--out", help="folder for micro.json and report.md")
     p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     unknown = sorted(set(args.only) - set(CONTENDERS))
@@ -336,6 +360,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "micro.json").write_text(json.dumps(report, indent=2) + "\n")
+        (out / "report.md").write_text(markdown(report))
     return report
 
 
