@@ -82,7 +82,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     for name, f in FIELDS.items():
         meta = f.metadata
         kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": meta["help"], "dest": name}
-        if name == "sign":
+        if f.type in ("bool", bool):
             kwargs["action"] = argparse.BooleanOptionalAction
         elif meta["choices"]:
             kwargs["choices"] = meta["choices"]

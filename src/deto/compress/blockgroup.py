@@ -73,7 +73,11 @@ class _Views:
         self.dr_t = group.dr.T.expand(g0, b0, b0)
         out = group._out[part].view(r, c)
         self.result = out.view(m.layout.shape) if not m.has_padding else out[: m.layout.rows, : m.layout.cols]
-        self.pad = torch.zeros(r, c, device=group.coeffs.device) if m.has_padding else None
+        device = group.coeffs.device
+        self.pad = torch.zeros(r, c, device=device) if m.has_padding else None
+        # overhanging blocks (grid positions) and their padded elements
+        self.edge = _edge_blocks(m.layout).to(device)
+        self.edge_mask = _padding_mask(m.layout, self.edge)
 
 
 class BlockGroup:
@@ -105,8 +109,7 @@ class BlockGroup:
         self.coeffs = torch.zeros(self.numel, device=device)
         self._scratch = torch.empty(self.numel, device=device)  # column products, magnitudes
         self._aggregate = torch.zeros(self.numel, device=device)  # all-zero between steps
-        # senders per coefficient; all-zero between steps; 16 bits count 32767 nodes exactly
-        self._count = torch.zeros(self.numel, dtype=torch.int16, device=device)
+        self._count = torch.zeros(self.numel, dtype=torch.int32, device=device)  # senders, kept so
         self._out = torch.empty(self.numel, device=device)  # decoded updates; top-k keys
         self._views = [_Views(self, m) for m in self.members]
         self._all = list(range(len(self.members)))
@@ -207,16 +210,14 @@ class BlockGroup:
         """
         start = 0
         for i in present:
-            m = self.members[i]
+            m, v = self.members[i], self._views[i]
             if m.has_padding:
-                edge = _edge_blocks(m.layout)
-                rows = start + edge[:, 0] * m.layout.grid[1] + edge[:, 1]
-                dense = torch.zeros(len(edge), self.m, device=sent.device)
+                rows = start + v.edge[:, 0] * m.layout.grid[1] + v.edge[:, 1]
+                dense = torch.zeros(len(v.edge), self.m, device=sent.device)
                 dense.scatter_(1, indices[rows], sent[rows])
                 spatial = self.dr.T @ dense.view(-1, self.b0, self.b1) @ self.dc
-                spatial.mul_(_padding_mask(m.layout, edge, spatial.device))
-                back = self.dr @ spatial @ self.dc.T
-                self._views[i].coeffs_blocks.index_put_((edge[:, 0], edge[:, 1]), back, accumulate=True)
+                back = self.dr @ spatial.mul_(v.edge_mask) @ self.dc.T
+                v.coeffs_blocks.index_put_((v.edge[:, 0], v.edge[:, 1]), back, accumulate=True)
             start += m.layout.num_blocks
 
     def decode(
@@ -299,10 +300,10 @@ def _edge_blocks(layout: BlockLayout) -> torch.Tensor:
     return torch.tensor(sorted(cells), dtype=torch.int64).view(-1, 2)
 
 
-def _padding_mask(layout: BlockLayout, edge: torch.Tensor, device: torch.device) -> torch.Tensor:
+def _padding_mask(layout: BlockLayout, edge: torch.Tensor) -> torch.Tensor:
     """1 on the padded elements of each edge block, 0 on the shard's own elements."""
     b0, b1 = layout.block_rows, layout.block_cols
-    u = torch.arange(b0).view(1, b0, 1) + edge[:, 0].view(-1, 1, 1) * b0
-    v = torch.arange(b1).view(1, 1, b1) + edge[:, 1].view(-1, 1, 1) * b1
-    return ((u >= layout.rows) | (v >= layout.cols)).to(device=device, dtype=torch.float32)
+    u = torch.arange(b0, device=edge.device).view(1, b0, 1) + edge[:, 0].view(-1, 1, 1) * b0
+    v = torch.arange(b1, device=edge.device).view(1, 1, b1) + edge[:, 1].view(-1, 1, 1) * b1
+    return ((u >= layout.rows) | (v >= layout.cols)).float()
 

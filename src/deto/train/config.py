@@ -83,6 +83,8 @@ class TrainConfig:
     values: str = _f(None, "DeMo: wire format of the values: fp32, bf16, or with a per-block "
                      "scale int8, int2 or sign (1 bit) (presets: int8; DeMo's own: fp32)",
                      choices=VALUE_DTYPES)
+    overlap: bool = _f(None, "DeMo: apply the previous step's aggregate, so the exchange runs "
+                       "under the next step's compute (off)")
     decay: float = _f(None, "decoupled momentum decay of demo/random/striding/slicing (0.999)", meta="BETA")
     rate: float = _f(None, "random/striding/slicing: fraction of rows sent (1/16)", meta="R")
     every: int = _f(None, "replicate every N steps (diloco: inner steps H, default 25)", meta="N")
@@ -165,9 +167,9 @@ def _check_field(f: dataclasses.Field[Any], value: Any) -> None:
         if not ok:
             interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
             raise ValueError(f"Invalid {name}: {value!r} (must be a number in {interval})")
-    elif name == "sign":
+    elif f.type in ("bool", bool):
         if not isinstance(value, bool):
-            raise ValueError(f"Invalid sign: {value!r} (must be true or false)")
+            raise ValueError(f"Invalid {name}: {value!r} (must be true or false)")
     elif name in ("out", "resume"):
         if not isinstance(value, str) or not value:
             raise ValueError(f"Invalid {name}: {value!r} (must be a path)")

@@ -19,7 +19,7 @@ OPTIMIZERS: Mapping[str, type[torch.optim.Optimizer]] = MappingProxyType(
 )
 """``--optimizer``: the base optimizers (torch's SGD without momentum, AdamW)."""
 
-DEMO_OPTIONS = frozenset({"topk", "chunk", "blocks", "values", "decay", "every"})
+DEMO_OPTIONS = frozenset({"topk", "chunk", "blocks", "values", "overlap", "decay", "every"})
 SUBSET_OPTIONS = frozenset({"rate", "decay", "every"})
 DILOCO_OPTIONS = frozenset({"every", "outer_lr", "outer_momentum"})
 REPLICATOR_OPTIONS = DEMO_OPTIONS | SUBSET_OPTIONS | DILOCO_OPTIONS
