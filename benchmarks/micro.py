@@ -95,7 +95,10 @@ def loopback_comm(nodes: int) -> Any:
             if not tensors:
                 return []
             flat = torch.cat([t.reshape(-1) for t in tensors]).div_(self.size)
-            return [c.view_as(t) for c, t in zip(flat.split([t.numel() for t in tensors]), tensors, strict=True)]
+            return [
+                c.view_as(t)
+                for c, t in zip(flat.split([t.numel() for t in tensors]), tensors, strict=True)
+            ]
 
         def all_gather(self, tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
             buffer, specs = pack(tensors)
@@ -143,22 +146,29 @@ def deto_contender(name: str, shapes: list[tuple[str, tuple[int, ...]]], nodes: 
     grads = _gradients([s for _, s in shapes], 0)
 
     if rep.acts_on == "param":
+
         def step(i: int) -> None:
             for p, g in zip(params, grads[i % 2], strict=True):
                 p.sub_(g)  # an inner step moved the parameters
             rep.after_step(comm)
     else:
+
         def step(i: int) -> None:
             rep.replicate(positions, grads[i % 2], lrs, comm)
+
     return Contender(name, step)
 
 
-def reference_contender(path: str, shapes: list[tuple[str, tuple[int, ...]]], nodes: int) -> Contender:
+def reference_contender(
+    path: str, shapes: list[tuple[str, tuple[int, ...]]], nodes: int
+) -> Contender:
     """The reference implementation's DeMo replicator on flat shards (its FSDP1 layout)."""
     sys.path.insert(0, str(Path(path).expanduser()))
     from detonation.repl import demo_replicator  # type: ignore[import-not-found]
 
-    def all_gather(outs: list[torch.Tensor], t: torch.Tensor, group: Any = None, async_op: bool = False) -> Any:
+    def all_gather(
+        outs: list[torch.Tensor], t: torch.Tensor, group: Any = None, async_op: bool = False
+    ) -> Any:
         for o in outs:
             o.copy_(t)
         return types.SimpleNamespace(wait=lambda: None)
@@ -166,8 +176,11 @@ def reference_contender(path: str, shapes: list[tuple[str, tuple[int, ...]]], no
     demo_replicator.dist = types.SimpleNamespace(all_gather=all_gather)
     params = [torch.nn.Parameter(torch.zeros(math.prod(s))) for _, s in shapes]
     group = {"params": params, "lr": 1e-3}
-    optim = types.SimpleNamespace(param_groups=[group], state={p: {} for p in params},
-                                  replication_parallel_group=types.SimpleNamespace(size=lambda: nodes))
+    optim = types.SimpleNamespace(
+        param_groups=[group],
+        state={p: {} for p in params},
+        replication_parallel_group=types.SimpleNamespace(size=lambda: nodes),
+    )
     rep = demo_replicator.DeMoReplicator(compression_topk=4, compression_chunk=64)
     rep.init(optim)
     grads = [[g.reshape(-1) for g in gs] for gs in _gradients([s for _, s in shapes], 0)]
@@ -177,6 +190,7 @@ def reference_contender(path: str, shapes: list[tuple[str, tuple[int, ...]]], no
         for p, g in zip(params, grads[i % 2], strict=True):
             rep.replicate(g, p, optim.state[p], group)
         rep.post_step()
+
     return Contender(REFERENCE, step)
 
 
@@ -193,12 +207,27 @@ class RemoteContender:
         return json.loads(self._worker.stdout.readline())
 
 
-def start_baseline(src: str, names: list[str], args: argparse.Namespace) -> tuple[subprocess.Popen[str], list[RemoteContender]]:
+def start_baseline(
+    src: str, names: list[str], args: argparse.Namespace
+) -> tuple[subprocess.Popen[str], list[RemoteContender]]:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(src).resolve()), str(REPO)]))
-    cmd = [sys.executable, "-m", "benchmarks.micro", "--serve", "--model", args.model,
-           "--nodes", str(args.nodes), "--ranks-per-node", str(args.ranks_per_node),
-           "--only", ",".join(names)]
-    worker = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.micro",
+        "--serve",
+        "--model",
+        args.model,
+        "--nodes",
+        str(args.nodes),
+        "--ranks-per-node",
+        str(args.ranks_per_node),
+        "--only",
+        ",".join(names),
+    ]
+    worker = subprocess.Popen(
+        cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
+    )
     assert worker.stdout is not None
     ready = json.loads(worker.stdout.readline())
     return worker, [RemoteContender(worker, n) for n in ready["contenders"]]
@@ -231,19 +260,38 @@ def interleave(contenders: list[Any], rounds: int, steps: int) -> dict[str, list
     return times
 
 
-def summarize(times: dict[str, list[list[float]]], elements: int, pairs: list[tuple[str, str]]) -> dict[str, Any]:
+def summarize(
+    times: dict[str, list[list[float]]], elements: int, pairs: list[tuple[str, str]]
+) -> dict[str, Any]:
     rows = []
     for label, per_round in times.items():
         flat = sorted(t for r in per_round for t in r)
         q = statistics.quantiles(flat, n=4) if len(flat) > 1 else [flat[0]] * 3
-        rows.append({"contender": label, "ms_median": 1e3 * q[1], "ms_p25": 1e3 * q[0],
-                     "ms_p75": 1e3 * q[2], "elements_per_s": elements / q[1], "steps": len(flat)})
+        rows.append(
+            {
+                "contender": label,
+                "ms_median": 1e3 * q[1],
+                "ms_p25": 1e3 * q[0],
+                "ms_p75": 1e3 * q[2],
+                "elements_per_s": elements / q[1],
+                "steps": len(flat),
+            }
+        )
     ratios = []
     for slow, fast in pairs:
-        per_round = sorted(statistics.median(a) / statistics.median(b)
-                           for a, b in zip(times[slow], times[fast], strict=True))
-        ratios.append({"slower": slow, "faster": fast, "speedup_median": statistics.median(per_round),
-                       "speedup_min": per_round[0], "speedup_max": per_round[-1]})
+        per_round = sorted(
+            statistics.median(a) / statistics.median(b)
+            for a, b in zip(times[slow], times[fast], strict=True)
+        )
+        ratios.append(
+            {
+                "slower": slow,
+                "faster": fast,
+                "speedup_median": statistics.median(per_round),
+                "speedup_min": per_round[0],
+                "speedup_max": per_round[-1],
+            }
+        )
     return {"results": rows, "speedups": ratios}
 
 
@@ -261,13 +309,22 @@ def markdown(report: dict[str, Any]) -> str:
         "| contender | ms/step (median) | p25 | p75 | elements/s |",
         "|---|---|---|---|---|",
     ]
-    lines += [f"| {r['contender']} | {r['ms_median']:.1f} | {r['ms_p25']:.1f} | {r['ms_p75']:.1f} | "
-              f"{r['elements_per_s']:.3g} |" for r in report["results"]]
+    lines += [
+        f"| {r['contender']} | {r['ms_median']:.1f} | {r['ms_p25']:.1f} | {r['ms_p75']:.1f} | "
+        f"{r['elements_per_s']:.3g} |"
+        for r in report["results"]
+    ]
     if report["speedups"]:
-        lines += ["", "| faster | slower | speedup (median of rounds) | range over rounds |",
-                  "|---|---|---|---|"]
-        lines += [f"| {s['faster']} | {s['slower']} | {s['speedup_median']:.2f}x | "
-                  f"{s['speedup_min']:.2f}-{s['speedup_max']:.2f}x |" for s in report["speedups"]]
+        lines += [
+            "",
+            "| faster | slower | speedup (median of rounds) | range over rounds |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| {s['faster']} | {s['slower']} | {s['speedup_median']:.2f}x | "
+            f"{s['speedup_min']:.2f}-{s['speedup_max']:.2f}x |"
+            for s in report["speedups"]
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -279,25 +336,39 @@ def environment() -> dict[str, Any]:
     except (OSError, StopIteration):
         pass
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
-                             text=True, check=True).stdout.strip()
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         sha = "unknown"
     import deto
 
-    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "git_sha": sha, "deto": getattr(deto, "__version__", "unknown"), "torch": torch.__version__,
-            "python": platform.python_version(), "cpu": cpu, "cpus": os.cpu_count(),
-            "threads": torch.get_num_threads(), "load_average": os.getloadavg()}
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "git_sha": sha,
+        "deto": getattr(deto, "__version__", "unknown"),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu": cpu,
+        "cpus": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "load_average": os.getloadavg(),
+    }
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.micro", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.micro", description=__doc__.split("\n\n")[0]
+    )
     p.add_argument("--model", default="bytegpt-4x256", help="bytegpt-LAYERSxWIDTH")
     p.add_argument("--nodes", type=int, default=2, help="payloads decoded per step")
     p.add_argument("--ranks-per-node", type=int, default=2, help="FSDP2 shards per node")
-    p.add_argument("--only", type=lambda s: s.split(","), default=list(CONTENDERS),
-                   help=f"comma-separated contenders (default all: {','.join(CONTENDERS)})")
+    p.add_argument(
+        "--only",
+        type=lambda s: s.split(","),
+        default=list(CONTENDERS),
+        help=f"comma-separated contenders (default all: {','.join(CONTENDERS)})",
+    )
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--steps", type=int, default=5, help="timed steps per contender per round")
     p.add_argument("--warmup", type=int, default=3)
@@ -343,19 +414,43 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             assert worker.stdin is not None
             worker.stdin.close()
             worker.wait()
-    report = {"environment": environment(), "model": args.model, "nodes": args.nodes,
-              "ranks_per_node": args.ranks_per_node, "elements_per_rank": elements,
-              "rounds": args.rounds, "steps_per_round": args.steps,
-              **summarize(times, elements, pairs)}
-    logger.info("%s, %d elements per rank, %d nodes' payloads, %d rounds x %d steps",
-                args.model, elements, args.nodes, args.rounds, args.steps)
+    report = {
+        "environment": environment(),
+        "model": args.model,
+        "nodes": args.nodes,
+        "ranks_per_node": args.ranks_per_node,
+        "elements_per_rank": elements,
+        "rounds": args.rounds,
+        "steps_per_round": args.steps,
+        **summarize(times, elements, pairs),
+    }
+    logger.info(
+        "%s, %d elements per rank, %d nodes' payloads, %d rounds x %d steps",
+        args.model,
+        elements,
+        args.nodes,
+        args.rounds,
+        args.steps,
+    )
     logger.info("%-28s %10s %10s %10s %14s", "contender", "ms/step", "p25", "p75", "elements/s")
     for r in report["results"]:
-        logger.info("%-28s %10.2f %10.2f %10.2f %14.3g", r["contender"], r["ms_median"],
-                    r["ms_p25"], r["ms_p75"], r["elements_per_s"])
+        logger.info(
+            "%-28s %10.2f %10.2f %10.2f %14.3g",
+            r["contender"],
+            r["ms_median"],
+            r["ms_p25"],
+            r["ms_p75"],
+            r["elements_per_s"],
+        )
     for s in report["speedups"]:
-        logger.info("%s is %.2fx faster than %s (per-round range %.2f-%.2f)", s["faster"],
-                    s["speedup_median"], s["slower"], s["speedup_min"], s["speedup_max"])
+        logger.info(
+            "%s is %.2fx faster than %s (per-round range %.2f-%.2f)",
+            s["faster"],
+            s["speedup_median"],
+            s["slower"],
+            s["speedup_min"],
+            s["speedup_max"],
+        )
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

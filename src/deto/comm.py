@@ -70,7 +70,9 @@ def broadcast_bytes(nbytes: int, group_size: int) -> int:
 class PendingGather:
     """An all-gather in flight (:meth:`Comm.all_gather_async`)."""
 
-    def __init__(self, comm: Comm, work: Any, gathered: torch.Tensor, specs: list[TensorSpec]) -> None:
+    def __init__(
+        self, comm: Comm, work: Any, gathered: torch.Tensor, specs: list[TensorSpec]
+    ) -> None:
         self._comm, self._work, self._gathered, self._specs = comm, work, gathered, specs
 
     def wait(self) -> list[list[torch.Tensor]]:

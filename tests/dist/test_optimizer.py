@@ -32,7 +32,9 @@ def composed(steps: int) -> dict:
         "demo_fired": demo.fired,
         "full_fired": full.fired,
         "delta_nonzero": all(
-            demo.momentum(pos).abs().sum() > 0 for pos, s in enumerate(demo.slots) if s.local.numel()
+            demo.momentum(pos).abs().sum() > 0
+            for pos, s in enumerate(demo.slots)
+            if s.local.numel()
         ),
     }
 

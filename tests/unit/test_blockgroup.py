@@ -69,15 +69,18 @@ def test_dct_domain_momentum_matches_parameter_space(shapes, mode, values):
         grads = [torch.randn(s, generator=g) for s in shapes]
         group.accumulate(present, grads, [0.1] * len(shapes), 0.9)
         idx, vals = group.select(present, wire)
-        ref = [reference_step(d, lay, gr, 0.1, 0.9, group.k, wire)
-               for d, lay, gr in zip(deltas, layouts, grads, strict=True)]
+        ref = [
+            reference_step(d, lay, gr, 0.1, 0.9, group.k, wire)
+            for d, lay, gr in zip(deltas, layouts, grads, strict=True)
+        ]
         ref_idx = torch.cat([i for i, _ in ref])
         ref_vals = torch.cat([v for _, v in ref])
         # the same coefficients are chosen, with the same values to rounding
         assert torch.equal(idx.sort(dim=1).values, ref_idx.sort(dim=1).values), step
         order, ref_order = idx.argsort(dim=1), ref_idx.argsort(dim=1)
-        torch.testing.assert_close(vals.gather(1, order), ref_vals.gather(1, ref_order),
-                                   rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            vals.gather(1, order), ref_vals.gather(1, ref_order), rtol=1e-5, atol=1e-6
+        )
         for i, d in enumerate(deltas):
             torch.testing.assert_close(group.momentum(i), d, rtol=1e-5, atol=1e-6)
     assert any(d.abs().sum() > 0 for d in deltas)
@@ -90,8 +93,10 @@ def test_decode_matches_dense_aggregation_and_leaves_buffers_zero(shapes, blocks
     g = torch.Generator().manual_seed(1)
     nb = group.num_blocks
     received = [
-        (torch.rand(nb, group.m, generator=g).argsort(dim=1)[:, : group.k],
-         torch.randn(nb, group.k, generator=g))
+        (
+            torch.rand(nb, group.m, generator=g).argsort(dim=1)[:, : group.k],
+            torch.randn(nb, group.k, generator=g),
+        )
         for _ in range(3)
     ]
     present = list(range(len(shapes)))
@@ -114,8 +119,10 @@ def test_decode_sums_bitwise_like_dense_blocks():
     layouts, group = _group([(1, 64)], 64, "1d")
     group.dc = torch.eye(64)
     g = torch.Generator().manual_seed(2)
-    received = [(torch.randperm(64, generator=g)[:20].view(1, -1), torch.randn(1, 20, generator=g))
-                for _ in range(4)]
+    received = [
+        (torch.randperm(64, generator=g)[:20].view(1, -1), torch.randn(1, 20, generator=g))
+        for _ in range(4)
+    ]
     for mode in ("selected", "all"):
         got = group.decode([0], received, mode)[0]
         assert torch.equal(got.view(1, -1), reference_aggregate(received, 64, mode))
@@ -124,8 +131,10 @@ def test_decode_sums_bitwise_like_dense_blocks():
 def test_aggregate_selected_and_all_by_hand():
     _, group = _group([(4,)], 4, "1d")
     group.dc = torch.eye(4)  # identity transform: the output is the aggregate itself
-    received = [(torch.tensor([[0, 1]]), torch.tensor([[2.0, 4.0]])),
-                (torch.tensor([[1, 2]]), torch.tensor([[6.0, 8.0]]))]
+    received = [
+        (torch.tensor([[0, 1]]), torch.tensor([[2.0, 4.0]])),
+        (torch.tensor([[1, 2]]), torch.tensor([[6.0, 8.0]])),
+    ]
     assert group.decode([0], received, "selected")[0].tolist() == [2.0, 5.0, 8.0, 0.0]
     assert group.decode([0], received, "all")[0].tolist() == [1.0, 5.0, 4.0, 0.0]
 
@@ -138,4 +147,6 @@ def test_subset_of_members_and_bad_groups():
     assert idx.shape == (layouts[1].num_blocks + layouts[3].num_blocks, group.k)
     assert group.momentum(0).abs().sum() == 0  # an absent member is untouched
     with pytest.raises(ValueError, match="one block shape"):
-        BlockGroup([make_layout((8, 8), 8, "2d"), make_layout((4, 4), 8, "2d")], 1, torch.device("cpu"))
+        BlockGroup(
+            [make_layout((8, 8), 8, "2d"), make_layout((4, 4), 8, "2d")], 1, torch.device("cpu")
+        )

@@ -27,8 +27,10 @@ def _grads(step):
 
 def _run(rep, steps, start=0):
     comm, positions = Comm(None, 1), list(range(len(SHAPES)))
-    return [[t.clone() for t in rep.replicate(positions, _grads(s), [0.1] * len(SHAPES), comm)]
-            for s in range(start, start + steps)]
+    return [
+        [t.clone() for t in rep.replicate(positions, _grads(s), [0.1] * len(SHAPES), comm)]
+        for s in range(start, start + steps)
+    ]
 
 
 def test_overlap_applies_the_previous_aggregate():
@@ -51,7 +53,11 @@ def test_overlap_checkpoint_holds_the_payload_in_flight():
     resumed = _bound(overlap=True)
     resumed.load_state_dict(saved)
     again = _run(resumed, 2, start=3)
-    assert all(torch.equal(a, b) for x, y in zip(tail, again, strict=True) for a, b in zip(x, y, strict=True))
+    assert all(
+        torch.equal(a, b)
+        for x, y in zip(tail, again, strict=True)
+        for a, b in zip(x, y, strict=True)
+    )
     assert "in_flight" not in _bound().state_dict()
 
 

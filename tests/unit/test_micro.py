@@ -31,8 +31,22 @@ def test_loopback_returns_every_node_the_same_payload():
 
 
 def test_run_writes_results(tmp_path):
-    report = micro.main(["--model", "bytegpt-1x16", "--only", "demo-1d-top4,full,diloco",
-                         "--rounds", "2", "--steps", "1", "--warmup", "0", "--out", str(tmp_path)])
+    report = micro.main(
+        [
+            "--model",
+            "bytegpt-1x16",
+            "--only",
+            "demo-1d-top4,full,diloco",
+            "--rounds",
+            "2",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     saved = json.loads((tmp_path / "micro.json").read_text())
     assert saved["elements_per_rank"] == report["elements_per_rank"] > 0
     assert [r["contender"] for r in saved["results"]] == ["demo-1d-top4", "full", "diloco"]

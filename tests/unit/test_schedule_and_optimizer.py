@@ -73,7 +73,8 @@ def test_demo_error_feedback_keeps_what_was_not_sent():
     model(torch.randn(4, 16)).pow(2).mean().backward()
     grads = [p.grad.clone() for p in model.parameters()]
     opt.step()
-    for pos, (b, g, p, plan) in enumerate(zip(before, grads, model.parameters(), rep.plans, strict=True)):
+    params = zip(before, grads, model.parameters(), rep.plans, strict=True)
+    for pos, (b, g, p, plan) in enumerate(params):
         # one node decodes exactly what it sent; what it did not send stays in delta
         sent, delta = (b - p) / 0.1, rep.momentum(pos)
         assert torch.allclose(sent + delta, 0.1 * g, atol=1e-6)

@@ -72,7 +72,9 @@ class _Views:
         self.dr = group.dr.expand(g0, b0, b0)
         self.dr_t = group.dr.T.expand(g0, b0, b0)
         out = group._out[part].view(r, c)
-        self.result = out.view(m.layout.shape) if not m.has_padding else out[: m.layout.rows, : m.layout.cols]
+        self.result = (
+            out.view(m.layout.shape) if not m.has_padding else out[: m.layout.rows, : m.layout.cols]
+        )
         device = group.coeffs.device
         self.pad = torch.zeros(r, c, device=device) if m.has_padding else None
         # overhanging blocks (grid positions) and their padded elements
@@ -92,7 +94,9 @@ class BlockGroup:
     def __init__(self, layouts: list[BlockLayout], k: int, device: torch.device) -> None:
         shapes = {(lay.block_rows, lay.block_cols) for lay in layouts}
         if len(shapes) != 1 or any(lay.num_blocks == 0 for lay in layouts):
-            raise ValueError(f"A block group needs non-empty layouts of one block shape, got {shapes}")
+            raise ValueError(
+                f"A block group needs non-empty layouts of one block shape, got {shapes}"
+            )
         (self.b0, self.b1), self.k = shapes.pop(), k
         self.m = self.b0 * self.b1
         self.members: list[Member] = []
@@ -137,11 +141,15 @@ class BlockGroup:
         the row stride of its member: ``(blocks, 1)`` each, cached per subset."""
         key = tuple(present)
         if key not in self._starts:
-            blocks = torch.cat([
-                torch.arange(self.members[i].first_block,
-                             self.members[i].first_block + self.members[i].layout.num_blocks)
-                for i in present
-            ]).to(self._base.device)
+            blocks = torch.cat(
+                [
+                    torch.arange(
+                        self.members[i].first_block,
+                        self.members[i].first_block + self.members[i].layout.num_blocks,
+                    )
+                    for i in present
+                ]
+            ).to(self._base.device)
             self._starts[key] = (self._base[blocks].unsqueeze(1), self._stride[blocks].unsqueeze(1))
         return self._starts[key]
 
@@ -155,8 +163,9 @@ class BlockGroup:
         return (base + rows * stride + (indices - rows * self.b1)).view(-1)
 
     # -- the step ---------------------------------------------------------------------------
-    def accumulate(self, present: list[int], grads: list[torch.Tensor], lrs: list[float],
-                   decay: float) -> None:
+    def accumulate(
+        self, present: list[int], grads: list[torch.Tensor], lrs: list[float], decay: float
+    ) -> None:
         """``coeffs <- decay * coeffs + lr * DCT(grad)`` for the members ``present``."""
         for i, grad, lr in zip(present, grads, lrs, strict=True):
             m, v = self.members[i], self._views[i]
@@ -201,7 +210,9 @@ class BlockGroup:
             self._restore_padding(present, indices, sent)
         return indices, values
 
-    def _restore_padding(self, present: list[int], indices: torch.Tensor, sent: torch.Tensor) -> None:
+    def _restore_padding(
+        self, present: list[int], indices: torch.Tensor, sent: torch.Tensor
+    ) -> None:
         """Put back into overhanging blocks the padded part of what was sent.
 
         The parameter-space momentum has no padding, so subtracting what was sent there drops
@@ -243,7 +254,9 @@ class BlockGroup:
             ones = torch.ones(values[0].shape, dtype=self._count.dtype, device=self._count.device)
             for flat in flats:
                 self._count.scatter_add_(0, flat, ones)
-            scaled = [v / self._count.index_select(0, f) for f, v in zip(flats, values, strict=True)]
+            scaled = [
+                v / self._count.index_select(0, f) for f, v in zip(flats, values, strict=True)
+            ]
             _clear(self._count, flats, sparse)
         else:
             scaled = [v / len(values) for v in values]
@@ -306,4 +319,3 @@ def _padding_mask(layout: BlockLayout, edge: torch.Tensor) -> torch.Tensor:
     u = torch.arange(b0, device=edge.device).view(1, b0, 1) + edge[:, 0].view(-1, 1, 1) * b0
     v = torch.arange(b1, device=edge.device).view(1, 1, b1) + edge[:, 1].view(-1, 1, 1) * b1
     return ((u >= layout.rows) | (v >= layout.cols)).float()
-

@@ -177,7 +177,8 @@ class WireFormat:
     def decode(
         self, parts: list[torch.Tensor], num_blocks: int, k: int, m: int, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The tensors of :meth:`encode` -> ``(indices int64, values in dtype)``, ``(num_blocks, k)``."""
+        """The tensors of :meth:`encode` -> ``(indices int64, values in dtype)``, each
+        ``(num_blocks, k)``."""
         if len(parts) != self.parts:
             raise ValueError(f"{self.values} groups have {self.parts} parts, got {len(parts)}")
         indices = unpack_bits(parts[0], index_bits(m), num_blocks * k).view(num_blocks, k)

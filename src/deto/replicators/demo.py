@@ -28,6 +28,10 @@ from deto.replicators.base import MomentumReplicator, register
 
 logger = logging.getLogger(__name__)
 
+# an all-gather started by an earlier step (a wait that returns every node's payload) and the
+# (group, members) whose selections it carries
+InFlight = tuple[Callable[[], list[list[torch.Tensor]]], list[tuple[int, list[int]]]]
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -123,9 +127,7 @@ class DeMo(MomentumReplicator):
         self.groups: list[BlockGroup] = []
         self._member: dict[int, tuple[int, int]] = {}  # slot position -> (group, member)
         self._slot_of: dict[tuple[int, int], int] = {}
-        # overlap: the previous step's all-gather (a wait returning every node's payload) and
-        # the (group, members) it carries
-        self._in_flight: tuple[Callable[[], list[list[torch.Tensor]]], list[tuple[int, list[int]]]] | None = None
+        self._in_flight: InFlight | None = None
 
     @property
     def values(self) -> str:
@@ -156,9 +158,12 @@ class DeMo(MomentumReplicator):
         keys: dict[tuple[int, int, int], list[int]] = {}
         for pos, plan in enumerate(self.plans):
             if plan.k and plan.layout.num_blocks:
-                keys.setdefault((plan.layout.block_rows, plan.layout.block_cols, plan.k), []).append(pos)
+                key = (plan.layout.block_rows, plan.layout.block_cols, plan.k)
+                keys.setdefault(key, []).append(pos)
         self.groups = [
-            BlockGroup([self.plans[p].layout for p in members], k, self.slots[members[0]].local.device)
+            BlockGroup(
+                [self.plans[p].layout for p in members], k, self.slots[members[0]].local.device
+            )
             for (_, _, k), members in keys.items()
         ]
         self._member = {}
@@ -179,7 +184,8 @@ class DeMo(MomentumReplicator):
         if saved is not None:
             device = self.groups[0].coeffs.device
             nodes = [[t.to(device, copy=True) for t in node] for node in saved["nodes"]]
-            self._in_flight = (lambda: nodes, [(int(g), [int(i) for i in m]) for g, m in saved["active"]])
+            active = [(int(g), [int(i) for i in m]) for g, m in saved["active"]]
+            self._in_flight = (lambda: nodes, active)
 
     def momentum(self, pos: int) -> torch.Tensor:
         """The decoupled momentum of ``slots[pos]`` in parameter space (a copy).
@@ -194,8 +200,10 @@ class DeMo(MomentumReplicator):
 
     def extra_repr(self) -> str:
         extra = ", overlap=True" if self.overlap else ""
-        return (f"topk={self.topk}, chunk={self.chunk}, decay={self.decay}, blocks={self.blocks!r}, "
-                f"values={self.values!r}{extra}")
+        return (
+            f"topk={self.topk}, chunk={self.chunk}, decay={self.decay}, "
+            f"blocks={self.blocks!r}, values={self.values!r}{extra}"
+        )
 
     def defer(self, positions: list[int], grads: list[torch.Tensor], lrs: list[float]) -> None:
         """``delta <- decay * delta + lr * grad``; in the DCT domain for sparse shards."""
@@ -245,7 +253,8 @@ class DeMo(MomentumReplicator):
                 out[j] = avg
         if payload:
             if self.overlap:
-                previous, self._in_flight = self._in_flight, (comm.all_gather_async(payload).wait, active)
+                previous = self._in_flight
+                self._in_flight = (comm.all_gather_async(payload).wait, active)
                 decoded = self._decode(previous[1], previous[0]()) if previous else {}
             else:
                 decoded = self._decode(active, comm.all_gather(payload))
