@@ -20,12 +20,12 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, fields
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
 
-from deto.compress.packing import pack, unpack
+from deto.compress.packing import TensorSpec, pack, unpack
 
 
 @dataclass
@@ -72,14 +72,19 @@ def broadcast_bytes(nbytes: int, group_size: int) -> int:
 class Transport(Protocol):
     """Moves one flat buffer between the nodes; every node calls each method in the same order."""
 
+
     size: int  # number of nodes
     rank: int  # this node's position among them
 
     def all_reduce_sum(self, flat: torch.Tensor) -> None:
         """Replace ``flat`` by its sum over the nodes, the same bytes on every node."""
 
-    def all_gather(self, out: torch.Tensor, buffer: torch.Tensor) -> None:
-        """Fill ``out`` (``size`` times ``buffer``'s length) with every node's ``buffer``."""
+    def all_gather(self, out: torch.Tensor, buffer: torch.Tensor, async_op: bool = False) -> Any:
+        """Fill ``out`` (``size`` times ``buffer``'s length) with every node's ``buffer``.
+
+        With ``async_op`` it may return a handle whose ``wait()`` finishes the gather (``None``
+        when it has finished already).
+        """
 
     def broadcast(self, buffer: torch.Tensor, src: int) -> None:
         """Overwrite ``buffer`` with node ``src``'s."""
@@ -100,11 +105,29 @@ class DistTransport:
     def all_reduce_sum(self, flat: torch.Tensor) -> None:
         dist.all_reduce(flat, group=self.group)
 
-    def all_gather(self, out: torch.Tensor, buffer: torch.Tensor) -> None:
-        _all_gather_single(out, buffer, group=self.group)
+    def all_gather(self, out: torch.Tensor, buffer: torch.Tensor, async_op: bool = False) -> Any:
+        return _all_gather_single(out, buffer, group=self.group, async_op=async_op)
 
     def broadcast(self, buffer: torch.Tensor, src: int) -> None:
         dist.broadcast(buffer, group_src=src, group=self.group)
+
+
+class PendingGather:
+    """An all-gather in flight (:meth:`Comm.all_gather_async`)."""
+
+    def __init__(
+        self, comm: Comm, work: Any, gathered: torch.Tensor, specs: list[TensorSpec]
+    ) -> None:
+        self._comm, self._work, self._gathered, self._specs = comm, work, gathered, specs
+
+    def wait(self) -> list[list[torch.Tensor]]:
+        """Every node's tensors, one list per node in replicate-rank order."""
+        if self._work is not None:
+            start = time.perf_counter()
+            self._work.wait()
+            self._work = None
+            self._comm._stats.seconds += time.perf_counter() - start
+        return [unpack(part, self._specs) for part in self._gathered.chunk(self._comm.size)]
 
 
 class Comm:
@@ -174,16 +197,23 @@ class Comm:
 
         Returns one list per node, in replicate-rank order.
         """
-        if self.size == 1:
-            return [list(tensors)]
+        return self.all_gather_async(tensors).wait()
+
+    def all_gather_async(self, tensors: list[torch.Tensor]) -> PendingGather:
+        """Start :meth:`all_gather` and return at once; :meth:`PendingGather.wait` finishes it.
+
+        Counted like :meth:`all_gather`, in the stats of the step that starts it (the seconds
+        of the start and of the wait both count). Collectives complete in the order they were
+        started, the same on every node.
+        """
         buffer, specs = pack(tensors)
-        if buffer.numel() == 0:
-            return [unpack(buffer, specs) for _ in range(self.size)]
+        if self.size == 1 or buffer.numel() == 0:
+            return PendingGather(self, None, buffer.repeat(self.size), specs)
         start = time.perf_counter()
         gathered = buffer.new_empty(self.size * buffer.numel())
-        self.transport.all_gather(gathered, buffer)
+        work = self.transport.all_gather(gathered, buffer, async_op=True)
         self._count(all_gather_bytes(buffer.numel(), self.size), start)
-        return [unpack(part, specs) for part in gathered.chunk(self.size)]
+        return PendingGather(self, work, gathered, specs)
 
     def broadcast(self, tensors: list[torch.Tensor], src: int = 0) -> None:
         """Copy node ``src``'s ``tensors`` into every node's, in place, with one call."""

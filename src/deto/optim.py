@@ -384,6 +384,8 @@ class DecoupledOptimizer(torch.optim.Optimizer):
             pre_hook(self)
         if self.step_count == 0:
             init_base_state(self.base)
+        for rep in self.replicators:
+            rep.finish_in_flight()
         self._publish_scalars()
         base_sd = self.base.state_dict()
         state: dict[Any, dict[str, Any]] = {}

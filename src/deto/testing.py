@@ -85,7 +85,8 @@ class _MemoryTransport:
             total = total + part
         flat.copy_(total)
 
-    def all_gather(self, out: torch.Tensor, buffer: torch.Tensor) -> None:
+    def all_gather(self, out: torch.Tensor, buffer: torch.Tensor, async_op: bool = False) -> None:
+        """Always finishes at once (in-memory), so there is never a handle to wait on."""
         torch.cat(self._rv.exchange(self.rank, "all_gather", buffer), out=out)
 
     def broadcast(self, buffer: torch.Tensor, src: int) -> None:

@@ -31,7 +31,11 @@ def composed(steps: int) -> dict:
         "full": len(full.slots),
         "demo_fired": demo.fired,
         "full_fired": full.fired,
-        "delta_nonzero": all(st["delta"].abs().sum() > 0 for st in demo.state if st["delta"].numel()),
+        "delta_nonzero": all(
+            demo.momentum(pos).abs().sum() > 0
+            for pos, s in enumerate(demo.slots)
+            if s.local.numel()
+        ),
     }
 
 
@@ -67,13 +71,18 @@ def test_schedule_every_and_skip_every(pool):
 
 
 def checkpoint_roundtrip(key: str) -> tuple[list[float], list[float], bool]:
-    rep_options = {"demo": {"topk": 8, "chunk": 8}, "random": {"rate": 0.3}, "diloco": {"every": 2}}
+    rep_options = {
+        "demo": {"topk": 8, "chunk": 8},
+        "demo-overlap": {"topk": 8, "chunk": 8, "overlap": True},  # a payload in flight
+        "random": {"rate": 0.3},
+        "diloco": {"every": 2},
+    }
     t = common.topo()
 
     def fresh():
         return deto.prepare(
-            common.make_model(), t, replicator=key, optimizer=torch.optim.AdamW, lr=1e-2,
-            **rep_options[key],
+            common.make_model(), t, replicator=key.split("-")[0], optimizer=torch.optim.AdamW,
+            lr=1e-2, **rep_options[key],
         )
 
     model, opt = fresh()
@@ -92,7 +101,7 @@ def checkpoint_roundtrip(key: str) -> tuple[list[float], list[float], bool]:
     return tail, tail2, common.shard_digest(model2) == final
 
 
-@pytest.mark.parametrize("key", ["demo", "random", "diloco"])
+@pytest.mark.parametrize("key", ["demo", "demo-overlap", "random", "diloco"])
 def test_state_dict_round_trip_resumes_identically(pool, key):
     for tail, tail2, same in pool.run(checkpoint_roundtrip, key):
         assert tail == tail2

@@ -20,7 +20,10 @@ SYNCING = {
     "demo-1d": {"blocks": "1d"},
     "demo-bf16": {"values": "bf16", "aggregation": "all"},
     "demo-int8": {"values": "int8"},
+    "demo-int2": {"values": "int2"},
+    "demo-sign": {"values": "sign", "topk": 8, "chunk": 8},
     "demo-sparse": {"topk": 4, "chunk": 4, "dense_fallback": False},
+    "demo-overlap": {"overlap": True, "values": "int8"},
     "full": {},
     "random": {"rate": 0.3},
     "striding": {"rate": 0.25},
@@ -134,7 +137,7 @@ def expected_rank_bytes(opt: deto.DecoupledOptimizer, rep: deto.Replicator, node
     if isinstance(rep, deto.DeMo):
         # shards with the same block shape and k travel as one group: indices bit-packed at
         # ceil(log2(block size)) bits over the whole group, values at their width (int8: plus
-        # one fp32 scale per block)
+        # one fp32 scale per block; int2 and sign: bit-packed over the group, plus the scales)
         dense = 0
         groups: dict[tuple[int, int, int], int] = {}
         for plan in rep.plans:
@@ -146,8 +149,12 @@ def expected_rank_bytes(opt: deto.DecoupledOptimizer, rep: deto.Replicator, node
         sparse = 0
         for (rows, cols, k), blocks in groups.items():
             bits = math.ceil(math.log2(rows * cols)) if rows * cols > 1 else 1
-            value = {"fp32": 4 * k, "bf16": 2 * k, "int8": k + 4}[rep.values]
-            sparse += math.ceil(blocks * k * bits / 8) + blocks * value
+            sparse += math.ceil(blocks * k * bits / 8)
+            if rep.values in ("int2", "sign"):
+                value_bits = 2 if rep.values == "int2" else 1
+                sparse += math.ceil(blocks * k * value_bits / 8) + 4 * blocks
+            else:
+                sparse += blocks * {"fp32": 4 * k, "bf16": 2 * k, "int8": k + 4}[rep.values]
         return (all_gather_bytes(sparse, nodes) if sparse else 0) + (
             all_reduce_bytes(dense, nodes) if dense else 0
         )

@@ -2,19 +2,21 @@
 
 Indices address one of ``m`` coefficients of a block, so ``ceil(log2 m)`` bits each is enough
 (12 for a 64 x 64 block, where a whole byte type would spend 16). Values travel as fp32, bf16,
-or int8 with one fp32 scale per block (absmax / 127). Every node decodes the same gathered bytes
+or with one fp32 scale per block as int8, 2-bit levels or 1-bit signs (:class:`WireFormat`).
+Every node decodes the same gathered bytes
 with the same ops, so what a node reads back is bitwise what every other node reads back; the
 sender uses :meth:`WireFormat.round_trip` to subtract exactly that from its momentum.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
 import torch
 
-VALUE_CODECS = ("fp32", "bf16", "int8")
+VALUE_CODECS = ("fp32", "bf16", "int8", "int2", "sign")
 INT8_MAX = 127
 
 
@@ -34,23 +36,18 @@ def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack non-negative integers below ``2**bits`` into a ``uint8`` stream, least significant
     bit first; value ``i`` starts at bit ``i * bits``. The inverse is :func:`unpack_bits`.
 
-    Each value is split into the (at most ``ceil((bits + 7) / 8)``) bytes it overlaps and the
-    pieces are added into the stream: the pieces of neighbouring values occupy disjoint bits,
-    so integer addition is an OR, exact and order-independent on every device.
+    Widths whose values tile whole bytes within 64 bits (6 bits: 4 values in 3 bytes; 10, 12,
+    any width up to 8, ...) are packed word by word with dense shifts; others byte span by byte
+    span. Both write the same stream.
     """
     if not 1 <= bits <= 31:
         raise ValueError(f"Invalid bit width: {bits} (expected 1..31)")
     flat = values.reshape(-1).to(torch.int64)
-    if bool(((flat < 0) | (flat >= 1 << bits)).any()):  # one host sync on an accelerator
+    if bool((flat >> bits).any()):  # negative or too wide; one host sync on an accelerator
         raise ValueError(f"values do not fit in {bits} unsigned bits")
-    offset = torch.arange(flat.numel(), device=flat.device) * bits
-    shifted = flat << (offset % 8)
-    first = offset // 8
-    nbytes, span = packed_nbytes(flat.numel(), bits), _span(bits)
-    out = torch.zeros(nbytes + span, dtype=torch.int64, device=flat.device)
-    for j in range(span):
-        out.index_add_(0, first + j, (shifted >> (8 * j)) & 0xFF)
-    return out[:nbytes].to(torch.uint8)
+    if _word(bits):
+        return _pack_words(flat, bits)
+    return _pack_spans(flat, bits)
 
 
 def unpack_bits(buffer: torch.Tensor, bits: int, count: int) -> torch.Tensor:
@@ -59,13 +56,72 @@ def unpack_bits(buffer: torch.Tensor, bits: int, count: int) -> torch.Tensor:
         raise ValueError(
             f"Buffer of {buffer.numel()} {buffer.dtype} does not hold {count} values of {bits} bits"
         )
+    if _word(bits):
+        return _unpack_words(buffer, bits, count)
+    return _unpack_spans(buffer, bits, count)
+
+
+def _word(bits: int) -> tuple[int, int] | None:
+    """``(values, bytes)`` of the smallest whole-byte run of ``bits``-bit values, if it fits
+    in 63 bits (so shifts stay within a signed 64-bit word)."""
+    run = math.lcm(bits, 8)
+    return (run // bits, run // 8) if run <= 63 else None
+
+
+def _pack_words(flat: torch.Tensor, bits: int) -> torch.Tensor:
+    per_word, nbytes_word = _word(bits)  # type: ignore[misc]
+    count = flat.numel()
+    values = torch.nn.functional.pad(flat, (0, -count % per_word)).view(-1, per_word)
+    word = values[:, 0].clone()
+    for i in range(1, per_word):
+        word |= values[:, i] << (i * bits)
+    out = torch.empty(word.numel(), nbytes_word, dtype=torch.uint8, device=flat.device)
+    for b in range(nbytes_word):
+        out[:, b] = (word >> (8 * b)) & 0xFF
+    return out.view(-1)[: packed_nbytes(count, bits)]
+
+
+def _unpack_words(buffer: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    per_word, nbytes_word = _word(bits)  # type: ignore[misc]
+    groups = -(-count // per_word)
+    raw = torch.nn.functional.pad(buffer, (0, groups * nbytes_word - buffer.numel()))
+    raw = raw.view(groups, nbytes_word).to(torch.int64)
+    word = raw[:, 0].clone()
+    for b in range(1, nbytes_word):
+        word |= raw[:, b] << (8 * b)
+    out = torch.empty(groups, per_word, dtype=torch.int64, device=buffer.device)
+    for i in range(per_word):
+        out[:, i] = (word >> (i * bits)) & ((1 << bits) - 1)
+    return out.view(-1)[:count]
+
+
+def _pack_spans(flat: torch.Tensor, bits: int) -> torch.Tensor:
+    """Each value split into the (at most ``ceil((bits + 7) / 8)``) bytes it overlaps, the
+    pieces added into the stream: neighbouring values' pieces occupy disjoint bits, so integer
+    addition is an OR, exact and order-independent on every device."""
+    first, shift = _bit_offsets(flat.numel(), bits, flat.device)
+    shifted = flat << shift
+    nbytes, span = packed_nbytes(flat.numel(), bits), _span(bits)
+    out = torch.zeros(nbytes + span, dtype=torch.int64, device=flat.device)
+    for j in range(span):
+        out.scatter_add_(0, first + j, (shifted >> (8 * j)) & 0xFF)
+    return out[:nbytes].to(torch.uint8)
+
+
+def _unpack_spans(buffer: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     padded = torch.nn.functional.pad(buffer.to(torch.int64), (0, _span(bits)))
-    offset = torch.arange(count, device=buffer.device) * bits
-    first = offset // 8
-    word = torch.zeros(count, dtype=torch.int64, device=buffer.device)
-    for j in range(_span(bits)):
-        word |= padded[first + j] << (8 * j)
-    return (word >> (offset % 8)) & ((1 << bits) - 1)
+    first, shift = _bit_offsets(count, bits, buffer.device)
+    word = padded.index_select(0, first)
+    for j in range(1, _span(bits)):
+        word |= padded.index_select(0, first + j) << (8 * j)
+    return (word >> shift) & ((1 << bits) - 1)
+
+
+@functools.lru_cache(maxsize=32)
+def _bit_offsets(count: int, bits: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """First byte of each of ``count`` packed values, and its bit offset in that byte."""
+    offset = torch.arange(count, device=device) * bits
+    return offset // 8, offset % 8
 
 
 def _span(bits: int) -> int:
@@ -73,11 +129,25 @@ def _span(bits: int) -> int:
     return (bits + 7 + 7) // 8
 
 
+# bits per value of the codecs that carry one fp32 scale per block
+SCALED_BITS = {"int8": 8, "int2": 2, "sign": 1}
+
+
 @dataclass(frozen=True)
 class WireFormat:
     """Encoding of ``(num_blocks, k)`` top-k indices and values of blocks of ``m`` coefficients.
 
-    ``values``: ``"fp32"``, ``"bf16"`` or ``"int8"`` (symmetric, one fp32 scale per block).
+    ``values``:
+
+    * ``"fp32"``, ``"bf16"``: the values themselves;
+    * ``"int8"``: symmetric, ``round(v / s)`` with ``s = absmax / 127`` per block;
+    * ``"int2"`` (Templar-style): 4 levels ``(-1, -1/3, 1/3, 1) * s`` with ``s = absmax`` per
+      block (the nearest level; the largest value is exact), 2 bits each;
+    * ``"sign"`` (Psyche-style): 1 bit each, read back as ``sign(v) * mean |v|`` of the block
+      (a zero reads as positive).
+
+    The scaled codecs send one fp32 scale per block; the 2- and 1-bit codes are bit-packed over
+    the whole group like the indices.
     """
 
     values: str = "fp32"
@@ -88,14 +158,17 @@ class WireFormat:
 
     @property
     def parts(self) -> int:
-        """Tensors per encoded group: indices, values (and scales for int8)."""
-        return 3 if self.values == "int8" else 2
+        """Tensors per encoded group: indices, values (and the scales of scaled codecs)."""
+        return 3 if self.values in SCALED_BITS else 2
 
     def nbytes(self, num_blocks: int, k: int, m: int) -> int:
         """Wire bytes of one group: the exact size of :meth:`encode`'s tensors."""
         entries = num_blocks * k
-        value_bytes = {"fp32": 4 * entries, "bf16": 2 * entries, "int8": entries + 4 * num_blocks}
-        return packed_nbytes(entries, index_bits(m)) + value_bytes[self.values]
+        if self.values in SCALED_BITS:
+            value_bytes = packed_nbytes(entries, SCALED_BITS[self.values]) + 4 * num_blocks
+        else:
+            value_bytes = {"fp32": 4, "bf16": 2}[self.values] * entries
+        return packed_nbytes(entries, index_bits(m)) + value_bytes
 
     def encode(self, indices: torch.Tensor, values: torch.Tensor, m: int) -> list[torch.Tensor]:
         """``(num_blocks, k)`` indices and float values -> the tensors to send."""
@@ -104,27 +177,44 @@ class WireFormat:
     def decode(
         self, parts: list[torch.Tensor], num_blocks: int, k: int, m: int, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The tensors of :meth:`encode` -> ``(indices int64, values in dtype)``, ``(num_blocks, k)``."""
+        """The tensors of :meth:`encode` -> ``(indices int64, values in dtype)``, each
+        ``(num_blocks, k)``."""
         if len(parts) != self.parts:
             raise ValueError(f"{self.values} groups have {self.parts} parts, got {len(parts)}")
         indices = unpack_bits(parts[0], index_bits(m), num_blocks * k).view(num_blocks, k)
-        return indices, self._decode_values(parts[1:], dtype).reshape(num_blocks, k)
+        return indices, self._decode_values(parts[1:], (num_blocks, k), dtype)
 
     def round_trip(self, values: torch.Tensor) -> torch.Tensor:
         """What receivers will read for ``values``, in ``values``' dtype (for error feedback)."""
-        return self._decode_values(self._encode_values(values), values.dtype)
+        shape = (values.shape[0], values.shape[-1])
+        return self._decode_values(self._encode_values(values), shape, values.dtype)
 
     def _encode_values(self, values: torch.Tensor) -> list[torch.Tensor]:
+        v = values.float()
         if self.values == "fp32":
-            return [values.float()]
+            return [v]
         if self.values == "bf16":
             return [values.to(torch.bfloat16)]
-        scale = values.abs().amax(dim=-1, keepdim=True).float() / INT8_MAX
-        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-        return [torch.round(values.float() / safe).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8), scale]
+        if self.values == "sign":
+            return [pack_bits(torch.signbit(v) & (v != 0), 1), v.abs().mean(dim=-1, keepdim=True)]
+        peak = v.abs().amax(dim=-1, keepdim=True)
+        if self.values == "int8":
+            scale = peak / INT8_MAX
+            safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+            return [torch.round(v / safe).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8), scale]
+        # int2: level q in 0..3 is (2q - 3) / 3 of the peak; the nearest one
+        safe = torch.where(peak > 0, peak, torch.ones_like(peak))
+        return [pack_bits(torch.floor(v / safe * 1.5).add_(2).clamp_(0, 3), 2), peak]
 
-    @staticmethod
-    def _decode_values(parts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-        if len(parts) == 2:  # int8 values and their per-block scale
+    def _decode_values(
+        self, parts: list[torch.Tensor], shape: tuple[int, int], dtype: torch.dtype
+    ) -> torch.Tensor:
+        if self.values == "int8":
             return (parts[0].to(torch.float32) * parts[1]).to(dtype)
-        return parts[0].to(dtype)
+        if self.values in ("int2", "sign"):
+            bits = SCALED_BITS[self.values]
+            codes = unpack_bits(parts[0], bits, shape[0] * shape[1]).view(shape)
+            if self.values == "sign":
+                return ((1 - 2 * codes).to(torch.float32) * parts[1]).to(dtype)
+            return ((2 * codes - 3).to(torch.float32) / 3 * parts[1]).to(dtype)
+        return parts[0].to(dtype).reshape(shape)

@@ -99,6 +99,12 @@ class Replicator(ABC):
     def load_scalars(self, scalars: dict[str, int]) -> None:
         self.fired = int(scalars["fired"])
 
+    def finish_in_flight(self) -> None:
+        """Complete any exchange still in flight into ``state``, before it is checkpointed.
+
+        Schemes that overlap their exchange with the next step's compute override this.
+        """
+
     def extra_repr(self) -> str:
         return ""
 

@@ -2,28 +2,35 @@
 
 Per local shard: blocks -> orthonormal DCT-II -> top-k per block -> subtract what is sent from
 ``delta`` -> all-gather (bit-packed indices, coded values; :mod:`deto.compress.wire`) over the
-nodes -> deterministic aggregate -> inverse DCT. Shards whose blocks have the same shape are encoded and decoded as one batch. Every node decodes the same gathered bytes with the same ops, so replicas stay bitwise
-identical. FlexDeMo is this replicator on FSDP2 shards; plain DeMo is one rank per node.
+nodes -> deterministic aggregate -> inverse DCT. Shards whose blocks have the same shape form a
+:class:`~deto.compress.blockgroup.BlockGroup`, which keeps their momentum in the DCT domain (one
+forward transform of the gradient and one inverse transform of the aggregate per step) and is
+encoded and decoded as one batch. Every node decodes the same gathered bytes with the same ops,
+so replicas stay bitwise identical. FlexDeMo is this replicator on FSDP2 shards; plain DeMo is
+one rank per node.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, get_args
 
 import torch
 
 from deto.comm import Comm
-from deto.compress.chunking import BlockLayout, BlockMode, from_blocks, make_layout, to_blocks
-from deto.compress.dct import dct_blocks
-from deto.compress.decode import decode_blocks
-from deto.compress.topk import topk_per_block
+from deto.compress.blockgroup import BlockGroup
+from deto.compress.chunking import BlockLayout, BlockMode, make_layout
 from deto.compress.wire import VALUE_CODECS, WireFormat
 from deto.replicators.base import MomentumReplicator, register
 from deto.replicators.options import MomentumOptions, knob
 
 logger = logging.getLogger(__name__)
+
+# an all-gather started by an earlier step (a wait that returns every node's payload) and the
+# (group, members) whose selections it carries
+InFlight = tuple[Callable[[], list[list[torch.Tensor]]], list[tuple[int, list[int]]]]
 
 
 @dataclass(frozen=True)
@@ -73,6 +80,11 @@ class DeMoOptions(MomentumOptions):
     the nodes that sent it (the reference), ``"all"`` divides by the number of nodes. With
     ``dense_fallback`` a shard whose top-k payload would not be smaller than itself (tiny
     tensors) is all-reduced dense; off, every shard goes through the DCT, whatever it costs.
+    With ``overlap`` each step starts its all-gather and returns at once, applying the aggregate
+    of the previous replication step (a one-step delay, as Psyche does): the exchange runs under
+    the next forward and backward. Every node applies the same aggregate, so replicas stay
+    identical; the first step applies nothing to sparse shards, and shards sent dense are still
+    all-reduced in the step. Checkpoints hold the payload in flight.
     """
 
     topk: int = knob(32, "DCT coefficients kept per chunk", low=1, metavar="K")
@@ -82,7 +94,8 @@ class DeMoOptions(MomentumOptions):
         choices=get_args(BlockMode),
     )
     values: str = knob(
-        "fp32", "wire format of the sent values; int8 has one fp32 scale per block",
+        "fp32", "wire format of the sent values; int8, int2 and sign (1 bit) have one fp32 "
+        "scale per block",
         choices=VALUE_CODECS,
     )
     aggregation: str = knob(
@@ -91,6 +104,9 @@ class DeMoOptions(MomentumOptions):
     )
     dense_fallback: bool = knob(
         True, "send a tensor dense when its top-k payload would not be smaller"
+    )
+    overlap: bool = knob(
+        False, "apply the previous step's aggregate while this step's exchange is in flight"
     )
 
     def __post_init__(self) -> None:
@@ -108,7 +124,8 @@ class DeMo(MomentumReplicator):
     """Decoupled momentum with DCT top-k compression.
 
     Keyword arguments: the knobs of :class:`DeMoOptions` (``topk=32, chunk=64, decay=0.999,
-    blocks="2d", values="fp32", aggregation="selected", dense_fallback=True, every=1``), and
+    blocks="2d", values="fp32", aggregation="selected", dense_fallback=True, overlap=False,
+    every=1``), and
     the schedule's ``skip_every``, ``offset`` and ``include`` (see :class:`Replicator`).
     """
 
@@ -123,8 +140,14 @@ class DeMo(MomentumReplicator):
         self.wire = WireFormat(self.options.values)
         self.aggregation = self.options.aggregation
         self.dense_fallback = self.options.dense_fallback
+        self.overlap = self.options.overlap
         super().__init__(decay=self.options.decay, every=self.options.every, **schedule)
         self.plans: list[Plan] = []
+        self.groups: list[BlockGroup] = []
+        self._member: dict[int, tuple[int, int]] = {}  # slot position -> (group, member)
+        self._slot_of: dict[tuple[int, int], int] = {}
+        self._in_flight: InFlight | None = None
+        self._pending = False  # with overlap: ``state[pos]["pending"]`` is the next update
 
     @property
     def values(self) -> str:
@@ -148,60 +171,157 @@ class DeMo(MomentumReplicator):
                 "smaller: %s", len(dense), sum(n for _, n in dense),
                 ", ".join(n for n, _ in dense[:5]) + (" ..." if len(dense) > 5 else ""),
             )
+        self._bind_groups()
+
+    def _bind_groups(self) -> None:
+        """One :class:`BlockGroup` per (block shape, k); sparse shards keep their momentum there."""
+        keys: dict[tuple[int, int, int], list[int]] = {}
+        for pos, plan in enumerate(self.plans):
+            if plan.k and plan.layout.num_blocks:
+                key = (plan.layout.block_rows, plan.layout.block_cols, plan.k)
+                keys.setdefault(key, []).append(pos)
+        self.groups = [
+            BlockGroup(
+                [self.plans[p].layout for p in members], k, self.slots[members[0]].local.device
+            )
+            for (_, _, k), members in keys.items()
+        ]
+        self._member = {}
+        for g, members in enumerate(keys.values()):
+            for i, pos in enumerate(members):
+                self._member[pos] = (g, i)
+                self.state[pos]["delta"] = self.groups[g].region(i)
+        self._slot_of = {where: pos for pos, where in self._member.items()}
+        if self.overlap:  # where a checkpoint keeps the aggregate still to be applied
+            for pos in self._member:
+                self.state[pos]["pending"] = torch.zeros_like(self.slots[pos].local,
+                                                              dtype=torch.float32)
+
+    def scalars(self) -> dict[str, int]:
+        """``fired``, and with ``overlap`` whether ``pending`` holds an aggregate to apply."""
+        out = super().scalars()
+        if self.overlap:
+            out["pending"] = int(self._pending)
+        return out
+
+    def load_scalars(self, scalars: dict[str, int]) -> None:
+        super().load_scalars(scalars)
+        if self.overlap:
+            self._pending = bool(scalars["pending"])
+            self._in_flight = None
+
+    def finish_in_flight(self) -> None:
+        """Wait for the exchange in flight and keep its decoded aggregate in ``pending``.
+
+        A checkpoint then holds the update the next step applies, per parameter, so a resume
+        is exact; decoding now or at the next step gives the same bytes.
+        """
+        if self._in_flight is None:
+            return
+        wait, active = self._in_flight
+        self._in_flight = None
+        for pos, aggregate in self._decode(active, wait()).items():
+            self.state[pos]["pending"].copy_(aggregate)
+        self._pending = True
+
+    def momentum(self, pos: int) -> torch.Tensor:
+        """The decoupled momentum of ``slots[pos]`` in parameter space (a copy).
+
+        Shards sent as DCT coefficients keep it in the DCT domain (``state[pos]["delta"]``);
+        this transforms it back.
+        """
+        if pos in self._member:
+            g, i = self._member[pos]
+            return self.groups[g].momentum(i)
+        return self.state[pos]["delta"].clone()
 
     def extra_repr(self) -> str:
-        return f"topk={self.topk}, chunk={self.chunk}, decay={self.decay}, blocks={self.blocks!r}, values={self.values!r}"
+        extra = ", overlap=True" if self.overlap else ""
+        return (
+            f"topk={self.topk}, chunk={self.chunk}, decay={self.decay}, "
+            f"blocks={self.blocks!r}, values={self.values!r}{extra}"
+        )
+
+    def defer(self, positions: list[int], grads: list[torch.Tensor], lrs: list[float]) -> None:
+        """``delta <- decay * delta + lr * grad``; in the DCT domain for sparse shards."""
+        per_group: dict[int, tuple[list[int], list[torch.Tensor], list[float]]] = {}
+        for pos, grad, lr in zip(positions, grads, lrs, strict=True):
+            if pos in self._member:
+                g, i = self._member[pos]
+                entry = per_group.setdefault(g, ([], [], []))
+                entry[0].append(i)
+                entry[1].append(grad)
+                entry[2].append(lr)
+            else:
+                self.state[pos]["delta"].mul_(self.decay).add_(grad, alpha=lr)
+        for g, (members, gs, ls) in per_group.items():
+            self.groups[g].accumulate(members, gs, ls, self.decay)
 
     def exchange(
         self, positions: list[int], deltas: list[torch.Tensor], comm: Comm
     ) -> list[torch.Tensor]:
-        """Encode, send and decode; shards with the same block shape are batched together."""
+        """Select and send each group's top-k, all-reduce the dense shards, decode.
+
+        Sparse shards' ``deltas`` are their groups' coefficient regions, which the groups
+        update in place; groups are encoded in bind order, members in slot order. With
+        ``overlap``, this step's all-gather is left in flight and the previous one is decoded.
+        """
         out: list[torch.Tensor | None] = [None] * len(positions)
         dense: list[int] = []
-        groups: dict[tuple[int, int, int], list[int]] = {}
-        for i, (pos, delta) in enumerate(zip(positions, deltas, strict=True)):
-            plan = self.plans[pos]
-            if plan.layout.numel == 0:
-                out[i] = torch.zeros_like(delta)
-            elif plan.k == 0:
-                dense.append(i)
+        present: dict[int, list[int]] = {}  # group -> members
+        for j, (pos, delta) in enumerate(zip(positions, deltas, strict=True)):
+            if pos in self._member:
+                g, i = self._member[pos]
+                present.setdefault(g, []).append(i)
+            elif self.plans[pos].layout.numel == 0:
+                out[j] = torch.zeros_like(delta)
             else:
-                key = (plan.layout.block_rows, plan.layout.block_cols, plan.k)
-                groups.setdefault(key, []).append(i)
-
+                dense.append(j)
+        active = sorted((g, sorted(members)) for g, members in present.items())
         payload: list[torch.Tensor] = []
-        for (rows, cols, k), members in groups.items():
-            layouts = [self.plans[positions[i]].layout for i in members]
-            blocks = torch.cat([to_blocks(deltas[i], lay) for i, lay in zip(members, layouts, strict=True)])
-            idx, vals = topk_per_block(dct_blocks(blocks).reshape(len(blocks), -1), k)
-            # error feedback: what is sent (as the receivers will read it) leaves delta
-            sent = decode_blocks([idx], [self.wire.round_trip(vals)], rows, cols, "all")
-            for i, lay, part in zip(members, layouts, sent.split([lay.num_blocks for lay in layouts]), strict=True):
-                deltas[i].sub_(from_blocks(part, lay))
-            payload += self.wire.encode(idx, vals, rows * cols)
+        for g, members in active:
+            idx, vals = self.groups[g].select(members, self.wire)
+            payload += self.wire.encode(idx, vals, self.groups[g].m)
 
         if dense:
-            averaged = comm.all_reduce_mean([deltas[i] for i in dense])
-            for i, avg in zip(dense, averaged, strict=True):
-                deltas[i].zero_()
-                out[i] = avg
+            averaged = comm.all_reduce_mean([deltas[j] for j in dense])
+            for j, avg in zip(dense, averaged, strict=True):
+                deltas[j].zero_()
+                out[j] = avg
         if payload:
-            nodes = comm.all_gather(payload)
-            parts = self.wire.parts
-            for g, ((rows, cols, k), members) in enumerate(groups.items()):
-                layouts = [self.plans[positions[i]].layout for i in members]
-                num_blocks = sum(lay.num_blocks for lay in layouts)
-                received = [
-                    self.wire.decode(node[parts * g : parts * (g + 1)], num_blocks, k, rows * cols, deltas[members[0]].dtype)
-                    for node in nodes
-                ]
-                decoded = decode_blocks(
-                    [idx for idx, _ in received],
-                    [vals for _, vals in received],
-                    rows,
-                    cols,
-                    self.aggregation,  # type: ignore[arg-type]
-                )
-                for i, lay, part in zip(members, layouts, decoded.split([lay.num_blocks for lay in layouts]), strict=True):
-                    out[i] = from_blocks(part, lay)
+            if self.overlap:
+                previous = self._in_flight
+                self._in_flight = (comm.all_gather_async(payload).wait, active)
+                if previous is not None:
+                    decoded = self._decode(previous[1], previous[0]())
+                elif self._pending:  # finished before a checkpoint, or restored from one
+                    decoded = {pos: self.state[pos]["pending"].clone() for pos in self._member}
+                    self._pending = False
+                else:
+                    decoded = {}
+            else:
+                decoded = self._decode(active, comm.all_gather(payload))
+            for j, pos in enumerate(positions):
+                if pos in self._member:
+                    out[j] = decoded.get(pos, None)
+                    if out[j] is None:  # nothing in flight for it yet: no update this step
+                        out[j] = torch.zeros(self.slots[pos].local.shape, device=deltas[j].device)
         return [t for t in out if t is not None]
+
+    def _decode(
+        self, active: list[tuple[int, list[int]]], nodes: list[list[torch.Tensor]]
+    ) -> dict[int, torch.Tensor]:
+        """Every node's payload -> the aggregate update of each slot position in ``active``."""
+        parts, out = self.wire.parts, {}
+        for n, (g, members) in enumerate(active):
+            group = self.groups[g]
+            num_blocks = sum(group.members[i].layout.num_blocks for i in members)
+            received = [
+                self.wire.decode(node[parts * n : parts * (n + 1)], num_blocks, group.k, group.m,
+                                 torch.float32)
+                for node in nodes
+            ]
+            decoded = group.decode(members, received, self.aggregation)  # type: ignore[arg-type]
+            for i, t in zip(members, decoded, strict=True):
+                out[self._slot_of[(g, i)]] = t
+        return out

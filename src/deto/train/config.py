@@ -162,9 +162,9 @@ def _check_field(f: dataclasses.Field[Any], value: Any) -> None:
         if not ok:
             interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
             raise ValueError(f"Invalid {name}: {value!r} (must be a number in {interval})")
-    elif name == "sign":
+    elif f.type in ("bool", bool):
         if not isinstance(value, bool):
-            raise ValueError(f"Invalid sign: {value!r} (must be true or false)")
+            raise ValueError(f"Invalid {name}: {value!r} (must be true or false)")
     elif name in ("out", "resume"):
         if not isinstance(value, str) or not value:
             raise ValueError(f"Invalid {name}: {value!r} (must be a path)")
