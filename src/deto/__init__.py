@@ -19,6 +19,7 @@ from deto.replicators import (
     make_replicator,
 )
 from deto.schedule import SyncSchedule
+from deto.sharding import shard
 from deto.topology import Topology
 
 __version__ = "0.1.0"
@@ -38,4 +39,5 @@ __all__ = [
     "Topology",
     "make_replicator",
     "prepare",
+    "shard",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import types
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -10,11 +11,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from deto.buffers import BufferSync, synced_buffers
 from deto.comm import Comm
 from deto.optim import DecoupledOptimizer
 from deto.replicators import Replicator, make_replicator
 from deto.replicators.base import local_tensor
-from deto.sharding import shard_model
+from deto.sharding import WrapPolicy, is_meta, materialize, shard
 from deto.topology import Topology
 
 logger = logging.getLogger(__name__)
@@ -86,6 +88,7 @@ def prepare(
     sign: bool = True,
     weight_decay: float = 0.0,
     mixed_precision: str | None = None,
+    wrap_policy: WrapPolicy | None = None,
     nonfinite: str = "raise",
     optimizer_options: dict[str, Any] | None = None,
     sync_initial: bool = True,
@@ -94,8 +97,9 @@ def prepare(
     """Shard ``model`` inside each node and wrap an optimizer whose replicators span nodes.
 
     Args:
-        model: any ``nn.Module``; moved to the topology's device and sharded with FSDP2 over
-            the ``shard`` axis only (members of ``nn.ModuleList`` first, then the root).
+        model: any ``nn.Module``, sharded by :func:`deto.shard` over the ``shard`` axis only;
+            one already sharded over ``topology.mesh["shard"]`` is kept as it is. A model
+            still on the meta device is materialised with each module's ``reset_parameters()``.
         topology: the cluster shape; the process group is initialised if needed.
         replicator: a registry name (``"demo"``, ``"full"``, ...), a :class:`Replicator`, or a
             list of them. ``**options`` configure a replicator given by name.
@@ -105,8 +109,11 @@ def prepare(
         sign: use the sign of the replicated gradient (sign-SGD; FlexDeMo's default).
         weight_decay: decoupled weight decay, applied by deto for every base optimizer.
         mixed_precision: ``None`` or ``"bf16"`` (bf16 compute, fp32 params and reductions).
+        wrap_policy: the FSDP2 units: module classes or ``(module) -> bool`` (see
+            :func:`deto.shard`); ``None`` shards the outermost repeated blocks.
         nonfinite: what to do with non-finite gradients (see :class:`DecoupledOptimizer`).
-        sync_initial: broadcast node 0's parameters to every node first, so replicas start equal.
+        sync_initial: broadcast node 0's parameters and buffers to every node first, so
+            replicas start equal.
 
     Returns:
         ``(model, optimizer)``: the sharded model and a :class:`DecoupledOptimizer`.
@@ -121,8 +128,9 @@ def prepare(
     mesh = topology.init()
 
     named_before = list(model.named_parameters())
-    model.to(topology.torch_device)
-    shard_model(model, mesh["shard"], mixed_precision=mixed_precision)
+    shard(model, topology, mixed_precision=mixed_precision, wrap_policy=wrap_policy)
+    if is_meta(model):
+        materialize(model, topology.torch_device)
     named_after = dict(model.named_parameters())
     renamed = {id(p): named_after[n] for n, p in named_before}
     names: dict[torch.Tensor, str] = {p: n for n, p in named_after.items()}
@@ -130,7 +138,8 @@ def prepare(
     comm = Comm(mesh["replicate"].get_group(), topology.nodes)
     if sync_initial:
         with torch.no_grad():
-            comm.broadcast([local_tensor(p) for p in named_after.values()], src=0)
+            tensors = [local_tensor(p) for p in named_after.values()]
+            comm.broadcast(tensors + list(model.buffers()), src=0)
         comm.take_stats()  # set-up traffic is not a step's traffic
 
     base = _build_base(optimizer, model, renamed, lr, optimizer_options or {})
@@ -144,5 +153,28 @@ def prepare(
         nonfinite=nonfinite,
         node_group=mesh["shard"].get_group(),
     )
+    opt.register_step_pre_hook(
+        BufferSync(synced_buffers(model), comm, mesh["shard"].get_group())
+    )
+    _fire_step_hooks(opt)
     logger.info("deto: %s on %d node(s) x %d rank(s)", opt, topology.nodes, topology.ranks_per_node)
     return model, opt
+
+
+def _fire_step_hooks(opt: DecoupledOptimizer) -> None:
+    """Run the step hooks registered on ``opt`` around its ``step`` where its class does not.
+
+    Bound as a method, so LR schedulers can wrap it as they wrap any optimizer's ``step``.
+    """
+    if getattr(type(opt).step, "hooked", False):
+        return
+
+    def hooked_step(self: DecoupledOptimizer, *args: Any, **kwargs: Any) -> Any:
+        for pre in list(self._optimizer_step_pre_hooks.values()):
+            pre(self, args, kwargs)
+        out = type(self).step(self, *args, **kwargs)
+        for post in list(self._optimizer_step_post_hooks.values()):
+            post(self, args, kwargs)
+        return out
+
+    opt.step = types.MethodType(hooked_step, opt)  # type: ignore[method-assign]

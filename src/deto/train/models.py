@@ -1,8 +1,9 @@
-"""The two small models of the embedded tasks: a GPT-style byte LM and a ViT for 8x8 digits.
+"""Small models of the embedded tasks that need no download: a GPT-style byte LM, a ViT and a
+ResNet-18 for 8x8 digits.
 
-Both keep their transformer layers in an ``nn.ModuleList`` named ``blocks``, so
-:func:`deto.sharding.shard_model` shards them per layer. Any ``nn.Module`` works with deto;
-these exist so that ``deto train`` needs no download.
+The transformers keep their layers in an ``nn.ModuleList`` named ``blocks``; the ResNet keeps
+its residual blocks in ``nn.Sequential`` stages, as torchvision's does. The default policy of
+:func:`deto.shard` shards both per block. Any ``nn.Module`` works with deto.
 """
 
 from __future__ import annotations
@@ -131,6 +132,54 @@ class ViT(nn.Module):
         for block in self.blocks:
             h = block(h)
         return self.head(self.ln(h[:, 0]))
+
+
+class BasicBlock(nn.Module):
+    """ResNet's two 3x3 convolutions with BatchNorm and an identity (or 1x1) shortcut."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.downsample: nn.Module = nn.Identity()
+        if stride != 1 or c_in != c_out:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(y)) + self.downsample(x))
+
+
+class ResNet18(nn.Module):
+    """torchvision's ResNet-18 layout (four ``nn.Sequential`` stages of two basic blocks,
+    widths ``w, 2w, 4w, 8w``), built from plain torch modules, with a 3x3 stem without
+    max-pooling for small images (as for CIFAR). ``width=64`` is the original's."""
+
+    def __init__(self, channels: int, classes: int, width: int = 64) -> None:
+        super().__init__()
+        check_int("width", width, 1)
+        self.conv1 = nn.Conv2d(channels, width, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        stages, c_in = [], width
+        for i in range(4):
+            c_out = width * 2**i
+            stride = 1 if i == 0 else 2
+            stages.append(nn.Sequential(BasicBlock(c_in, c_out, stride), BasicBlock(c_out, c_out, 1)))
+            c_in = c_out
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.fc = nn.Linear(c_in, classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.bn1(self.conv1(images)))
+        h = self.layer4(self.layer3(self.layer2(self.layer1(h))))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(h, 1), 1))
 
 
 def count_params(model: nn.Module) -> int:
