@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import inspect
-import types
 import logging
+import types
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,7 +16,7 @@ from deto.comm import Comm
 from deto.optim import DecoupledOptimizer
 from deto.replicators import Replicator, make_replicator
 from deto.replicators.base import local_tensor
-from deto.sharding import WrapPolicy, is_meta, materialize, shard
+from deto.sharding import WrapPolicy, is_meta, materialize, require_reset_parameters, shard
 from deto.topology import Topology
 
 logger = logging.getLogger(__name__)
@@ -128,8 +128,11 @@ def prepare(
     mesh = topology.init()
 
     named_before = list(model.named_parameters())
+    meta = is_meta(model)
+    if meta:
+        require_reset_parameters(model)
     shard(model, topology, mixed_precision=mixed_precision, wrap_policy=wrap_policy)
-    if is_meta(model):
+    if meta:
         materialize(model, topology.torch_device)
     named_after = dict(model.named_parameters())
     renamed = {id(p): named_after[n] for n, p in named_before}

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Collection, Iterator
-from typing import Any
 
 import torch
 from torch import nn
@@ -220,12 +219,19 @@ def adopt_sharded(model: nn.Module, mesh: DeviceMesh) -> nn.Module:
 
 
 def is_meta(model: nn.Module) -> bool:
-    return any(t.is_meta for t in _tensors(model))
+    """Whether ``model`` is on the meta device; ``ValueError`` if only partly."""
+    on_meta = {name: t.is_meta for name, t in _named_tensors(model)}
+    if any(on_meta.values()) and not all(on_meta.values()):
+        name = next(n for n, meta in on_meta.items() if meta)
+        raise ValueError(
+            f"The model is partly on the meta device ({name!r} is, others are not): "
+            "build it all on meta or all on a device"
+        )
+    return any(on_meta.values())
 
 
-def materialize(model: nn.Module, device: torch.device) -> None:
-    """Allocate a meta-device model's (sharded) tensors on ``device`` and initialise them with
-    each module's ``reset_parameters()``; ``ValueError`` if a module cannot be initialised."""
+def require_reset_parameters(model: nn.Module) -> None:
+    """``ValueError`` naming a module that holds meta tensors but has no ``reset_parameters``."""
     for name, module in model.named_modules():
         own = [*module._parameters.values(), *module._buffers.values()]
         if any(t is not None and t.is_meta for t in own) and not hasattr(
@@ -236,6 +242,11 @@ def materialize(model: nn.Module, device: torch.device) -> None:
                 "device and no reset_parameters(): initialise the model after deto.shard() "
                 "and pass the sharded model instead"
             )
+
+
+def materialize(model: nn.Module, device: torch.device) -> None:
+    """Allocate a meta-device model's (sharded) tensors on ``device`` and initialise them with
+    each module's ``reset_parameters()`` (check first with :func:`require_reset_parameters`)."""
     model.to_empty(device=device)
     with torch.no_grad():
         for module in model.modules():
@@ -244,7 +255,9 @@ def materialize(model: nn.Module, device: torch.device) -> None:
                 reset()
 
 
-def _fully_shard(name: str, module: nn.Module, mesh: DeviceMesh, policy: MixedPrecisionPolicy) -> None:
+def _fully_shard(
+    name: str, module: nn.Module, mesh: DeviceMesh, policy: MixedPrecisionPolicy
+) -> None:
     try:
         fully_shard(module, mesh=mesh, mp_policy=policy)
     except (AssertionError, RuntimeError, ValueError, TypeError) as exc:
@@ -285,6 +298,6 @@ def _shared_parameter(module: nn.Module, owners: dict[int, set[int]]) -> str | N
     return None
 
 
-def _tensors(model: nn.Module) -> Iterator[Any]:
-    yield from model.parameters()
-    yield from model.buffers()
+def _named_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    yield from model.named_parameters()
+    yield from model.named_buffers()

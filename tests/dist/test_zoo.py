@@ -165,7 +165,9 @@ def train_zoo_model(name: str, mode: str, ckpt_dir: str) -> dict:
     model_sd, optim_sd = get_state_dict(model, opt.base)
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=path)
-    set_state_dict(model, opt.base, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    set_state_dict(
+        model, opt.base, model_state_dict=state["model"], optim_state_dict=state["optim"]
+    )
     return {
         "losses": losses,
         "replica": replica,

@@ -168,7 +168,8 @@ class ResNet18(nn.Module):
         for i in range(4):
             c_out = width * 2**i
             stride = 1 if i == 0 else 2
-            stages.append(nn.Sequential(BasicBlock(c_in, c_out, stride), BasicBlock(c_out, c_out, 1)))
+            blocks = (BasicBlock(c_in, c_out, stride), BasicBlock(c_out, c_out, 1))
+            stages.append(nn.Sequential(*blocks))
             c_in = c_out
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.fc = nn.Linear(c_in, classes)
