@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch import nn
 
 from deto.comm import Comm
+from deto.optim import DecoupledOptimizer
 
 
 def synced_buffers(model: nn.Module) -> list[torch.Tensor]:
@@ -60,6 +61,17 @@ def average_buffers(
             b.copy_(new.view_as(b))
 
 
+def syncs_parameters(optimizer: Any) -> bool:
+    """Whether the step about to run leaves the nodes' parameters equal: a replicator that
+    promises identical replicas fires on it (any step, for torch's HSDP)."""
+    if not isinstance(optimizer, DecoupledOptimizer):
+        return True  # a torch optimizer under HSDP: gradients are all-reduced every step
+    step = optimizer.step_count + 1
+    return any(
+        r.promises_identical_replicas and r.schedule.fires(step) for r in optimizer.replicators
+    )
+
+
 class BufferSync:
     """An optimizer step pre-hook: average the buffers on steps that sync the parameters.
 
@@ -75,8 +87,5 @@ class BufferSync:
         self.node_group = node_group
 
     def __call__(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        step = optimizer.step_count + 1  # the step about to run
-        if self.buffers and any(
-            r.promises_identical_replicas and r.schedule.fires(step) for r in optimizer.replicators
-        ):
+        if self.buffers and syncs_parameters(optimizer):
             average_buffers(self.buffers, self.comm, self.node_group)

@@ -1,8 +1,8 @@
 """Small models of the embedded tasks that need no download: a GPT-style byte LM, a ViT and a
-ResNet-18 for 8x8 digits.
+ResNet-18 for 8x8 digits, and Hugging Face Llama and T5 built from configs (``deto[hf]``).
 
-The transformers keep their layers in an ``nn.ModuleList`` named ``blocks``; the ResNet keeps
-its residual blocks in ``nn.Sequential`` stages, as torchvision's does. The default policy of
+The transformers keep their layers in an ``nn.ModuleList``; the ResNet keeps its residual
+blocks in ``nn.Sequential`` stages, as torchvision's does. The default policy of
 :func:`deto.shard` shards both per block. Any ``nn.Module`` works with deto.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -181,6 +182,64 @@ class ResNet18(nn.Module):
         h = F.relu(self.bn1(self.conv1(images)))
         h = self.layer4(self.layer3(self.layer2(self.layer1(h))))
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(h, 1), 1))
+
+
+class LogitsOf(nn.Module):
+    """A Hugging Face causal LM as ``forward(ids) -> logits``, like :class:`ByteGPT`."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=ids).logits
+
+
+class Seq2SeqLogitsOf(nn.Module):
+    """A Hugging Face encoder-decoder as ``forward([source | decoder input]) -> logits``: one
+    tensor in, split at ``source_len``, so it trains like a decoder-only model."""
+
+    def __init__(self, model: nn.Module, source_len: int) -> None:
+        super().__init__()
+        self.model = model
+        self.source_len = check_int("source_len", source_len, 1)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        source, decoder = ids[:, : self.source_len], ids[:, self.source_len :]
+        return self.model(input_ids=source, decoder_input_ids=decoder).logits
+
+
+def _transformers() -> Any:
+    try:
+        import transformers
+    except ImportError:
+        raise ValueError(
+            "This model needs Hugging Face transformers: pip install 'deto[hf]'"
+        ) from None
+    return transformers
+
+
+def hf_llama(vocab: int, seq_len: int, shape: TransformerShape) -> nn.Module:
+    """A Llama (RMSNorm, rotary positions, SwiGLU) of ``shape``, from a config."""
+    hf = _transformers()
+    config = hf.LlamaConfig(
+        vocab_size=vocab, hidden_size=shape.d_model,
+        intermediate_size=shape.mlp_ratio * shape.d_model, num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads, num_key_value_heads=shape.heads,
+        max_position_embeddings=seq_len,
+    )
+    return LogitsOf(hf.LlamaForCausalLM(config))
+
+
+def hf_t5(vocab: int, source_len: int, shape: TransformerShape, decoder_start: int) -> nn.Module:
+    """A T5 encoder-decoder of ``shape`` (as many decoder as encoder layers), from a config."""
+    hf = _transformers()
+    config = hf.T5Config(
+        vocab_size=vocab, d_model=shape.d_model, d_kv=shape.d_model // shape.heads,
+        d_ff=shape.mlp_ratio * shape.d_model, num_layers=shape.layers, num_heads=shape.heads,
+        decoder_start_token_id=decoder_start, pad_token_id=decoder_start,
+    )
+    return Seq2SeqLogitsOf(hf.T5ForConditionalGeneration(config), source_len)
 
 
 def count_params(model: nn.Module) -> int:

@@ -85,6 +85,7 @@ def build_summary(
     summary: dict[str, Any] = {
         "scheme": cfg.scheme,
         "task": cfg.task,
+        "model": cfg.model,
         "nodes": topo.nodes,
         "ranks_per_node": topo.ranks_per_node,
         "steps": state.step,
