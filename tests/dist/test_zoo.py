@@ -33,6 +33,7 @@ pytestmark = pytest.mark.dist
 
 VOCAB, SEQ, BATCH, WIDTH = 32, 8, 4, 32
 STEPS = 4
+CASE_TIMEOUT_S = 300  # the first case also imports torch and transformers on every rank
 MODES = {
     "demo": {"replicator": deto.DeMo(topk=4, chunk=8), "lr": 3e-3},
     "full": {"replicator": "full", "optimizer": torch.optim.AdamW, "lr": 3e-3, "sign": False},
@@ -181,7 +182,7 @@ def test_zoo_model_trains_with_identical_replicas(pool, tmp_path, name, mode):
     package = NEEDS.get(name, "transformers")
     if package is not None:
         pytest.importorskip(package, reason=f"{package} is not installed (timm needs torchvision)")
-    out = pool.run(train_zoo_model, name, mode, str(tmp_path))
+    out = pool.run(train_zoo_model, name, mode, str(tmp_path), timeout=CASE_TIMEOUT_S)
     for o in out:
         assert o["losses"][-1] < o["losses"][0], o["losses"]
         assert o["restored"]
