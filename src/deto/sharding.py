@@ -199,21 +199,24 @@ def _blocks_of(container: nn.Module) -> set[str]:
 
 def adopt_sharded(model: nn.Module, mesh: DeviceMesh) -> nn.Module:
     """Check a model the user sharded: every parameter a shard over ``mesh`` (this node)."""
-    if not isinstance(model, FSDPModule):
-        _fully_shard("", model, mesh, MixedPrecisionPolicy())  # the user sharded blocks only
     node_ranks = mesh.mesh.flatten().tolist()
     for name, p in model.named_parameters():
         if not isinstance(p, DTensor):
-            raise ValueError(
-                f"Parameter {name!r} of the already-sharded model is not sharded (ignored by "
-                "fully_shard?): every parameter must be sharded inside the node"
-            )
+            continue
         ranks = p.device_mesh.mesh.flatten().tolist()
         if p.device_mesh.ndim != 1 or ranks != node_ranks:
             raise ValueError(
                 f"Parameter {name!r} is sharded over ranks {ranks} (mesh shape "
                 f"{tuple(p.device_mesh.shape)}), not over this node's ranks {node_ranks}: "
                 "shard with fully_shard(..., mesh=topology.mesh['shard'])"
+            )
+    if not isinstance(model, FSDPModule):
+        _fully_shard("", model, mesh, MixedPrecisionPolicy())  # the user sharded blocks only
+    for name, p in model.named_parameters():
+        if not isinstance(p, DTensor):
+            raise ValueError(
+                f"Parameter {name!r} of the already-sharded model is not sharded (ignored by "
+                "fully_shard?): every parameter must be sharded inside the node"
             )
     return model
 

@@ -39,7 +39,7 @@ def test_frozen_parameters_stay_and_the_rest_trains(pool):
 
 def already_sharded(mesh_kind: str) -> str:
     t = common.topo()
-    mesh = t.init()["shard"] if mesh_kind == "node" else t.init()
+    mesh = t.init() if mesh_kind == "hsdp" else t.init()["shard"]
     model = common.make_model()
     for block in model.blocks:
         fully_shard(block, mesh=mesh)
@@ -54,8 +54,9 @@ def already_sharded(mesh_kind: str) -> str:
     return f"trained {common.shard_digest(model) != before} {common.shard_digest(model)}"
 
 
-def test_a_model_sharded_by_the_user_over_the_node_mesh_is_kept(pool):
-    out = pool.run(already_sharded, "node")
+@pytest.mark.parametrize("how", ["node", "blocks-only"])
+def test_a_model_sharded_by_the_user_over_the_node_mesh_is_kept(pool, how):
+    out = pool.run(already_sharded, how)
     assert all(o.startswith("trained True") for o in out), out
     assert out[0] == out[2] and out[1] == out[3]
 
