@@ -22,6 +22,7 @@ from deto.replicators import (
     make_replicator,
 )
 from deto.schedule import SyncSchedule
+from deto.sharding import shard
 from deto.testing import FakeComm
 from deto.topology import Topology
 
@@ -47,4 +48,5 @@ __all__ = [
     "Topology",
     "make_replicator",
     "prepare",
+    "shard",
 ]

@@ -25,6 +25,7 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from deto._validate import check_choice, check_float
+from deto.buffers import BufferSync, synced_buffers
 from deto.comm import Comm, CommStats
 from deto.optim_state import (
     STEP_KEY,
@@ -176,7 +177,9 @@ class DecoupledOptimizer(torch.optim.Optimizer):
             sign: use the sign of the replicated gradient (sign-SGD; FlexDeMo's default).
             weight_decay: decoupled weight decay, applied by deto for every base optimizer.
             nonfinite: see the class docstring.
-            sync_initial: broadcast node 0's parameters to every node, so replicas start equal.
+            sync_initial: broadcast node 0's parameters and buffers to every node, so replicas
+                start equal. Floating buffers (BatchNorm statistics) are averaged over every
+                rank on each step that syncs the parameters (:class:`deto.buffers.BufferSync`).
         """
         check_model_args(model, topology, lr)
         replicators = build_replicators(replicator, replicator_options)
@@ -184,9 +187,10 @@ class DecoupledOptimizer(torch.optim.Optimizer):
         _check_sharded(model, mesh)
         base = build_base(optimizer, model, lr, optimizer_options or {})
         comm = Comm(mesh["replicate"].get_group(), topology.nodes)
+        buffers = synced_buffers(model)
         if sync_initial:
             with torch.no_grad():
-                comm.broadcast([local_tensor(p) for p in model.parameters()], src=0)
+                comm.broadcast([local_tensor(p) for p in model.parameters()] + buffers, src=0)
             comm.take_stats()  # set-up traffic is not a step's traffic
         opt = cls(
             base,
@@ -198,6 +202,7 @@ class DecoupledOptimizer(torch.optim.Optimizer):
             param_names={p: n for n, p in model.named_parameters()},
             nonfinite=nonfinite,
         )
+        opt.register_step_pre_hook(BufferSync(buffers, comm, mesh["shard"].get_group()))
         logger.info(
             "deto: %s on %d node(s) x %d rank(s)", opt, topology.nodes, topology.ranks_per_node
         )

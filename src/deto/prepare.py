@@ -9,7 +9,7 @@ from torch import nn
 
 from deto.optim import DecoupledOptimizer, OptimizerSpec, check_model_args
 from deto.replicators import ReplicatorSpec, build_replicators
-from deto.sharding import shard_model
+from deto.sharding import WrapPolicy, is_meta, materialize, require_reset_parameters, shard
 from deto.topology import Topology
 
 
@@ -32,6 +32,7 @@ def prepare(
     sign: bool = True,
     weight_decay: float = 0.0,
     mixed_precision: str | None = None,
+    wrap_policy: WrapPolicy | None = None,
     nonfinite: str = "raise",
     optimizer_options: dict[str, Any] | None = None,
     sync_initial: bool = True,
@@ -39,28 +40,35 @@ def prepare(
 ) -> tuple[nn.Module, DecoupledOptimizer]:
     """Shard ``model`` inside each node and wrap an optimizer whose replicators span nodes.
 
-    The model is moved to the topology's device and sharded with FSDP2 over the ``shard`` axis
-    only (members of ``nn.ModuleList`` first, then the root); the optimizer is then built by
+    :func:`deto.shard` shards the model over the ``shard`` axis only (a model already sharded
+    over ``topology.mesh["shard"]`` is kept as it is; one still on the meta device is
+    materialised with each module's ``reset_parameters()``); the optimizer is then built by
     :meth:`DecoupledOptimizer.from_model`, whose arguments these are.
 
     Args:
         optimizer: the base optimizer class, or an instance made from ``model.parameters()``
             before this call (it is re-pointed at the sharded parameters).
         mixed_precision: ``None`` or ``"bf16"`` (bf16 compute, fp32 params and reductions).
+        wrap_policy: the FSDP2 units: module classes or ``(module) -> bool`` (see
+            :func:`deto.shard`); ``None`` shards the outermost repeated blocks.
 
     Returns:
         ``(model, optimizer)``: the sharded model and a :class:`DecoupledOptimizer`.
     """
     check_model_args(model, topology, lr)
     replicators = build_replicators(replicator, options)  # bad options fail before sharding
-    mesh = topology.init()
+    topology.init()
     named_before = list(model.named_parameters())
-    model.to(topology.torch_device)
-    shard_model(model, mesh["shard"], mixed_precision=mixed_precision)
+    meta = is_meta(model)
+    if meta:
+        require_reset_parameters(model)
+    shard(model, topology, mixed_precision=mixed_precision, wrap_policy=wrap_policy)
+    if meta:
+        materialize(model, topology.torch_device)
     if isinstance(optimizer, torch.optim.Optimizer):
         named_after = dict(model.named_parameters())
         _repoint(optimizer, {id(p): named_after[n] for n, p in named_before})
-    opt = DecoupledOptimizer.from_model(
+    return model, DecoupledOptimizer.from_model(
         model,
         topology,
         optimizer,
@@ -72,4 +80,3 @@ def prepare(
         optimizer_options=optimizer_options,
         sync_initial=sync_initial,
     )
-    return model, opt

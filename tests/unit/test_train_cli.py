@@ -32,6 +32,8 @@ def _run(capsys, *argv: str) -> tuple[int, str, str]:
         (["--nodes", "40", "--ranks-per-node", "4"], "too many to simulate"),
         (["--resume", "/nonexistent/run"], "Checkpoint not found"),
         (["--no-such-flag"], "unrecognized arguments"),
+        (["--model", "bert"], "invalid choice: 'bert'"),
+        (["--model", "resnet", "--task", "lm"], "Invalid model: 'resnet' does not fit task 'lm'"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(capsys, monkeypatch, argv, message) -> None:

@@ -102,8 +102,10 @@ class Replicator(ABC):
     def finish_in_flight(self) -> None:
         """Complete any exchange still in flight into ``state``, before it is checkpointed.
 
-        Schemes that overlap their exchange with the next step's compute override this.
+        Schemes that overlap their exchange with the next step's compute override this; the
+        others have nothing in flight.
         """
+        return None
 
     def extra_repr(self) -> str:
         return ""

@@ -14,6 +14,7 @@ schemes, with their bounds, choices and help.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import tomllib
 from collections.abc import Mapping
@@ -25,6 +26,10 @@ from deto.replicators import Options
 from deto.train.presets import DEFAULT_SCHEME, OPTIMIZERS, PRESETS, default_lr
 
 TASKS = ("lm", "vision")
+MODEL_TASKS: Mapping[str, str] = {
+    "gpt": "lm", "t5": "lm", "llama": "lm", "vit": "vision", "resnet": "vision",
+}
+"""Every ``--model`` and the task it trains on; the first of a task is that task's default."""
 LR_SCHEDULES = ("cosine", "constant")
 PRECISIONS = ("fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -33,11 +38,13 @@ TASK_DEFAULTS: Mapping[str, Mapping[str, Any]] = {
     "lm": {"steps": 300, "batch_size": 16, "d_model": 128, "layers": 2, "heads": 4},
     "vision": {"steps": 200, "batch_size": 32, "d_model": 64, "layers": 2, "heads": 4},
 }
+HF_MODELS = frozenset({"t5", "llama"})
+MODEL_DEFAULTS: Mapping[str, Mapping[str, Any]] = {"resnet": {"d_model": 16}}
 LM_ONLY = frozenset({"seq_len", "eval_samples"})
 """Keys that only mean something for ``--task lm``."""
 
 STRUCTURAL = (
-    "scheme", "task", "nodes", "ranks_per_node", "seq_len", "d_model", "layers", "heads",
+    "scheme", "task", "model", "nodes", "ranks_per_node", "seq_len", "d_model", "layers", "heads",
     "optimizer", "precision",
 )
 """Keys a resumed run must share with its checkpoint (they shape the saved state)."""
@@ -57,7 +64,12 @@ class TrainConfig:
 
     scheme: str = _f(DEFAULT_SCHEME, "replication scheme preset (see below)", choices=tuple(PRESETS))
     task: str = _f("lm", "lm: byte-level GPT on the Python standard library's sources; "
-                   "vision: small ViT on scikit-learn's 8x8 digits", choices=TASKS)
+                   "vision: small ViT on scikit-learn's 8x8 digits (default: --model's task)",
+                   choices=TASKS)
+    model: str = _f(None, "architecture: gpt (byte-level GPT), t5 (Hugging Face T5, span "
+                    "corruption), llama (Hugging Face Llama) for lm; vit, resnet (ResNet-18, "
+                    "--d-model is its first stage's width, 16) for vision (default: gpt, vit)",
+                    choices=tuple(MODEL_TASKS))
     nodes: int = _f(2, "number of nodes R (size of the replicate axis)", meta="N")
     ranks_per_node: int = _f(2, "ranks per node S (size of the shard axis)", meta="N")
     steps: int = _f(None, "total optimizer steps (lm: 300, vision: 200)", meta="N")
@@ -103,6 +115,15 @@ class TrainConfig:
                 f"Invalid topology: scheme {self.scheme!r} needs ranks_per_node="
                 f"{preset.ranks_per_node}, got {self.ranks_per_node}"
             )
+        if self.model is None:  # frozen: fill in the task's default model once
+            object.__setattr__(self, "model", default_model(self.task))
+        if MODEL_TASKS[self.model] != self.task:
+            fits = ", ".join(m for m, t in MODEL_TASKS.items() if t == self.task)
+            raise ValueError(
+                f"Invalid model: {self.model!r} does not fit task {self.task!r} (it fits: {fits})"
+            )
+        if self.model == "t5" and self.seq_len < 2:
+            raise ValueError(f"Invalid seq_len: {self.seq_len} (span corruption needs >= 2 bytes)")
         if self.d_model is not None and self.heads is not None and self.d_model % self.heads:
             raise ValueError(f"Invalid heads: {self.heads} (d_model={self.d_model} is not divisible by it)")
 
@@ -141,6 +162,10 @@ _FLOAT_RANGE = {
     "weight_decay": (0.0, math.inf, False, True),
     "grad_clip": (0.0, math.inf, False, True),
 }
+
+
+def default_model(task: str) -> str:
+    return next(m for m, t in MODEL_TASKS.items() if t == task)
 
 
 def _check_field(f: dataclasses.Field[Any], value: Any) -> None:
@@ -273,8 +298,14 @@ def resolve(overrides: Mapping[str, Any]) -> TrainConfig:
         raise ValueError(f"Unknown option(s): {', '.join(unknown)}")
     scheme = overrides.get("scheme", DEFAULT_SCHEME)
     _check_field(FIELDS["scheme"], scheme)
-    task = overrides.get("task", "lm")
+    model = overrides.get("model")
+    _check_field(FIELDS["model"], model)
+    task = overrides.get("task", MODEL_TASKS[model] if model is not None else "lm")
     _check_field(FIELDS["task"], task)
+    if model is None:
+        model = default_model(task)
+    if model in HF_MODELS and importlib.util.find_spec("transformers") is None:
+        raise ValueError(f"--model {model} needs Hugging Face transformers: pip install 'deto[hf]'")
     preset = PRESETS[scheme]
 
     knobs = {k: v for k, v in overrides.items() if k in KNOBS and v is not None}
@@ -286,7 +317,10 @@ def resolve(overrides: Mapping[str, Any]) -> TrainConfig:
         raise ValueError(f"--sign does not apply to scheme {scheme!r} (no deto optimizer)")
 
     own = {k: v for k, v in overrides.items() if k in FIELDS}
-    values: dict[str, Any] = {**TASK_DEFAULTS[task], **preset.defaults, **own}
+    values: dict[str, Any] = {
+        **TASK_DEFAULTS[task], **MODEL_DEFAULTS.get(model, {}), **preset.defaults, **own,
+        "task": task, "model": model,
+    }
     if "lr" not in overrides:
         opt, sign = values["optimizer"], values["sign"]
         if opt in OPTIMIZERS and isinstance(sign, bool):

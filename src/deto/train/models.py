@@ -1,14 +1,16 @@
-"""The two small models of the embedded tasks: a GPT-style byte LM and a ViT for 8x8 digits.
+"""Small models of the embedded tasks that need no download: a GPT-style byte LM, a ViT and a
+ResNet-18 for 8x8 digits, and Hugging Face Llama and T5 built from configs (``deto[hf]``).
 
-Both keep their transformer layers in an ``nn.ModuleList`` named ``blocks``, so
-:func:`deto.sharding.shard_model` shards them per layer. Any ``nn.Module`` works with deto;
-these exist so that ``deto train`` needs no download.
+The transformers keep their layers in an ``nn.ModuleList``; the ResNet keeps its residual
+blocks in ``nn.Sequential`` stages, as torchvision's does. The default policy of
+:func:`deto.shard` shards both per block. Any ``nn.Module`` works with deto.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -131,6 +133,113 @@ class ViT(nn.Module):
         for block in self.blocks:
             h = block(h)
         return self.head(self.ln(h[:, 0]))
+
+
+class BasicBlock(nn.Module):
+    """ResNet's two 3x3 convolutions with BatchNorm and an identity (or 1x1) shortcut."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.downsample: nn.Module = nn.Identity()
+        if stride != 1 or c_in != c_out:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(y)) + self.downsample(x))
+
+
+class ResNet18(nn.Module):
+    """torchvision's ResNet-18 layout (four ``nn.Sequential`` stages of two basic blocks,
+    widths ``w, 2w, 4w, 8w``), built from plain torch modules, with a 3x3 stem without
+    max-pooling for small images (as for CIFAR). ``width=64`` is the original's."""
+
+    def __init__(self, channels: int, classes: int, width: int = 64) -> None:
+        super().__init__()
+        check_int("width", width, 1)
+        self.conv1 = nn.Conv2d(channels, width, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        stages, c_in = [], width
+        for i in range(4):
+            c_out = width * 2**i
+            stride = 1 if i == 0 else 2
+            blocks = (BasicBlock(c_in, c_out, stride), BasicBlock(c_out, c_out, 1))
+            stages.append(nn.Sequential(*blocks))
+            c_in = c_out
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.fc = nn.Linear(c_in, classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.bn1(self.conv1(images)))
+        h = self.layer4(self.layer3(self.layer2(self.layer1(h))))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(h, 1), 1))
+
+
+class LogitsOf(nn.Module):
+    """A Hugging Face causal LM as ``forward(ids) -> logits``, like :class:`ByteGPT`."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=ids).logits
+
+
+class Seq2SeqLogitsOf(nn.Module):
+    """A Hugging Face encoder-decoder as ``forward([source | decoder input]) -> logits``: one
+    tensor in, split at ``source_len``, so it trains like a decoder-only model."""
+
+    def __init__(self, model: nn.Module, source_len: int) -> None:
+        super().__init__()
+        self.model = model
+        self.source_len = check_int("source_len", source_len, 1)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        source, decoder = ids[:, : self.source_len], ids[:, self.source_len :]
+        return self.model(input_ids=source, decoder_input_ids=decoder).logits
+
+
+def _transformers() -> Any:
+    try:
+        import transformers
+    except ImportError:
+        raise ValueError(
+            "This model needs Hugging Face transformers: pip install 'deto[hf]'"
+        ) from None
+    return transformers
+
+
+def hf_llama(vocab: int, seq_len: int, shape: TransformerShape) -> nn.Module:
+    """A Llama (RMSNorm, rotary positions, SwiGLU) of ``shape``, from a config."""
+    hf = _transformers()
+    config = hf.LlamaConfig(
+        vocab_size=vocab, hidden_size=shape.d_model,
+        intermediate_size=shape.mlp_ratio * shape.d_model, num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads, num_key_value_heads=shape.heads,
+        max_position_embeddings=seq_len,
+    )
+    return LogitsOf(hf.LlamaForCausalLM(config))
+
+
+def hf_t5(vocab: int, source_len: int, shape: TransformerShape, decoder_start: int) -> nn.Module:
+    """A T5 encoder-decoder of ``shape`` (as many decoder as encoder layers), from a config."""
+    hf = _transformers()
+    config = hf.T5Config(
+        vocab_size=vocab, d_model=shape.d_model, d_kv=shape.d_model // shape.heads,
+        d_ff=shape.mlp_ratio * shape.d_model, num_layers=shape.layers, num_heads=shape.heads,
+        decoder_start_token_id=decoder_start, pad_token_id=decoder_start,
+    )
+    return Seq2SeqLogitsOf(hf.T5ForConditionalGeneration(config), source_len)
 
 
 def count_params(model: nn.Module) -> int:

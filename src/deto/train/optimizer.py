@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 import deto
-from deto.comm import CommStats, all_reduce_bytes
+from deto.buffers import BufferSync, synced_buffers
+from deto.comm import Comm, CommStats, all_reduce_bytes
 from deto.sharding import shard_model
 from deto.topology import Topology
 from deto.train.config import TrainConfig
@@ -102,6 +103,10 @@ def build_training(
         model.to(topo.torch_device)
         shard_model(model, topo.mesh, mixed_precision=mixed)
         base = cls(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        # torch's HSDP syncs no buffers: average the BatchNorm statistics as deto.prepare does
+        comm = Comm(topo.mesh["replicate"].get_group(), topo.nodes)
+        sync = BufferSync(synced_buffers(model), comm, topo.mesh["shard"].get_group())
+        base.register_step_pre_hook(sync)
         return model, HSDPBaseline(base, full_sync)
     return deto.prepare(
         model,

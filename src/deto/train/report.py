@@ -167,7 +167,7 @@ def format_table(summary: Mapping[str, Any]) -> str:
     """The human-readable end-of-run table."""
     ratio = summary.get("compression_ratio")
     rows: list[tuple[str, str]] = [
-        ("scheme", f"{summary['scheme']} ({summary['task']})"),
+        ("scheme", f"{summary['scheme']} ({summary['model']} on {summary['task']})"),
         ("cluster", f"{summary['nodes']} node(s) x {summary['ranks_per_node']} rank(s)"),
         ("steps", str(summary["steps"])),
         ("parameters", f"{summary['params']:,}"),

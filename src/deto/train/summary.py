@@ -99,6 +99,7 @@ def build_summary(
     summary: dict[str, Any] = {
         "scheme": cfg.scheme,
         "task": cfg.task,
+        "model": cfg.model,
         "nodes": topo.nodes,
         "ranks_per_node": topo.ranks_per_node,
         "steps": state.step,
@@ -136,7 +137,7 @@ def build_summary(
 def replicas_identical(
     model: nn.Module, topo: Topology, promised: bool, scheme: str
 ) -> bool | None:
-    """Whether the parameters are bitwise equal across the replicate axis (``None``: the
+    """Whether parameters and buffers are bitwise equal across the replicate axis (``None``: the
     scheme does not promise it now, e.g. ``none``, or DiLoCo between synchronisations)."""
     digests = all_gather(_local_digest(model))
     if not promised:
@@ -153,7 +154,7 @@ def replicas_identical(
 def _local_digest(model: nn.Module) -> str:
     reshard(model)  # digest the shards, whatever the last forward left registered
     h = hashlib.sha256()
-    for name, p in sorted(model.named_parameters()):
+    for name, p in sorted([*model.named_parameters(), *model.named_buffers()]):  # BN statistics
         t = local_tensor(p).detach().cpu().contiguous().reshape(-1)
         h.update(name.encode())
         h.update(t.view(torch.uint8).numpy().tobytes())
@@ -161,7 +162,8 @@ def _local_digest(model: nn.Module) -> str:
 
 
 def params_digest(model: nn.Module) -> str:
-    """sha256 over every rank's local shards, in rank order: equal iff the runs' parameters are."""
+    """sha256 over every rank's local shards and buffers, in rank order: equal iff the runs'
+    parameters and buffers are."""
     return hashlib.sha256("".join(all_gather(_local_digest(model))).encode()).hexdigest()
 
 

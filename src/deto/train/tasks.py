@@ -21,8 +21,9 @@ from torch.distributed.fsdp import FSDPModule
 
 from deto.topology import Topology
 from deto.train import data as datalib
+from deto.train import spans
 from deto.train.config import TrainConfig
-from deto.train.models import ByteGPT, TransformerShape, ViT
+from deto.train.models import ByteGPT, ResNet18, TransformerShape, ViT, hf_llama, hf_t5
 from deto.train.ranks import all_gather
 
 logger = logging.getLogger(__name__)
@@ -57,12 +58,11 @@ def build_task(cfg: TrainConfig, topo: Topology) -> Task:
                 "ranks read different standard library sources (Python versions differ?)"
             )
         starts = datalib.eval_windows(corpus.val, cfg.seq_len, cfg.eval_samples)
+        model, batch, eval_batch = lm_model(cfg, shape, corpus.train, corpus.val, starts)
         return Task(
-            model=ByteGPT(cfg.seq_len, shape),
-            batch=lambda step, rank: datalib.lm_batch(
-                corpus.train, cfg.seq_len, cfg.batch_size, seed=cfg.seed, step=step, rank=rank
-            ),
-            evaluate=lambda model, topo: evaluate_lm(model, topo, corpus.val, starts, cfg.seq_len),
+            model=model,
+            batch=batch,
+            evaluate=lambda model, topo: evaluate_lm(model, topo, len(starts), eval_batch),
             items_per_sample=cfg.seq_len,
             unit="tokens",
             info={
@@ -78,8 +78,12 @@ def build_task(cfg: TrainConfig, topo: Topology) -> Task:
             },
         )
     digits = datalib.load_digits_split()
+    if cfg.model == "resnet":
+        vision_model: nn.Module = ResNet18(1, digits.classes, width=cfg.d_model)
+    else:
+        vision_model = ViT(8, 1, digits.classes, patch=2, shape=shape)
     return Task(
-        model=ViT(8, 1, digits.classes, patch=2, shape=shape),
+        model=vision_model,
         batch=lambda step, rank: datalib.vision_batch(
             digits, cfg.batch_size, seed=cfg.seed, step=step, rank=rank
         ),
@@ -89,6 +93,53 @@ def build_task(cfg: TrainConfig, topo: Topology) -> Task:
         info={"dataset": {"source": "scikit-learn digits (8x8)", "train": len(digits.train_y),
                           "val": len(digits.val_y)}},
     )
+
+
+Batch = Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]
+EvalBatch = Callable[[list[int]], tuple[torch.Tensor, torch.Tensor]]
+
+
+def lm_model(
+    cfg: TrainConfig, shape: TransformerShape, train: torch.Tensor, val: torch.Tensor,
+    starts: torch.Tensor,
+) -> tuple[nn.Module, Batch, EvalBatch]:
+    """The language model of ``cfg.model``, its training batches by ``(step, rank)`` and its
+    validation batches by window index: next-byte prediction, or T5's span corruption."""
+
+    def windows(data: torch.Tensor, at: list[int], length: int) -> torch.Tensor:
+        return torch.stack([data[s : s + length] for s in at]).long()
+
+    if cfg.model == "t5":
+        layout = spans.SpanLayout(cfg.seq_len)
+        model = hf_t5(layout.vocab, layout.source_len, shape, decoder_start=spans.PAD)
+
+        def batch(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+            x, _ = datalib.lm_batch(
+                train, cfg.seq_len, cfg.batch_size, seed=cfg.seed, step=step, rank=rank
+            )
+            gen = datalib.batch_generator(cfg.seed + 1, step, rank)  # not the windows' stream
+            return spans.seq2seq_batch(x, [gen] * len(x))
+
+        def eval_batch(items: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+            gens = [torch.Generator().manual_seed(i) for i in items]  # fixed per window
+            return spans.seq2seq_batch(windows(val, starts[items].tolist(), cfg.seq_len), gens)
+
+        return model, batch, eval_batch
+    if cfg.model == "llama":
+        lm = hf_llama(ByteGPT.vocab, cfg.seq_len, shape)
+    else:
+        lm = ByteGPT(cfg.seq_len, shape)
+
+    def next_bytes(items: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        w = windows(val, starts[items].tolist(), cfg.seq_len + 1)
+        return w[:, :-1], w[:, 1:]
+
+    def batch_of(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return datalib.lm_batch(
+            train, cfg.seq_len, cfg.batch_size, seed=cfg.seed, step=step, rank=rank
+        )
+
+    return lm, batch_of, next_bytes
 
 
 def _eval_items(count: int, topo: Topology) -> Iterator[tuple[list[int], list[float]]]:
@@ -109,19 +160,20 @@ def _world_mean(totals: torch.Tensor, device: torch.device) -> list[float]:
 
 @torch.no_grad()
 def evaluate_lm(
-    model: nn.Module, topo: Topology, val: torch.Tensor, starts: torch.Tensor, seq_len: int
+    model: nn.Module, topo: Topology, count: int, eval_batch: EvalBatch
 ) -> dict[str, float]:
-    """Mean next-byte loss over the fixed validation windows (each node's model, averaged)."""
+    """Mean loss per target token over ``count`` fixed validation items (each node's model,
+    averaged)."""
     model.eval()
     totals = torch.zeros(2, dtype=torch.float64)
-    for items, weights in _eval_items(len(starts), topo):
-        windows = torch.stack([val[s : s + seq_len + 1] for s in starts[items].tolist()]).long()
-        logits = model(windows[:, :-1].to(topo.torch_device))
+    for items, weights in _eval_items(count, topo):
+        x, y = eval_batch(items)
+        logits = model(x.to(topo.torch_device))
         losses = F.cross_entropy(
-            logits.float().transpose(1, 2), windows[:, 1:].to(topo.torch_device), reduction="none"
+            logits.float().transpose(1, 2), y.to(topo.torch_device), reduction="none"
         ).sum(dim=1).cpu().double()
         w = torch.tensor(weights, dtype=torch.float64)
-        totals += torch.stack([(losses * w).sum(), w.sum() * seq_len])
+        totals += torch.stack([(losses * w).sum(), w.sum() * y.shape[1]])
     reshard(model)
     model.train()
     (loss,) = _world_mean(totals, topo.torch_device)
