@@ -93,7 +93,7 @@ def test_run_bench_writes_results_report_and_plots(tmp_path):
 
 def test_a_failed_run_stops_the_bench(tmp_path):
     cfg = bench.BenchConfig(schemes=("hsdp",), out=tmp_path)
-    with pytest.raises(RuntimeError, match="unshaped-hsdp failed with exit status 3"):
+    with pytest.raises(RuntimeError, match="unshaped-hsdp-seed0 failed with exit status 3"):
         bench.run_bench(cfg, runner=lambda argv: 3)
 
 

@@ -24,7 +24,7 @@ SUMMARY_FIELDS = (
     "val_loss", "train_loss", "wall_time_s", "step_time_s_median",
     "inter_node_bytes_sent_per_step", "inter_node_bytes_received_per_step",
     "full_sync_bytes_per_step", "compression_ratio", "replicas_identical",
-    "peak_rss_mb_per_rank", "link", "versions", "git_sha",
+    "peak_rss_mb_per_rank", "link", "versions", "git_sha", "provenance",
 )
 """Fields every ``summary.json`` has (documented in docs/cli.md); tasks add a few more."""
 
