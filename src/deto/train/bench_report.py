@@ -172,8 +172,9 @@ def plot(results: Mapping[str, Any], out: Path) -> None:
     for j, bw in enumerate(bws):
         found = {a["scheme"]: a["step_time_s_median"] for a in aggregates if a["bandwidth"] == bw}
         means = [found[s]["mean"] if found.get(s) else 0.0 for s in schemes]
-        errs = [[m - found[s]["min"] if found.get(s) else 0.0 for s, m in zip(schemes, means, strict=True)],
-                [found[s]["max"] - m if found.get(s) else 0.0 for s, m in zip(schemes, means, strict=True)]]
+        # max(0, ...): a mean of equal values can round a hair outside them
+        errs = [[max(0.0, m - found[s]["min"]) if found.get(s) else 0.0 for s, m in zip(schemes, means, strict=True)],
+                [max(0.0, found[s]["max"] - m) if found.get(s) else 0.0 for s, m in zip(schemes, means, strict=True)]]
         ax.bar([i + j * width for i in range(len(schemes))], means, width, yerr=errs, capsize=3,
                label=bw or "unshaped")
     ax.set_xticks([i + width * (len(bws) - 1) / 2 for i in range(len(schemes))], schemes, rotation=30)

@@ -4,17 +4,22 @@ What must reproduce, and how closely:
 
 * the resolved configuration: exactly (a changed preset or default makes the results stale);
 * inter-node bytes: exactly (they depend on the code and the model, never on the machine);
-* the training loss over the first :data:`PREFIX_FRACTION` of the steps: to a tight relative
-  tolerance. Different CPUs round differently in the last bits; before the discrete choices of
-  the sparse schemes (top-k, sign) have amplified those bits, the losses agree far closer than
+* the training loss at the first logged step: to a tight relative tolerance. Different CPUs
+  round differently in the last bits, but that early the losses still agree far closer than
   any code change that alters the numerics leaves them;
-* the final validation loss (runs taken to the end): inside the range a new seed would fall in,
-  judged from the recorded seeds (:func:`deto.train.stats.prediction_interval`), since past the
-  prefix a different CPU gives a different draw;
+* the training loss over the first :data:`PREFIX_FRACTION` of the steps: to the same tolerance
+  on the machine that recorded it (same CPU, vector extensions, torch build, threads and
+  packages: the run is deterministic). On another machine the sparse schemes' discrete choices
+  (top-k, sign) amplify the rounding differences within a few dozen steps (FlexDeMo: none at
+  step 10, 2e-5 at step 20, 4e-4 at step 30), so there a larger difference is expected;
+* the final validation loss (runs taken to the end): bit for bit (to the tolerance) on the
+  recording machine; elsewhere inside the range a new seed would fall in, judged from the
+  recorded seeds (:func:`deto.train.stats.prediction_interval`), since a different CPU gives a
+  different draw;
 * timings, as ratios to the recorded ones within a factor: reported, never fatal, because they
   follow the machine and its load.
 
-A mismatch of the first three is a real one: the command exits with status 1.
+A mismatch of the others is a real one: the command exits with status 1.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ TIME_TOLERANCE = 0.25
 NOT_COMPARED = frozenset({"out", "resume", "stop_at"})
 """Config keys that say where and how far a run went, not what it computes."""
 
-PASS, FAIL, WARN, NA = "pass", "FAIL", "warn", "n/a"
+PASS, FAIL, WARN, NA, EXPECTED = "pass", "FAIL", "warn", "n/a", "expected"
 
 
 @dataclass(frozen=True)
@@ -184,6 +189,7 @@ def compare_run(
     seed_values: Sequence[float] = (),
     recorded_row: Mapping[str, Any] | None = None,
     same_link: bool = True,
+    same_machine: bool | None = None,
     loss_rtol: float = LOSS_RTOL,
     time_tolerance: float = TIME_TOLERANCE,
 ) -> list[Check]:
@@ -192,7 +198,9 @@ def compare_run(
     ``seed_values``: the recorded final val losses of this scheme and link over all seeds (the
     spread a final loss is judged against). ``recorded_row``: the recorded derived row (time
     to target and its target loss). ``same_link``: timings are compared only over the link
-    they were measured on.
+    they were measured on. ``same_machine``: whether the recorded provenance matches this
+    machine in everything that changes rounding (``None``: not recorded); only then must the
+    losses past the first logged step match too.
     """
     name = bench.run_name(recorded.scheme, recorded.bandwidth, recorded.seed)
     checks = []
@@ -200,26 +208,26 @@ def compare_run(
     checks.append(Check(name, "config", "as recorded", "; ".join(changed) or "same", "exact",
                         FAIL if changed else PASS, "the results are stale" if changed else ""))
 
-    common = sorted(_losses(recorded, prefix_end(recorded)).keys() & _losses(now, 10**12).keys())
     last = int(now.summary["steps"])
     at = max((int(r["step"]) for r in now.records if r["step"] <= last), default=last)
     was, got = _bytes_at(recorded, at), _bytes_at(now, at)
     checks.append(Check(name, f"inter-node bytes by step {at}", f"{was:,.0f} ({was / at:,.1f}/step)",
                         f"{got:,.0f} ({got / at:,.1f}/step)", "exact", PASS if was == got else FAIL))
 
-    if common:
-        rec, cur = _losses(recorded, common[-1]), _losses(now, common[-1])
-        worst = max(common, key=lambda s: abs(cur[s] - rec[s]) / abs(rec[s]))
-        rel = abs(cur[worst] - rec[worst]) / abs(rec[worst])
-        checks.append(Check(name, f"train loss, steps {common[0]}–{common[-1]} ({len(common)} logged)",
-                            f"{rec[worst]:.10f} at step {worst}", f"{cur[worst]:.10f} (rel. {rel:.1e})",
-                            f"rel. {loss_rtol:.0e}", PASS if rel <= loss_rtol else FAIL))
-    else:
+    rec, cur = _losses(recorded, prefix_end(recorded)), _losses(now, last)
+    common = sorted(rec.keys() & cur.keys())
+    if not common:
         checks.append(Check(name, "train loss prefix", "—", "—", f"rel. {loss_rtol:.0e}", FAIL,
                             "no logged training loss in the prefix of both runs"))
+    else:
+        checks.append(_loss_check(name, f"train loss, step {common[0]} (first logged)", rec, cur, common[:1],
+                                  loss_rtol, must_match=True))
+    if len(common) > 1:
+        checks.append(_loss_check(name, f"train loss, steps {common[0]}–{common[-1]} ({len(common)} logged)",
+                                  rec, cur, common, loss_rtol, must_match=same_machine is True))
 
     full = last >= int(recorded.summary["steps"])
-    checks.append(_final_check(name, recorded, now, seed_values, loss_rtol, full))
+    checks.append(_final_check(name, recorded, now, seed_values, loss_rtol, full, same_machine is True))
 
     if not same_link:
         checks.append(Check(name, "timings", "—", "—", "—", NA, "not measured over the recorded link"))
@@ -234,17 +242,34 @@ def compare_run(
     return checks
 
 
+def _loss_check(name: str, what: str, rec: Mapping[int, float], cur: Mapping[int, float], steps: Sequence[int],
+                rtol: float, *, must_match: bool) -> Check:
+    """The largest relative difference over ``steps``; beyond ``rtol`` a failure if the losses
+    ``must_match``, else a difference expected from another machine's rounding."""
+    worst = max(steps, key=lambda s: abs(cur[s] - rec[s]) / abs(rec[s]))
+    rel = abs(cur[worst] - rec[worst]) / abs(rec[worst])
+    status, note = PASS, ""
+    if rel > rtol:
+        status = FAIL if must_match else EXPECTED
+        note = "" if must_match else "another (or unrecorded) machine: rounding differences grow"
+    return Check(name, what, f"{rec[worst]:.10f} at step {worst}", f"{cur[worst]:.10f} (rel. {rel:.1e})",
+                 f"rel. {rtol:.0e}", status, note)
+
+
 def _final_check(name: str, recorded: bench.RunResult, now: bench.RunResult, seed_values: Sequence[float],
-                 rtol: float, full: bool) -> Check:
+                 rtol: float, full: bool, same_machine: bool) -> Check:
     was, got = recorded.summary.get("final_val_loss"), now.summary.get("final_val_loss")
     if not full:
         return Check(name, "final val loss", _num(was, ".4f"), "—", "—", NA, "a prefix run")
     if was is None or got is None:
         return Check(name, "final val loss", _num(was, ".4f"), _num(got, ".4f"), "—", FAIL,
                      "one of the runs has no validation loss")
-    interval = prediction_interval(seed_values)
     if got == was or abs(got - was) <= rtol * abs(was):
         return Check(name, "final val loss", f"{was:.4f}", f"{got:.4f}", f"rel. {rtol:.0e}", PASS)
+    if same_machine:
+        return Check(name, "final val loss", f"{was:.6f}", f"{got:.6f}", f"rel. {rtol:.0e}", FAIL,
+                     "the recording machine: the run should repeat bit for bit")
+    interval = prediction_interval(seed_values)
     if interval is None:
         return Check(name, "final val loss", f"{was:.4f}", f"{got:.4f}", "one recorded seed: no spread", NA,
                      "record several seeds (--seeds) to judge a final loss")
@@ -299,7 +324,8 @@ def reproduce(
                       and r.summary.get("final_val_loss") is not None]
             checks += compare_run(
                 rec, now, seed_values=spread, recorded_row=rows.get((rec.scheme, rec.bandwidth, rec.seed)),
-                same_link=bw == rec.bandwidth, loss_rtol=cfg.loss_rtol, time_tolerance=cfg.time_tolerance,
+                same_link=bw == rec.bandwidth, same_machine=same_machine(rec, now),
+                loss_rtol=cfg.loss_rtol, time_tolerance=cfg.time_tolerance,
             )
     was = (chosen[0].summary.get("provenance") or meta.get("run_provenance")) if chosen else None
     here = first_now.summary.get("provenance") if first_now else None
@@ -320,11 +346,21 @@ def reproduce(
     return outcome
 
 
+def same_machine(recorded: bench.RunResult, now: bench.RunResult) -> bool | None:
+    """Whether two runs' provenance agrees in everything that changes rounding (``None``: the
+    record predates provenance)."""
+    was, here = recorded.summary.get("provenance"), now.summary.get("provenance")
+    if was is None or here is None:
+        return None
+    return not any(what in provenance.NUMERIC for what, _, _ in provenance.differences(was, here))
+
+
 def expected_differences(diffs: Sequence[Sequence[Any]] | None) -> list[str]:
     """What the machine differences explain, in words."""
     if diffs is None:
         return ["The recorded runs carry no provenance (recorded before it was kept): whether "
-                "they ran on another CPU or torch build is unknown."]
+                "they ran on another CPU or torch build is unknown, so losses past the first logged "
+                "step may differ ('expected' above) and final losses are judged on the seed spread."]
     if not diffs:
         return ["Same CPU, vector extensions, torch build, threads and packages as recorded: "
                 "the losses should match bit for bit, only timings may move."]
@@ -334,9 +370,10 @@ def expected_differences(diffs: Sequence[Sequence[Any]] | None) -> list[str]:
     lines.append("")
     if numeric:
         lines.append(
-            "Expected from these: losses differ in their last digits (within the prefix tolerance), "
-            "so the sparse schemes' final losses land elsewhere within their seed spread; bytes "
-            "per step never change; timings follow the machine."
+            "Expected from these: losses differ in their last digits, which the sparse schemes' "
+            "top-k and sign amplify within a few dozen steps, so past the first logged step their "
+            "losses differ ('expected' above) and their final losses land elsewhere within the "
+            "seed spread; bytes never change; timings follow the machine."
         )
     else:
         lines.append("Expected from these: timings differ; losses and bytes should match bit for bit.")
@@ -353,9 +390,12 @@ def markdown(outcome: Mapping[str, Any]) -> str:
         result = c["status"] + (f": {c['note']}" if c["note"] else "")
         lines.append(f"| {c['run']} | {c['what']} | {c['recorded']} | {c['now']} | {c['tolerance']} | {result} |")
     lines += [""] + expected_differences(outcome["provenance_differences"]) + [""]
-    failed = sum(c["status"] == FAIL for c in outcome["checks"])
-    warned = sum(c["status"] == WARN for c in outcome["checks"])
-    lines.append(f"**{failed} mismatch(es)**: the recorded results do not reproduce." if failed
-                 else "Everything that must reproduce did." + (f" {warned} timing(s) outside tolerance." if warned else ""))
+    count = {status: sum(c["status"] == status for c in outcome["checks"]) for status in (FAIL, WARN, EXPECTED)}
+    if count[FAIL]:
+        lines.append(f"**{count[FAIL]} mismatch(es)**: the recorded results do not reproduce.")
+    else:
+        lines.append("Everything that must reproduce did."
+                     + (f" {count[EXPECTED]} difference(s) expected on this machine." if count[EXPECTED] else "")
+                     + (f" {count[WARN]} timing(s) outside tolerance." if count[WARN] else ""))
     lines.append("")
     return "\n".join(lines)
