@@ -32,7 +32,13 @@ def _run(seed: int = 0, *, final: float = 2.0, steps: int = STEPS, loss_shift: f
 
 
 def _status(checks: list[reproduce.Check]) -> dict[str, str]:
-    return {c.what.split(",")[0].split(" by ")[0]: c.status for c in checks}
+    """Check name (without its step numbers) -> status."""
+    names = {"train loss, step ": "train loss, first step", "train loss, steps": "train loss, all steps"}
+    out = {}
+    for c in checks:
+        what = next((v for k, v in names.items() if c.what.startswith(k)), c.what.split(" by ")[0])
+        out[what] = c.status
+    return out
 
 
 def test_prefix_steps():
@@ -40,7 +46,6 @@ def test_prefix_steps():
     assert reproduce.stop_step(run, 1.0) is None
     assert reproduce.stop_step(run, 0.1) == 2
     assert reproduce.stop_step(run, 0.25) == 6  # 5 steps, rounded up to a logged step
-    assert reproduce.prefix_end(run) == 2
     with pytest.raises(ValueError, match="Invalid steps fraction: 0"):
         reproduce.ReproduceConfig(recorded=Path("."), out=Path("."), steps_fraction=0)
 
@@ -48,15 +53,16 @@ def test_prefix_steps():
 def test_an_identical_rerun_passes_everything():
     checks = reproduce.compare_run(_run(), _run(), seed_values=[2.0], recorded_row={"target_val_loss": 2.5,
                                                                                    "time_to_target_s": 3.0})
-    assert _status(checks) == {"config": PASS, "inter-node bytes": PASS, "train loss": PASS,
-                               "final val loss": PASS, "s/step (median)": PASS, "time to target": PASS}
+    assert _status(checks) == {"config": PASS, "inter-node bytes": PASS, "train loss, first step": PASS,
+                               "train loss, all steps": PASS, "final val loss": PASS, "s/step (median)": PASS,
+                               "time to target": PASS}
 
 
 def test_changed_bytes_prefix_or_config_are_real_mismatches():
     base = _run()
     assert _status(reproduce.compare_run(base, _run(sent=101)))["inter-node bytes"] == FAIL
-    assert _status(reproduce.compare_run(base, _run(loss_shift=1e-3)))["train loss"] == FAIL
-    assert _status(reproduce.compare_run(base, _run(loss_shift=1e-7)))["train loss"] == PASS
+    assert _status(reproduce.compare_run(base, _run(loss_shift=1e-3)))["train loss, first step"] == FAIL
+    assert _status(reproduce.compare_run(base, _run(loss_shift=1e-7)))["train loss, first step"] == PASS
     changed = reproduce.compare_run(base, _run(config={"topk": 16}))
     assert changed[0].status == FAIL and changed[0].now == "topk: 14 -> 16"
     # a key the record predates compares with its default
@@ -76,11 +82,10 @@ def test_the_final_loss_is_judged_against_the_recorded_seeds():
     one_seed = reproduce.compare_run(_run(), _run(final=2.03), seed_values=[2.0])
     assert _status(one_seed)["final val loss"] == NA
     prefix = reproduce.compare_run(_run(), _run(steps=6))
-    assert _status(prefix)["final val loss"] == NA and _status(prefix)["train loss"] == PASS
+    assert _status(prefix)["final val loss"] == NA and _status(prefix)["train loss, all steps"] == PASS
 
 
-def test_past_the_first_step_losses_must_match_only_on_the_recording_machine(monkeypatch):
-    monkeypatch.setattr(reproduce, "PREFIX_FRACTION", 0.5)  # the prefix: steps 2-10
+def test_past_the_first_step_losses_must_match_only_on_the_recording_machine():
     drifted = _run(final=2.01)
     for r in drifted.records:
         r["train_loss"] += 1e-3 * (r["step"] > 2)  # the first logged step still matches
@@ -90,9 +95,9 @@ def test_past_the_first_step_losses_must_match_only_on_the_recording_machine(mon
         return [(c.what, c.status) for c in checks if "loss" in c.what]
 
     assert loss_checks(None) == [("train loss, step 2 (first logged)", PASS),
-                                 ("train loss, steps 2–10 (5 logged)", EXPECTED), ("final val loss", PASS)]
+                                 ("train loss, steps 2–20 (10 logged)", EXPECTED), ("final val loss", PASS)]
     assert loss_checks(True) == [("train loss, step 2 (first logged)", PASS),
-                                 ("train loss, steps 2–10 (5 logged)", FAIL), ("final val loss", FAIL)]
+                                 ("train loss, steps 2–20 (10 logged)", FAIL), ("final val loss", FAIL)]
 
 
 def test_same_machine_compares_what_changes_rounding():
