@@ -38,8 +38,10 @@ from deto.train.stats import prediction_interval
 
 logger = logging.getLogger(__name__)
 
-LOSS_RTOL = 1e-4
-"""Relative tolerance of the training-loss prefix and of a one-seed final loss."""
+LOSS_RTOL = 1e-5
+"""Relative tolerance of training and final losses. Measured on the default task at step 10:
+another CPU moved hsdp's training loss by 2e-9 and FlexDeMo's by 0, a 1-ulp change of every
+initial weight FlexDeMo's by 9e-8; FlexDeMo with --topk 15 instead of 14 moves it by 6e-4."""
 TIME_TOLERANCE = 0.25
 """Timings pass within a factor 1 + this of the recorded ones, either way."""
 NOT_COMPARED = frozenset({"out", "resume", "stop_at"})

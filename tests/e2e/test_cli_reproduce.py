@@ -90,5 +90,6 @@ def test_a_doctored_record_fails_with_a_clear_table(recorded, rerun, tmp_path, m
     rows = _rows(table)
     assert rows["inter-node bytes by step 4"][-1] == "FAIL"
     assert rows["train loss, step 2 (first logged)"][-1] == "FAIL"
+    assert rows["train loss, steps 2–4 (2 logged)"][-1] == "FAIL"  # the recording machine: all must match
     assert rows["config"][-1] == "pass"
-    assert "**2 mismatch(es)**: the recorded results do not reproduce." in table
+    assert "**3 mismatch(es)**: the recorded results do not reproduce." in table
