@@ -160,7 +160,7 @@ def cmd_bench(ns: argparse.Namespace) -> int:
     import time
     from pathlib import Path
 
-    from deto.train import bench
+    from deto.train import bench, provenance
 
     schemes, bandwidths, seeds = _bench_lists(ns)
 
@@ -179,7 +179,7 @@ def cmd_bench(ns: argparse.Namespace) -> int:
     )
     try:
         results = bench.run_bench(cfg, on_run=progress)
-    except ValueError as exc:  # results meant for committing, from a dirty tree
+    except provenance.DirtyTreeError as exc:
         raise UsageError(str(exc)) from None
     except RuntimeError as exc:
         print(f"deto bench: error: {exc}", file=sys.stderr)
@@ -203,8 +203,11 @@ def _reproduce(ns: argparse.Namespace, schemes: Any, bandwidths: Any, seeds: Any
             recorded=Path(ns.reproduce), out=out, schemes=schemes, seeds=seeds, bandwidths=bandwidths,
             steps_fraction=1.0 if ns.steps_fraction is None else ns.steps_fraction,
         )
-        outcome = reproduce.reproduce(cfg, on_run=progress)
     except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    try:
+        outcome = reproduce.reproduce(cfg, on_run=progress)
+    except reproduce.RecordError as exc:
         raise UsageError(str(exc)) from None
     print((out / "reproduce.md").read_text(), flush=True)
     return EXIT_OK if outcome["ok"] else EXIT_FAILED

@@ -160,7 +160,8 @@ def plot(results: Mapping[str, Any], out: Path) -> None:
             target = next(a["target_val_loss"] for a in aggregates if a["bandwidth"] == bw)
             if target is not None:
                 ax.axhline(target["mean"], color="grey", linestyle=":", linewidth=1, label="target (mean)")
-            ax.set(title=f"link: {bw or 'unshaped'}", xlabel=xlabel, ylabel="validation loss")
+            ax.set(title=f"link: {bw or 'unshaped'} (mean over seeds; bands: min–max)", xlabel=xlabel,
+                   ylabel="validation loss")
             ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(out / name, dpi=110)
@@ -178,7 +179,7 @@ def plot(results: Mapping[str, Any], out: Path) -> None:
         ax.bar([i + j * width for i in range(len(schemes))], means, width, yerr=errs, capsize=3,
                label=bw or "unshaped")
     ax.set_xticks([i + width * (len(bws) - 1) / 2 for i in range(len(schemes))], schemes, rotation=30)
-    ax.set(ylabel="median seconds per step (mean; bars: min–max)", title="step time by scheme and link")
+    ax.set(ylabel="median seconds per step", title="step time by scheme and link (mean over seeds; whiskers: min–max)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "step_time.png", dpi=110)

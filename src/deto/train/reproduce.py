@@ -50,6 +50,10 @@ NOT_COMPARED = frozenset({"out", "resume", "stop_at"})
 PASS, FAIL, WARN, NA, EXPECTED = "pass", "FAIL", "warn", "n/a", "expected"
 
 
+class RecordError(ValueError):
+    """The record cannot be reproduced as asked: missing, unreadable, or lacking a run."""
+
+
 @dataclass(frozen=True)
 class ReproduceConfig:
     """Which recorded runs to re-run, how far, and how closely they must match."""
@@ -86,16 +90,16 @@ class Check:
 
 
 def load_results(path: Path) -> dict[str, Any]:
-    """results.json of a bench folder (or the file itself); ``ValueError`` if unusable."""
+    """results.json of a bench folder (or the file itself); :class:`RecordError` if unusable."""
     file = path / "results.json" if path.is_dir() else path
     try:
         results = json.loads(file.read_text())
     except FileNotFoundError:
-        raise ValueError(f"No results.json in {path}") from None
+        raise RecordError(f"No results.json in {path}") from None
     except ValueError as exc:
-        raise ValueError(f"Unreadable {file}: {exc}") from None
+        raise RecordError(f"Unreadable {file}: {exc}") from None
     if not isinstance(results, dict) or not results.get("runs"):
-        raise ValueError(f"{file} records no runs")
+        raise RecordError(f"{file} records no runs")
     return results
 
 
@@ -106,13 +110,13 @@ def recorded_runs(results: Mapping[str, Any]) -> list[bench.RunResult]:
 def select(
     runs: Sequence[bench.RunResult], schemes: Sequence[str] | None, seeds: Sequence[int] | None
 ) -> list[bench.RunResult]:
-    """The recorded runs of ``schemes`` and ``seeds`` (``None``: all); ``ValueError`` if a
-    requested one was not recorded."""
+    """The recorded runs of ``schemes`` and ``seeds`` (``None``: all); :class:`RecordError` if
+    a requested one was not recorded."""
     for name, wanted, have in (("schemes", schemes, {r.scheme for r in runs}),
                                ("seeds", seeds, {r.seed for r in runs})):
         missing = sorted(set(wanted or ()) - have, key=str)
         if missing:
-            raise ValueError(f"Invalid --{name}: {', '.join(map(str, missing))} not recorded "
+            raise RecordError(f"Invalid --{name}: {', '.join(map(str, missing))} not recorded "
                              f"(recorded: {', '.join(map(str, sorted(have, key=str)))})")
     return [r for r in runs if (schemes is None or r.scheme in schemes) and (seeds is None or r.seed in seeds)]
 
