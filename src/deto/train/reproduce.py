@@ -293,6 +293,8 @@ def reproduce(
     meta = results["meta"]
     recorded = recorded_runs(results)
     chosen = select(recorded, cfg.schemes, cfg.seeds)
+    if runner is None and cfg.bandwidths is None:
+        _check_links({r.bandwidth for r in chosen} - {None})
     run = runner or run_child
     rows = {(r["scheme"], r["bandwidth"], r.get("seed", meta.get("seed", 0))): r for r in results["rows"]}
     done: dict[tuple[str, str | None, int, int | None], bench.RunResult] = {}
@@ -341,6 +343,21 @@ def reproduce(
     report.write_json(cfg.out / "reproduce.json", outcome)
     (cfg.out / "reproduce.md").write_text(markdown(outcome))
     return outcome
+
+
+def _check_links(links: set[str | None]) -> None:
+    """Re-running over the recorded emulated links needs what emulating them needs."""
+    if not links:
+        return
+    from deto.train import netem
+
+    try:
+        netem.check_requirements()
+    except RuntimeError as exc:
+        raise RecordError(
+            f"the recorded runs used emulated links ({', '.join(sorted(map(str, links)))}): {exc}; "
+            "or pass --bandwidth none to re-run them unshaped (timings are then not compared)"
+        ) from None
 
 
 def same_machine(recorded: bench.RunResult, now: bench.RunResult) -> bool | None:
