@@ -135,7 +135,8 @@ def _bench_lists(ns: argparse.Namespace) -> tuple[Any, Any, Any]:
         raise UsageError(f"Invalid --schemes: {ns.schemes!r} (valid: {', '.join(PRESETS)})")
     bandwidths = None
     if ns.bandwidth is not None:
-        bandwidths = tuple(None if b.strip() in ("none", "") else b.strip() for b in ns.bandwidth.split(","))
+        given = (b.strip() for b in ns.bandwidth.split(","))
+        bandwidths = tuple(None if b in ("none", "") else b for b in given)
     if bandwidths is not None and any(b is not None for b in bandwidths):
         from deto.train import netem
 
@@ -150,7 +151,9 @@ def _bench_lists(ns: argparse.Namespace) -> tuple[Any, Any, Any]:
     if seed_texts is not None:
         seeds = tuple(int(x) for x in seed_texts if x.isdigit())
         if not seeds or len(seeds) != len(seed_texts) or len(set(seeds)) != len(seeds):
-            raise UsageError(f"Invalid --seeds: {ns.seeds!r} (distinct integers >= 0, e.g. 0,1,2)")
+            raise UsageError(
+                f"Invalid --seeds: {ns.seeds!r} (distinct integers >= 0, e.g. 0,1,2)"
+            )
     if any(a == "--seed" or a.startswith("--seed=") for a in ns.train_args):
         raise UsageError("Invalid --seed after --: give seeds with deto bench --seeds")
     return schemes, bandwidths, seeds
@@ -189,7 +192,9 @@ def cmd_bench(ns: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _reproduce(ns: argparse.Namespace, schemes: Any, bandwidths: Any, seeds: Any, progress: Any) -> int:
+def _reproduce(
+    ns: argparse.Namespace, schemes: Any, bandwidths: Any, seeds: Any, progress: Any
+) -> int:
     import time
     from pathlib import Path
 
@@ -200,7 +205,8 @@ def _reproduce(ns: argparse.Namespace, schemes: Any, bandwidths: Any, seeds: Any
     out = Path(ns.out or f"bench/reproduce-{time.strftime('%Y%m%d-%H%M%S')}")
     try:
         cfg = reproduce.ReproduceConfig(
-            recorded=Path(ns.reproduce), out=out, schemes=schemes, seeds=seeds, bandwidths=bandwidths,
+            recorded=Path(ns.reproduce), out=out, schemes=schemes, seeds=seeds,
+            bandwidths=bandwidths,
             steps_fraction=1.0 if ns.steps_fraction is None else ns.steps_fraction,
         )
     except ValueError as exc:
@@ -315,15 +321,18 @@ def build_parser() -> argparse.ArgumentParser:
                          help="comma-separated seeds; every scheme runs with each (default: 0; "
                          "with --reproduce: every recorded one)")
     bench_p.add_argument("--out", default=None, metavar="DIR",
-                         help="output directory (default: bench/<timestamp>, bench/reproduce-<timestamp>)")
+                         help="output directory (default: bench/<timestamp>, "
+                         "bench/reproduce-<timestamp>)")
     bench_p.add_argument("--allow-dirty", action="store_true",
-                         help="allow an --out inside benchmarks/results/ (results meant for committing) "
-                         "from a working tree with uncommitted changes; the report says so at the top")
+                         help="allow an --out inside benchmarks/results/ (results meant for "
+                         "committing) from a working tree with uncommitted changes; the report "
+                         "says so at the top")
     bench_p.add_argument("--reproduce", default=None, metavar="DIR",
-                         help="re-run the runs recorded in DIR/results.json and compare (exit 1 on a "
-                         "mismatch of config, bytes, training-loss prefix or final loss)")
+                         help="re-run the runs recorded in DIR/results.json and compare (exit 1 "
+                         "on a mismatch of config, bytes, training losses or final loss)")
     bench_p.add_argument("--steps-fraction", type=_float, default=None, metavar="F",
-                         help="with --reproduce: re-run only the first F of every run's steps (0 < F <= 1)")
+                         help="with --reproduce: re-run only the first F of every run's steps "
+                         "(0 < F <= 1)")
     bench_p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     bench_p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     bench_p.set_defaults(func=cmd_bench, train_args=[])
@@ -354,9 +363,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from deto.train.elastic import RankFailure
     from deto.train.launch import under_torchrun
 
-    provenance.note_command(
-        ["deto", *(sys.argv[1:] if argv is None else argv)], inherited=under_torchrun()
-    )
+    typed = ["deto", *(sys.argv[1:] if argv is None else argv)]
+    provenance.note_command(typed, inherited=under_torchrun())
 
     try:
         return int(ns.func(ns))

@@ -32,18 +32,24 @@ def train_prefix(cfg_dict: dict[str, Any], run_dir: str) -> dict[str, Any] | Non
     from deto.train.config import TrainConfig
 
     cfg = TrainConfig(**cfg_dict)
-    return loop.run(cfg, Topology(nodes=cfg.nodes, ranks_per_node=cfg.ranks_per_node, device="cpu"),
-                    run_dir=run_dir)
+    return loop.run(
+        cfg,
+        Topology(nodes=cfg.nodes, ranks_per_node=cfg.ranks_per_node, device="cpu"),
+        run_dir=run_dir,
+    )
 
 
 def planned(run: bench.RunResult, train_args: list[str], stop_at: int, out: Path) -> dict[str, Any]:
     """The configuration `deto bench` resolves today for the recorded run's command, stopped
     after ``stop_at`` steps."""
-    from deto.cli import build_parser, train_overrides
-    from deto.train.config import resolve
+    from deto.cli import build_parser
+    from deto.train.config import FIELDS, load_toml, resolve
 
-    ns = build_parser().parse_args(["train", "--scheme", run.scheme, "--seed", str(run.seed), *train_args])
-    return resolve({**train_overrides(ns), "stop_at": stop_at, "out": str(out)}).to_dict()
+    argv = ["train", "--scheme", run.scheme, "--seed", str(run.seed), *train_args]
+    ns = build_parser().parse_args(argv)
+    values = load_toml(ns.config) if hasattr(ns, "config") else {}
+    values.update({k: v for k, v in vars(ns).items() if k in FIELDS})
+    return resolve({**values, "stop_at": stop_at, "out": str(out)}).to_dict()
 
 
 _reruns: dict[str, bench.RunResult] = {}
@@ -73,7 +79,13 @@ def test_committed_results_reproduce_their_first_steps(folder, scheme, pool, tmp
     failed = [c for c in checks if c.status == reproduce.FAIL]
     assert not failed, (
         f"{folder} no longer matches the code (regenerate it, see docs/benchmarks.md):\n"
-        + "\n".join(f"{c.run}: {c.what}: recorded {c.recorded}, now {c.now} (tolerance {c.tolerance})"
-                    for c in failed)
+        + "\n".join(
+            f"{c.run}: {c.what}: recorded {c.recorded}, now {c.now} (tolerance {c.tolerance})"
+            for c in failed
+        )
     )
-    assert {c.what.split(" by ")[0].split(",")[0] for c in checks} >= {"config", "inter-node bytes", "train loss"}
+    assert {c.what.split(" by ")[0].split(",")[0] for c in checks} >= {
+        "config",
+        "inter-node bytes",
+        "train loss",
+    }

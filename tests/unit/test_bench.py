@@ -159,13 +159,24 @@ def test_seeds_give_means_and_spreads_and_the_targets_are_judged_on_the_means(tm
     hsdp_final, flex_final = [2.0, 2.0, 2.0], [1.9, 2.16, 1.94]
     fakes = {}
     for seed in range(3):
-        fakes[("hsdp", seed)] = dict(val=[[10, 3.0], [20, hsdp_final[seed]]], step_time=1.0, sent=4000.0,
-                                     seconds_per_step=1.0 + 0.1 * seed)
-        fakes[("flexdemo", seed)] = dict(val=[[10, 2.4], [20, flex_final[seed]]], step_time=0.2 + 0.01 * seed,
-                                         sent=20.0, seconds_per_step=0.2)
-        fakes[("none", seed)] = dict(val=[[10, 3.5], [20, 3.0]], step_time=0.19, sent=0.0, seconds_per_step=0.19)
-    cfg = bench.BenchConfig(schemes=("hsdp", "flexdemo", "none"), bandwidths=("100mbit",), seeds=(0, 1, 2),
-                            out=tmp_path)
+        fakes[("hsdp", seed)] = dict(
+            val=[[10, 3.0], [20, hsdp_final[seed]]],
+            step_time=1.0,
+            sent=4000.0,
+            seconds_per_step=1.0 + 0.1 * seed,
+        )
+        fakes[("flexdemo", seed)] = dict(
+            val=[[10, 2.4], [20, flex_final[seed]]],
+            step_time=0.2 + 0.01 * seed,
+            sent=20.0,
+            seconds_per_step=0.2,
+        )
+        fakes[("none", seed)] = dict(
+            val=[[10, 3.5], [20, 3.0]], step_time=0.19, sent=0.0, seconds_per_step=0.19
+        )
+    cfg = bench.BenchConfig(
+        schemes=("hsdp", "flexdemo", "none"), bandwidths=("100mbit",), seeds=(0, 1, 2), out=tmp_path
+    )
     results = bench.run_bench(cfg, runner=_seeded_runner(fakes))
     assert sorted({(r["scheme"], r["seed"]) for r in results["rows"]}) == sorted(fakes)
     agg = {a["scheme"]: a for a in results["aggregates"]}
@@ -184,7 +195,10 @@ def test_seeds_give_means_and_spreads_and_the_targets_are_judged_on_the_means(tm
     evidence = {claim: ev for claim, _, ev in results["targets"]}
     loss_claim = "flexdemo final val loss within 5% of hsdp (100mbit)"
     assert met[loss_claim] is True and "1.9000–2.1600 over 3 seeds" in evidence[loss_claim]
-    assert "per seed 0.11–0.13" in evidence["flexdemo reaches the target in <= 1/3 of hsdp's time (100mbit)"]
+    assert (
+        "per seed 0.11–0.13"
+        in evidence["flexdemo reaches the target in <= 1/3 of hsdp's time (100mbit)"]
+    )
     report = (tmp_path / "report.md").read_text()
     assert "| flexdemo | 2.0000 (1.9000–2.1600, σ 0.1400) |" in report
     assert "| flexdemo | 1 | 2.1600 |" in report  # the per-seed table
@@ -197,25 +211,43 @@ def test_seeds_give_means_and_spreads_and_the_targets_are_judged_on_the_means(tm
 def test_a_scheme_that_misses_the_target_in_one_seed_misses_the_time_target(tmp_path):
     fakes = {}
     for seed in range(2):
-        fakes[("hsdp", seed)] = dict(val=[[10, 3.0], [20, 2.0]], step_time=1.0, sent=4000.0, seconds_per_step=1.0)
+        fakes[("hsdp", seed)] = dict(
+            val=[[10, 3.0], [20, 2.0]], step_time=1.0, sent=4000.0, seconds_per_step=1.0
+        )
         flex_end = 2.0 if seed == 0 else 2.9  # seed 1 never reaches hsdp's 2.5
-        fakes[("flexdemo", seed)] = dict(val=[[10, 3.0], [20, flex_end]], step_time=0.2, sent=20.0,
-                                         seconds_per_step=0.2)
-    cfg = bench.BenchConfig(schemes=("hsdp", "flexdemo"), bandwidths=("100mbit",), seeds=(0, 1), out=tmp_path)
+        fakes[("flexdemo", seed)] = dict(
+            val=[[10, 3.0], [20, flex_end]], step_time=0.2, sent=20.0, seconds_per_step=0.2
+        )
+    cfg = bench.BenchConfig(
+        schemes=("hsdp", "flexdemo"), bandwidths=("100mbit",), seeds=(0, 1), out=tmp_path
+    )
     results = bench.run_bench(cfg, runner=_seeded_runner(fakes))
     claim = "flexdemo reaches the target in <= 1/3 of hsdp's time (100mbit)"
-    (met, evidence), = [(ok, ev) for c, ok, ev in results["targets"] if c == claim]
+    ((met, evidence),) = [(ok, ev) for c, ok, ev in results["targets"] if c == claim]
     assert met is False and evidence == "reached the target in 1 of 2 seeds"
     assert "reached in 1/2" in (tmp_path / "report.md").read_text()
 
 
 def test_results_written_before_seeds_and_traces_still_load():
-    entry = {"scheme": "hsdp", "bandwidth": "1gbit",
-             "summary": {"config": {"seed": 3}, "train_loss": [[10, 4.5], [20, 4.0]], "val_loss": [[20, 4.1]]}}
+    entry = {
+        "scheme": "hsdp",
+        "bandwidth": "1gbit",
+        "summary": {
+            "config": {"seed": 3},
+            "train_loss": [[10, 4.5], [20, 4.0]],
+            "val_loss": [[20, 4.1]],
+        },
+    }
     run = bench.run_from_entry(entry)
     assert run.seed == 3
-    assert run.records == [{"step": 10, "train_loss": 4.5}, {"step": 20, "train_loss": 4.0, "val_loss": 4.1}]
-    records = [{"step": 1, "train_loss": 2.0, "lr": 0.1}, {"step": 2, "train_loss": 1.5, "val_loss": 1.7}]
+    assert run.records == [
+        {"step": 10, "train_loss": 4.5},
+        {"step": 20, "train_loss": 4.0, "val_loss": 4.1},
+    ]
+    records = [
+        {"step": 1, "train_loss": 2.0, "lr": 0.1},
+        {"step": 2, "train_loss": 1.5, "val_loss": 1.7},
+    ]
     back = bench.records_from_trace(bench.trace(records))
     assert back == [{"step": 1, "train_loss": 2.0}, {"step": 2, "train_loss": 1.5, "val_loss": 1.7}]
 

@@ -12,28 +12,54 @@ from deto.train import bench, reproduce
 from deto.train.reproduce import EXPECTED, FAIL, NA, PASS, WARN
 
 STEPS = 20
-CONFIG = {"scheme": "flexdemo", "steps": STEPS, "log_every": 2, "seed": 0, "topk": 14, "out": "x",
-          "stop_at": None}
+CONFIG = {
+    "scheme": "flexdemo",
+    "steps": STEPS,
+    "log_every": 2,
+    "seed": 0,
+    "topk": 14,
+    "out": "x",
+    "stop_at": None,
+}
 
 
-def _run(seed: int = 0, *, final: float = 2.0, steps: int = STEPS, loss_shift: float = 0.0,
-         sent: int = 100, step_time: float = 0.2, config: dict | None = None) -> bench.RunResult:
+def _run(
+    seed: int = 0,
+    *,
+    final: float = 2.0,
+    steps: int = STEPS,
+    loss_shift: float = 0.0,
+    sent: int = 100,
+    step_time: float = 0.2,
+    config: dict | None = None,
+) -> bench.RunResult:
     records = []
     for s in range(2, steps + 1, 2):
-        r = {"step": s, "train_loss": 4.0 - s / 10 + loss_shift, "wall_time_s": s * step_time,
-             "inter_node_bytes_sent_total": s * sent}
+        r = {
+            "step": s,
+            "train_loss": 4.0 - s / 10 + loss_shift,
+            "wall_time_s": s * step_time,
+            "inter_node_bytes_sent_total": s * sent,
+        }
         if s % 10 == 0:
             r["val_loss"] = final + (STEPS - s) / 10
         records.append(r)
-    summary = {"steps": steps, "config": {**CONFIG, "seed": seed, **(config or {})},
-               "final_val_loss": records[-1].get("val_loss"), "inter_node_bytes_sent_per_step": float(sent),
-               "step_time_s_median": step_time}
+    summary = {
+        "steps": steps,
+        "config": {**CONFIG, "seed": seed, **(config or {})},
+        "final_val_loss": records[-1].get("val_loss"),
+        "inter_node_bytes_sent_per_step": float(sent),
+        "step_time_s_median": step_time,
+    }
     return bench.RunResult("flexdemo", "100mbit", seed, summary, records)
 
 
 def _status(checks: list[reproduce.Check]) -> dict[str, str]:
     """Check name (without its step numbers) -> status."""
-    names = {"train loss, step ": "train loss, first step", "train loss, steps": "train loss, all steps"}
+    names = {
+        "train loss, step ": "train loss, first step",
+        "train loss, steps": "train loss, all steps",
+    }
     out = {}
     for c in checks:
         what = next((v for k, v in names.items() if c.what.startswith(k)), c.what.split(" by ")[0])
@@ -51,18 +77,34 @@ def test_prefix_steps():
 
 
 def test_an_identical_rerun_passes_everything():
-    checks = reproduce.compare_run(_run(), _run(), seed_values=[2.0], recorded_row={"target_val_loss": 2.5,
-                                                                                   "time_to_target_s": 3.0})
-    assert _status(checks) == {"config": PASS, "inter-node bytes": PASS, "train loss, first step": PASS,
-                               "train loss, all steps": PASS, "final val loss": PASS, "s/step (median)": PASS,
-                               "time to target": PASS}
+    checks = reproduce.compare_run(
+        _run(),
+        _run(),
+        seed_values=[2.0],
+        recorded_row={"target_val_loss": 2.5, "time_to_target_s": 3.0},
+    )
+    assert _status(checks) == {
+        "config": PASS,
+        "inter-node bytes": PASS,
+        "train loss, first step": PASS,
+        "train loss, all steps": PASS,
+        "final val loss": PASS,
+        "s/step (median)": PASS,
+        "time to target": PASS,
+    }
 
 
 def test_changed_bytes_prefix_or_config_are_real_mismatches():
     base = _run()
     assert _status(reproduce.compare_run(base, _run(sent=101)))["inter-node bytes"] == FAIL
-    assert _status(reproduce.compare_run(base, _run(loss_shift=1e-3)))["train loss, first step"] == FAIL
-    assert _status(reproduce.compare_run(base, _run(loss_shift=1e-7)))["train loss, first step"] == PASS
+    assert (
+        _status(reproduce.compare_run(base, _run(loss_shift=1e-3)))["train loss, first step"]
+        == FAIL
+    )
+    assert (
+        _status(reproduce.compare_run(base, _run(loss_shift=1e-7)))["train loss, first step"]
+        == PASS
+    )
     changed = reproduce.compare_run(base, _run(config={"topk": 16}))
     assert changed[0].status == FAIL and changed[0].now == "topk: 14 -> 16"
     # a key the record predates compares with its default
@@ -82,7 +124,9 @@ def test_the_final_loss_is_judged_against_the_recorded_seeds():
     one_seed = reproduce.compare_run(_run(), _run(final=2.03), seed_values=[2.0])
     assert _status(one_seed)["final val loss"] == NA
     prefix = reproduce.compare_run(_run(), _run(steps=6))
-    assert _status(prefix)["final val loss"] == NA and _status(prefix)["train loss, all steps"] == PASS
+    assert (
+        _status(prefix)["final val loss"] == NA and _status(prefix)["train loss, all steps"] == PASS
+    )
 
 
 def test_past_the_first_step_losses_must_match_only_on_the_recording_machine():
@@ -91,17 +135,28 @@ def test_past_the_first_step_losses_must_match_only_on_the_recording_machine():
         r["train_loss"] += 1e-3 * (r["step"] > 2)  # the first logged step still matches
 
     def loss_checks(same_machine):
-        checks = reproduce.compare_run(_run(), drifted, seed_values=[2.0, 2.02], same_machine=same_machine)
+        checks = reproduce.compare_run(
+            _run(), drifted, seed_values=[2.0, 2.02], same_machine=same_machine
+        )
         return [(c.what, c.status) for c in checks if "loss" in c.what]
 
-    assert loss_checks(None) == [("train loss, step 2 (first logged)", PASS),
-                                 ("train loss, steps 2–20 (10 logged)", EXPECTED), ("final val loss", PASS)]
-    assert loss_checks(True) == [("train loss, step 2 (first logged)", PASS),
-                                 ("train loss, steps 2–20 (10 logged)", FAIL), ("final val loss", FAIL)]
+    assert loss_checks(None) == [
+        ("train loss, step 2 (first logged)", PASS),
+        ("train loss, steps 2–20 (10 logged)", EXPECTED),
+        ("final val loss", PASS),
+    ]
+    assert loss_checks(True) == [
+        ("train loss, step 2 (first logged)", PASS),
+        ("train loss, steps 2–20 (10 logged)", FAIL),
+        ("final val loss", FAIL),
+    ]
 
 
 def test_same_machine_compares_what_changes_rounding():
-    where = {"cpu": {"model": "A", "vector_flags": ["avx2"], "usable_cores": 2}, "torch": {"version": "2"}}
+    where = {
+        "cpu": {"model": "A", "vector_flags": ["avx2"], "usable_cores": 2},
+        "torch": {"version": "2"},
+    }
     other_cores = {**where, "cpu": {**where["cpu"], "usable_cores": 8}}
     other_cpu = {**where, "cpu": {**where["cpu"], "vector_flags": ["avx2", "avx512f"]}}
     a, b = _run(), _run()
@@ -113,8 +168,9 @@ def test_same_machine_compares_what_changes_rounding():
 
 
 def test_timings_outside_tolerance_warn_and_other_links_are_not_compared():
-    slow = reproduce.compare_run(_run(), _run(step_time=0.3), recorded_row={"target_val_loss": 2.5,
-                                                                           "time_to_target_s": 3.0})
+    slow = reproduce.compare_run(
+        _run(), _run(step_time=0.3), recorded_row={"target_val_loss": 2.5, "time_to_target_s": 3.0}
+    )
     assert _status(slow)["s/step (median)"] == WARN and _status(slow)["time to target"] == WARN
     other = reproduce.compare_run(_run(), _run(step_time=0.3), same_link=False)
     assert _status(other)["timings"] == NA
@@ -127,11 +183,22 @@ def _fake_train(argv: list[str], *, doctor: float = 0.0) -> int:
     stop = int(argv[argv.index("--stop-at") + 1]) if "--stop-at" in argv else STEPS
     run = _run(seed, final=2.0 + seed / 100, loss_shift=doctor)
     run.records = [r for r in run.records if r["step"] <= stop]
-    run.summary.update(steps=stop, final_val_loss=run.summary["final_val_loss"] if stop == STEPS else None,
-                       scheme="flexdemo", task="lm", nodes=2, ranks_per_node=2, params=10,
-                       val_loss=[[r["step"], r["val_loss"]] for r in run.records if "val_loss" in r],
-                       full_sync_bytes_per_step=1000, replicas_identical=True, wall_time_s=4.0, link=None,
-                       versions={}, git_sha=None)
+    run.summary.update(
+        steps=stop,
+        final_val_loss=run.summary["final_val_loss"] if stop == STEPS else None,
+        scheme="flexdemo",
+        task="lm",
+        nodes=2,
+        ranks_per_node=2,
+        params=10,
+        val_loss=[[r["step"], r["val_loss"]] for r in run.records if "val_loss" in r],
+        full_sync_bytes_per_step=1000,
+        replicas_identical=True,
+        wall_time_s=4.0,
+        link=None,
+        versions={},
+        git_sha=None,
+    )
     run.summary["config"]["stop_at"] = None if stop == STEPS else stop
     out.mkdir(parents=True)
     (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in run.records))
@@ -142,8 +209,10 @@ def _fake_train(argv: list[str], *, doctor: float = 0.0) -> int:
 @pytest.fixture
 def recorded(tmp_path: Path) -> Path:
     out = tmp_path / "recorded"
-    bench.run_bench(bench.BenchConfig(schemes=("flexdemo",), bandwidths=("100mbit",), seeds=(0, 1, 2), out=out),
-                    runner=_fake_train)
+    bench.run_bench(
+        bench.BenchConfig(schemes=("flexdemo",), bandwidths=("100mbit",), seeds=(0, 1, 2), out=out),
+        runner=_fake_train,
+    )
     return out
 
 
@@ -154,12 +223,18 @@ def test_reproduce_reruns_the_recorded_runs_and_passes(recorded, tmp_path):
         calls.append(argv)
         return _fake_train(argv)
 
-    cfg = reproduce.ReproduceConfig(recorded=recorded, out=tmp_path / "again", seeds=(0, 2), steps_fraction=0.5)
+    cfg = reproduce.ReproduceConfig(
+        recorded=recorded, out=tmp_path / "again", seeds=(0, 2), steps_fraction=0.5
+    )
     outcome = reproduce.reproduce(cfg, runner=runner)
     assert outcome["ok"]
     assert [c[c.index("--seed") + 1] for c in calls] == ["0", "2"]
-    assert all(c[c.index("--stop-at") + 1] == "10" and c[-2:] == ["--bandwidth", "100mbit"] for c in calls)
-    assert "Everything that must reproduce did." in (tmp_path / "again" / "reproduce.md").read_text()
+    assert all(
+        c[c.index("--stop-at") + 1] == "10" and c[-2:] == ["--bandwidth", "100mbit"] for c in calls
+    )
+    assert (
+        "Everything that must reproduce did." in (tmp_path / "again" / "reproduce.md").read_text()
+    )
 
 
 def test_reproduce_of_a_doctored_record_fails_with_a_table(recorded, tmp_path, monkeypatch, capsys):
@@ -172,8 +247,19 @@ def test_reproduce_of_a_doctored_record_fails_with_a_table(recorded, tmp_path, m
     run["trace"]["inter_node_bytes_sent_total"][-1] += 4
     (recorded / "results.json").write_text(json.dumps(doctored))
     monkeypatch.setattr(reproduce, "run_child", _fake_train)
-    code = cli.main(["bench", "--reproduce", str(recorded), "--seeds", "1", "--bandwidth", "none",
-                     "--out", str(tmp_path / "again")])
+    code = cli.main(
+        [
+            "bench",
+            "--reproduce",
+            str(recorded),
+            "--seeds",
+            "1",
+            "--bandwidth",
+            "none",
+            "--out",
+            str(tmp_path / "again"),
+        ]
+    )
     assert code == 1
     table = capsys.readouterr().out
     rows = [line for line in table.splitlines() if line.startswith("| 100mbit-flexdemo-seed1 |")]

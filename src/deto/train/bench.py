@@ -29,13 +29,28 @@ from deto.train.stats import ratio_of_means, spread
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_SCHEMES = ("hsdp", "full", "flexdemo", "flexdemo-adamw", "demo", "diloco", "random", "striding", "none")
+DEFAULT_SCHEMES = (
+    "hsdp",
+    "full",
+    "flexdemo",
+    "flexdemo-adamw",
+    "demo",
+    "diloco",
+    "random",
+    "striding",
+    "none",
+)
 DEFAULT_SEEDS = (0,)
 TARGET_FRACTION = 0.75  # the target val loss is hsdp's at 75% of its steps (per seed)
 BASELINE = "hsdp"
 FLOOR = "none"
 TRACE_KEYS = (
-    "step", "train_loss", "val_loss", "val_accuracy", "wall_time_s", "step_time_s",
+    "step",
+    "train_loss",
+    "val_loss",
+    "val_accuracy",
+    "wall_time_s",
+    "step_time_s",
     "inter_node_bytes_sent_total",
 )
 """The metrics.jsonl columns kept in results.json: what the plots and ``--reproduce`` need."""
@@ -64,7 +79,8 @@ class RunResult:
 
 def machine() -> str:
     """One line on where the numbers were measured (they drift with the machine)."""
-    return f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()} {platform.release()}"
+    cores = f"{os.cpu_count()} CPU cores"
+    return f"{platform.machine()}, {cores}, {platform.system()} {platform.release()}"
 
 
 def run_name(scheme: str, bandwidth: str | None, seed: int) -> str:
@@ -74,8 +90,20 @@ def run_name(scheme: str, bandwidth: str | None, seed: int) -> str:
 def train_argv(
     scheme: str, bandwidth: str | None, seed: int, out: Path, train_args: Sequence[str]
 ) -> list[str]:
-    argv = [sys.executable, "-m", "deto", "train", "--scheme", scheme, "--seed", str(seed),
-            "--out", str(out), "-q", *train_args]
+    argv = [
+        sys.executable,
+        "-m",
+        "deto",
+        "train",
+        "--scheme",
+        scheme,
+        "--seed",
+        str(seed),
+        "--out",
+        str(out),
+        "-q",
+        *train_args,
+    ]
     if bandwidth is not None:
         argv += ["--bandwidth", bandwidth]
     return argv
@@ -83,7 +111,11 @@ def train_argv(
 
 def load_run(scheme: str, bandwidth: str | None, seed: int, out: Path) -> RunResult:
     summary = json.loads((out / "summary.json").read_text())
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    records = [
+        json.loads(line)
+        for line in (out / "metrics.jsonl").read_text().splitlines()
+        if line.strip()
+    ]
     return RunResult(scheme, bandwidth, seed, summary, records)
 
 
@@ -100,8 +132,13 @@ def records_from_trace(columns: dict[str, list[Any]]) -> list[dict[str, Any]]:
 
 def run_entry(r: RunResult) -> dict[str, Any]:
     """A run as results.json keeps it."""
-    return {"scheme": r.scheme, "bandwidth": r.bandwidth, "seed": r.seed, "summary": r.summary,
-            "trace": trace(r.records)}
+    return {
+        "scheme": r.scheme,
+        "bandwidth": r.bandwidth,
+        "seed": r.seed,
+        "summary": r.summary,
+        "trace": trace(r.records),
+    }
 
 
 def run_from_entry(entry: dict[str, Any]) -> RunResult:
@@ -159,7 +196,8 @@ def time_to_target(records: Sequence[dict[str, Any]], target: float) -> float | 
 
 
 def target_loss(runs: Sequence[RunResult]) -> tuple[float, str]:
-    """The target val loss and how it was defined (hsdp's at 75% of its steps, else the first run's)."""
+    """The target val loss and how it was defined (hsdp's at 75% of its steps, else the first
+    run's)."""
     base = next((r for r in runs if r.scheme == BASELINE), runs[0])
     steps = base.summary["steps"]
     value = loss_at(base.summary["val_loss"], TARGET_FRACTION * steps)
@@ -189,13 +227,19 @@ def derive(runs: Sequence[RunResult]) -> list[dict[str, Any]]:
                     "target_val_loss": target,
                     "time_to_target_s": t,
                     "time_to_target_vs_hsdp": t / base_t if t is not None and base_t else None,
-                    "val_loss_vs_hsdp": s["final_val_loss"] / base.summary["final_val_loss"] - 1 if base else None,
+                    "val_loss_vs_hsdp": s["final_val_loss"] / base.summary["final_val_loss"] - 1
+                    if base
+                    else None,
                     "step_time_s_median": s["step_time_s_median"],
                     "step_time_vs_none": (
-                        s["step_time_s_median"] / floor.summary["step_time_s_median"] - 1 if floor else None
+                        s["step_time_s_median"] / floor.summary["step_time_s_median"] - 1
+                        if floor
+                        else None
                     ),
                     "inter_node_mb_per_step": sent / 1e6,
-                    "bytes_vs_hsdp": sent / s["full_sync_bytes_per_step"] if s["full_sync_bytes_per_step"] else None,
+                    "bytes_vs_hsdp": sent / s["full_sync_bytes_per_step"]
+                    if s["full_sync_bytes_per_step"]
+                    else None,
                     "compression_vs_hsdp": s["full_sync_bytes_per_step"] / sent if sent else None,
                     "replicas_identical": s["replicas_identical"],
                     "wall_time_s": s["wall_time_s"],
@@ -227,7 +271,9 @@ def aggregate(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         base = [r for r in at_bw if r["scheme"] == BASELINE]
         floor = [r for r in at_bw if r["scheme"] == FLOOR]
         times = _column(mine, "time_to_target_s")
-        promised = [bool(r["replicas_identical"]) for r in mine if r["replicas_identical"] is not None]
+        promised = [
+            bool(r["replicas_identical"]) for r in mine if r["replicas_identical"] is not None
+        ]
         bytes_ratio = _known(_column(mine, "bytes_vs_hsdp"))
         out.append(
             {
@@ -241,19 +287,27 @@ def aggregate(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 "time_to_target_vs_hsdp": (
                     ratio_of_means(times, _column(base, "time_to_target_s")) if base else None
                 ),
-                "time_to_target_vs_hsdp_per_seed": spread(_known(_column(mine, "time_to_target_vs_hsdp"))),
+                "time_to_target_vs_hsdp_per_seed": spread(
+                    _known(_column(mine, "time_to_target_vs_hsdp"))
+                ),
                 "val_loss_vs_hsdp": _minus_one(
                     ratio_of_means(_column(mine, "final_val_loss"), _column(base, "final_val_loss"))
-                    if base else None
+                    if base
+                    else None
                 ),
                 "step_time_s_median": spread(_column(mine, "step_time_s_median")),
                 "step_time_vs_none": _minus_one(
-                    ratio_of_means(_column(mine, "step_time_s_median"), _column(floor, "step_time_s_median"))
-                    if floor else None
+                    ratio_of_means(
+                        _column(mine, "step_time_s_median"), _column(floor, "step_time_s_median")
+                    )
+                    if floor
+                    else None
                 ),
                 "inter_node_mb_per_step": spread(_column(mine, "inter_node_mb_per_step")),
                 "bytes_vs_hsdp": statistics.fmean(bytes_ratio) if bytes_ratio else None,
-                "compression_vs_hsdp": 1 / statistics.fmean(bytes_ratio) if bytes_ratio and any(bytes_ratio) else None,
+                "compression_vs_hsdp": 1 / statistics.fmean(bytes_ratio)
+                if bytes_ratio and any(bytes_ratio)
+                else None,
                 "replicas_identical": all(promised) if promised else None,
                 "replicas_identical_runs": [sum(promised), len(promised)],
                 "wall_time_s": spread(_column(mine, "wall_time_s")),
@@ -271,7 +325,9 @@ def _range(s: dict[str, Any] | None, spec: str, unit: str = "") -> str:
     return f"{format(s['min'], spec)}–{format(s['max'], spec)}{unit} over {s['n']} seeds"
 
 
-def targets(aggregates: Sequence[dict[str, Any]], scheme: str = "flexdemo") -> list[tuple[str, bool | None, str]]:
+def targets(
+    aggregates: Sequence[dict[str, Any]], scheme: str = "flexdemo"
+) -> list[tuple[str, bool | None, str]]:
     """The product's targets, judged on the means over seeds: (claim, met, evidence with the
     spread). A scheme that misses the target loss in any seed has no mean time: a miss."""
     out = []
@@ -282,28 +338,53 @@ def targets(aggregates: Sequence[dict[str, Any]], scheme: str = "flexdemo") -> l
             continue
         at = bw or "unshaped"
         b = a["bytes_vs_hsdp"]
-        out.append((f"{scheme} inter-node bytes/step <= 1/100 of hsdp ({at})", None if b is None else b <= 0.01,
-                    f"{bench_report.fmt(b, '.4f')} of hsdp"))
+        out.append(
+            (
+                f"{scheme} inter-node bytes/step <= 1/100 of hsdp ({at})",
+                None if b is None else b <= 0.01,
+                f"{bench_report.fmt(b, '.4f')} of hsdp",
+            )
+        )
         v = a["val_loss_vs_hsdp"]
         evidence = f"{bench_report.fmt(None if v is None else 100 * v, '+.1f')}% on the means"
         if base is not None:
-            evidence += (f" ({scheme}: {_range(a['final_val_loss'], '.4f')}; "
-                         f"hsdp: {_range(base['final_val_loss'], '.4f')})")
-        out.append((f"{scheme} final val loss within 5% of hsdp ({at})", None if v is None else v <= 0.05, evidence))
+            evidence += (
+                f" ({scheme}: {_range(a['final_val_loss'], '.4f')}; "
+                f"hsdp: {_range(base['final_val_loss'], '.4f')})"
+            )
+        out.append(
+            (
+                f"{scheme} final val loss within 5% of hsdp ({at})",
+                None if v is None else v <= 0.05,
+                evidence,
+            )
+        )
         if bw is not None and bw.lower().startswith("100mbit"):
             out.append(_time_target(group, a, at))
             n = a["step_time_vs_none"]
-            out.append((f"{scheme} s/step within 15% of none ({at})", None if n is None else n <= 0.15,
-                        f"{bench_report.fmt(None if n is None else 100 * n, '+.1f')}% on the means "
-                        f"({scheme}: {_range(a['step_time_s_median'], '.3f', ' s')})"))
+            out.append(
+                (
+                    f"{scheme} s/step within 15% of none ({at})",
+                    None if n is None else n <= 0.15,
+                    f"{bench_report.fmt(None if n is None else 100 * n, '+.1f')}% on the means "
+                    f"({scheme}: {_range(a['step_time_s_median'], '.3f', ' s')})",
+                )
+            )
     promised = [x["replicas_identical_runs"] for x in aggregates if x["replicas_identical_runs"][1]]
     same, total = sum(p[0] for p in promised), sum(p[1] for p in promised)
-    out.append(("replicas bitwise identical for every scheme that promises it",
-                same == total if total else None, f"{same}/{total} runs"))
+    out.append(
+        (
+            "replicas bitwise identical for every scheme that promises it",
+            same == total if total else None,
+            f"{same}/{total} runs",
+        )
+    )
     return out
 
 
-def _time_target(group: dict[str, dict[str, Any]], a: dict[str, Any], at: str) -> tuple[str, bool | None, str]:
+def _time_target(
+    group: dict[str, dict[str, Any]], a: dict[str, Any], at: str
+) -> tuple[str, bool | None, str]:
     claim = f"{a['scheme']} reaches the target in <= 1/3 of hsdp's time ({at})"
     seeds = len(a["seeds"])
     if a["reached_target"] < seeds:
@@ -314,8 +395,12 @@ def _time_target(group: dict[str, dict[str, Any]], a: dict[str, Any], at: str) -
     evidence += f"; per seed {_range(per_seed, '.2f')})" if per_seed and per_seed["n"] > 1 else ")"
     floor, base = group.get(FLOOR), group.get(BASELINE)
     if floor and base:
-        bound = ratio_of_means([floor["step_time_s_median"]["mean"]], [base["step_time_s_median"]["mean"]])
-        evidence += f" (a scheme learning like hsdp at none's s/step: {bench_report.fmt(bound, '.2f')})"
+        bound = ratio_of_means(
+            [floor["step_time_s_median"]["mean"]], [base["step_time_s_median"]["mean"]]
+        )
+        evidence += (
+            f" (a scheme learning like hsdp at none's s/step: {bench_report.fmt(bound, '.2f')})"
+        )
     return claim, None if t is None else t <= 1 / 3, evidence
 
 
@@ -364,17 +449,29 @@ def summarise(runs: Sequence[RunResult], cfg: BenchConfig, where: dict[str, Any]
     aggregates = aggregate(rows)
     first = runs[0].summary
     meta = {
-        "task": first["task"], "nodes": first["nodes"], "ranks_per_node": first["ranks_per_node"],
-        "steps": first["steps"], "seeds": list(cfg.seeds), "params": first["params"],
-        "versions": first["versions"], "git_sha": first["git_sha"], "machine": machine(),
-        "schemes": list(cfg.schemes), "bandwidths": list(cfg.bandwidths),
+        "task": first["task"],
+        "nodes": first["nodes"],
+        "ranks_per_node": first["ranks_per_node"],
+        "steps": first["steps"],
+        "seeds": list(cfg.seeds),
+        "params": first["params"],
+        "versions": first["versions"],
+        "git_sha": first["git_sha"],
+        "machine": machine(),
+        "schemes": list(cfg.schemes),
+        "bandwidths": list(cfg.bandwidths),
         "train_args": list(cfg.train_args),
         "target": f"{BASELINE}'s validation loss at {TARGET_FRACTION:.0%} of its steps, per seed",
         "provenance": where,
         "run_provenance": first.get("provenance"),
     }
-    return {"meta": meta, "rows": rows, "aggregates": aggregates,
-            "targets": [list(t) for t in targets(aggregates)], "runs": [run_entry(r) for r in runs]}
+    return {
+        "meta": meta,
+        "rows": rows,
+        "aggregates": aggregates,
+        "targets": [list(t) for t in targets(aggregates)],
+        "runs": [run_entry(r) for r in runs],
+    }
 
 
 def write_outputs(results: dict[str, Any], out: Path) -> None:

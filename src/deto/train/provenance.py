@@ -33,15 +33,30 @@ COMMAND_ENV = "DETO_COMMAND"
 own argv is the launcher's ``-m deto train --config ...``, not what the user typed)."""
 
 PACKAGES = (
-    "torch", "numpy", "transformers", "accelerate", "scikit-learn", "scipy", "matplotlib", "tqdm",
+    "torch",
+    "numpy",
+    "transformers",
+    "accelerate",
+    "scikit-learn",
+    "scipy",
+    "matplotlib",
+    "tqdm",
     "tensorboard",
 )
 """Installed packages whose versions can change a run's numbers or its outputs."""
 
 THREAD_ENV = (
-    "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "VECLIB_MAXIMUM_THREADS",
-    "NUMEXPR_NUM_THREADS", "OMP_PROC_BIND", "OMP_PLACES", "KMP_AFFINITY", "GOMP_CPU_AFFINITY",
-    "ATEN_CPU_CAPABILITY", "MKL_CBWR",
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "VECLIB_MAXIMUM_THREADS",
+    "NUMEXPR_NUM_THREADS",
+    "OMP_PROC_BIND",
+    "OMP_PLACES",
+    "KMP_AFFINITY",
+    "GOMP_CPU_AFFINITY",
+    "ATEN_CPU_CAPABILITY",
+    "MKL_CBWR",
 )
 """Environment variables that change how many threads run, where, or which kernels they use."""
 
@@ -219,7 +234,9 @@ def git_state(where: Path | None = None) -> dict[str, Any] | None:
         return None
     diff = _git(["diff", "HEAD", "--binary"], top, text=False)
     names = _git(["diff", "HEAD", "--name-only", "-z"], top) or ""
-    untracked = _git(["ls-files", "--others", "--exclude-standard", "--full-name", "-z"], where) or ""
+    untracked = (
+        _git(["ls-files", "--others", "--exclude-standard", "--full-name", "-z"], where) or ""
+    )
     changed = sorted({*filter(None, names.split("\0")), *filter(None, untracked.split("\0"))})
     h = hashlib.sha256(diff or b"")
     for rel in sorted(filter(None, untracked.split("\0"))):
@@ -249,7 +266,9 @@ def meant_for_committing(out: Path, where: Path | None = None) -> bool:
     return any(parts[i : i + n] == RESULTS_FOLDER for i in range(len(parts) - n))
 
 
-def check_committable(out: Path, *, allow_dirty: bool, where: Path | None = None) -> dict[str, Any] | None:
+def check_committable(
+    out: Path, *, allow_dirty: bool, where: Path | None = None
+) -> dict[str, Any] | None:
     """Refuse results meant for committing from a dirty (or unreadable) working tree.
 
     Returns the git state (``None`` outside a checkout). Raises :class:`DirtyTreeError` unless
@@ -291,14 +310,31 @@ def dirty_warning(git: Mapping[str, Any] | None) -> str | None:
 
 
 COMPARED = (
-    ("cpu", "model"), ("cpu", "vector_flags"), ("cpu", "usable_cores"),
-    ("torch", "version"), ("torch", "cpu_capability"), ("torch", "config_sha256"),
-    ("threads", "torch_num_threads"), ("threads", "env"), ("packages", None), ("python", None),
+    ("cpu", "model"),
+    ("cpu", "vector_flags"),
+    ("cpu", "usable_cores"),
+    ("torch", "version"),
+    ("torch", "cpu_capability"),
+    ("torch", "config_sha256"),
+    ("threads", "torch_num_threads"),
+    ("threads", "env"),
+    ("packages", None),
+    ("python", None),
 )
 """What, when it differs, explains different numbers on a re-run."""
 
-NUMERIC = frozenset({"cpu.model", "cpu.vector_flags", "torch.version", "torch.cpu_capability",
-                     "torch.config_sha256", "threads.torch_num_threads", "threads.env", "packages"})
+NUMERIC = frozenset(
+    {
+        "cpu.model",
+        "cpu.vector_flags",
+        "torch.version",
+        "torch.cpu_capability",
+        "torch.config_sha256",
+        "threads.torch_num_threads",
+        "threads.env",
+        "packages",
+    }
+)
 """Differences that change floating-point rounding (the others change only timings)."""
 
 

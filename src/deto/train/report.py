@@ -171,7 +171,7 @@ def format_table(summary: Mapping[str, Any]) -> str:
         ("cluster", f"{summary['nodes']} node(s) x {summary['ranks_per_node']} rank(s)"),
         ("steps", str(summary["steps"])),
         ("parameters", f"{summary['params']:,}"),
-        ("final val loss", "-" if summary["final_val_loss"] is None else f"{summary['final_val_loss']:.4f} nats"),
+        ("final val loss", "-" if (v := summary["final_val_loss"]) is None else f"{v:.4f} nats"),
     ]
     if "unigram_entropy" in summary:
         rows.append(("unigram entropy", f"{summary['unigram_entropy']:.4f} nats"))

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from deto.train import bench, provenance, report
-from deto.train.launch import run_child
+from deto.train.processes import run_child
 from deto.train.stats import prediction_interval
 
 logger = logging.getLogger(__name__)
@@ -112,13 +112,21 @@ def select(
 ) -> list[bench.RunResult]:
     """The recorded runs of ``schemes`` and ``seeds`` (``None``: all); :class:`RecordError` if
     a requested one was not recorded."""
-    for name, wanted, have in (("schemes", schemes, {r.scheme for r in runs}),
-                               ("seeds", seeds, {r.seed for r in runs})):
+    for name, wanted, have in (
+        ("schemes", schemes, {r.scheme for r in runs}),
+        ("seeds", seeds, {r.seed for r in runs}),
+    ):
         missing = sorted(set(wanted or ()) - have, key=str)
         if missing:
-            raise RecordError(f"Invalid --{name}: {', '.join(map(str, missing))} not recorded "
-                             f"(recorded: {', '.join(map(str, sorted(have, key=str)))})")
-    return [r for r in runs if (schemes is None or r.scheme in schemes) and (seeds is None or r.seed in seeds)]
+            raise RecordError(
+                f"Invalid --{name}: {', '.join(map(str, missing))} not recorded "
+                f"(recorded: {', '.join(map(str, sorted(have, key=str)))})"
+            )
+    return [
+        r
+        for r in runs
+        if (schemes is None or r.scheme in schemes) and (seeds is None or r.seed in seeds)
+    ]
 
 
 def stop_step(recorded: bench.RunResult, fraction: float) -> int | None:
@@ -159,20 +167,45 @@ def _bytes_at(run: bench.RunResult, step: int) -> float:
 
 
 def _losses(run: bench.RunResult, until: int) -> dict[int, float]:
-    return {int(r["step"]): float(r["train_loss"]) for r in run.records if "train_loss" in r and r["step"] <= until}
+    return {
+        int(r["step"]): float(r["train_loss"])
+        for r in run.records
+        if "train_loss" in r and r["step"] <= until
+    }
 
 
-def _ratio_check(name: str, what: str, recorded: float | None, now: float | None, tol: float,
-                 unit: str, spec: str) -> Check:
+def _ratio_check(
+    name: str,
+    what: str,
+    recorded: float | None,
+    now: float | None,
+    tol: float,
+    unit: str,
+    spec: str,
+) -> Check:
     tolerance = f"x{1 / (1 + tol):.2f}–x{1 + tol:.2f}"
     if recorded is None or now is None:
         status = PASS if recorded is None and now is None else WARN
-        return Check(name, what, _num(recorded, spec, unit), _num(now, spec, unit), tolerance, status,
-                     "" if status == PASS else "reached in one of the two only")
+        return Check(
+            name,
+            what,
+            _num(recorded, spec, unit),
+            _num(now, spec, unit),
+            tolerance,
+            status,
+            "" if status == PASS else "reached in one of the two only",
+        )
     ratio = now / recorded if recorded else math.inf
     ok = 1 / (1 + tol) <= ratio <= 1 + tol
-    return Check(name, what, _num(recorded, spec, unit), f"{_num(now, spec, unit)} (x{ratio:.2f})", tolerance,
-                 PASS if ok else WARN, "" if ok else "timings follow the machine and its load")
+    return Check(
+        name,
+        what,
+        _num(recorded, spec, unit),
+        f"{_num(now, spec, unit)} (x{ratio:.2f})",
+        tolerance,
+        PASS if ok else WARN,
+        "" if ok else "timings follow the machine and its load",
+    )
 
 
 def _num(v: float | None, spec: str, unit: str = "") -> str:
@@ -202,45 +235,119 @@ def compare_run(
     name = bench.run_name(recorded.scheme, recorded.bandwidth, recorded.seed)
     checks = []
     changed = config_differences(recorded.summary.get("config", {}), now.summary.get("config", {}))
-    checks.append(Check(name, "config", "as recorded", "; ".join(changed) or "same", "exact",
-                        FAIL if changed else PASS, "the results are stale" if changed else ""))
+    checks.append(
+        Check(
+            name,
+            "config",
+            "as recorded",
+            "; ".join(changed) or "same",
+            "exact",
+            FAIL if changed else PASS,
+            "the results are stale" if changed else "",
+        )
+    )
 
     last = int(now.summary["steps"])
     at = max((int(r["step"]) for r in now.records if r["step"] <= last), default=last)
     was, got = _bytes_at(recorded, at), _bytes_at(now, at)
-    checks.append(Check(name, f"inter-node bytes by step {at}", f"{was:,.0f} ({was / at:,.1f}/step)",
-                        f"{got:,.0f} ({got / at:,.1f}/step)", "exact", PASS if was == got else FAIL))
+    checks.append(
+        Check(
+            name,
+            f"inter-node bytes by step {at}",
+            f"{was:,.0f} ({was / at:,.1f}/step)",
+            f"{got:,.0f} ({got / at:,.1f}/step)",
+            "exact",
+            PASS if was == got else FAIL,
+        )
+    )
 
     rec, cur = _losses(recorded, last), _losses(now, last)
     common = sorted(rec.keys() & cur.keys())
     if not common:
-        checks.append(Check(name, "train loss prefix", "—", "—", f"rel. {loss_rtol:.0e}", FAIL,
-                            "no logged training loss in the prefix of both runs"))
+        checks.append(
+            Check(
+                name,
+                "train loss prefix",
+                "—",
+                "—",
+                f"rel. {loss_rtol:.0e}",
+                FAIL,
+                "no logged training loss in the prefix of both runs",
+            )
+        )
     else:
-        checks.append(_loss_check(name, f"train loss, step {common[0]} (first logged)", rec, cur, common[:1],
-                                  loss_rtol, must_match=True))
+        checks.append(
+            _loss_check(
+                name,
+                f"train loss, step {common[0]} (first logged)",
+                rec,
+                cur,
+                common[:1],
+                loss_rtol,
+                must_match=True,
+            )
+        )
     if len(common) > 1:
-        checks.append(_loss_check(name, f"train loss, steps {common[0]}–{common[-1]} ({len(common)} logged)",
-                                  rec, cur, common, loss_rtol, must_match=same_machine is True))
+        checks.append(
+            _loss_check(
+                name,
+                f"train loss, steps {common[0]}–{common[-1]} ({len(common)} logged)",
+                rec,
+                cur,
+                common,
+                loss_rtol,
+                must_match=same_machine is True,
+            )
+        )
 
     full = last >= int(recorded.summary["steps"])
-    checks.append(_final_check(name, recorded, now, seed_values, loss_rtol, full, same_machine is True))
+    checks.append(
+        _final_check(name, recorded, now, seed_values, loss_rtol, full, same_machine is True)
+    )
 
     if not same_link:
-        checks.append(Check(name, "timings", "—", "—", "—", NA, "not measured over the recorded link"))
+        checks.append(
+            Check(name, "timings", "—", "—", "—", NA, "not measured over the recorded link")
+        )
         return checks
-    checks.append(_ratio_check(name, "s/step (median)", recorded.summary.get("step_time_s_median"),
-                               now.summary.get("step_time_s_median"), time_tolerance, " s", ".3f"))
+    checks.append(
+        _ratio_check(
+            name,
+            "s/step (median)",
+            recorded.summary.get("step_time_s_median"),
+            now.summary.get("step_time_s_median"),
+            time_tolerance,
+            " s",
+            ".3f",
+        )
+    )
     if full and recorded_row is not None:
         target = recorded_row.get("target_val_loss")
         t_now = bench.time_to_target(now.records, target) if target is not None else None
-        checks.append(_ratio_check(name, "time to target", recorded_row.get("time_to_target_s"), t_now,
-                                   time_tolerance, " s", ".1f"))
+        checks.append(
+            _ratio_check(
+                name,
+                "time to target",
+                recorded_row.get("time_to_target_s"),
+                t_now,
+                time_tolerance,
+                " s",
+                ".1f",
+            )
+        )
     return checks
 
 
-def _loss_check(name: str, what: str, rec: Mapping[int, float], cur: Mapping[int, float], steps: Sequence[int],
-                rtol: float, *, must_match: bool) -> Check:
+def _loss_check(
+    name: str,
+    what: str,
+    rec: Mapping[int, float],
+    cur: Mapping[int, float],
+    steps: Sequence[int],
+    rtol: float,
+    *,
+    must_match: bool,
+) -> Check:
     """The largest relative difference over ``steps``; beyond ``rtol`` a failure if the losses
     ``must_match``, else a difference expected from another machine's rounding."""
     worst = max(steps, key=lambda s: abs(cur[s] - rec[s]) / abs(rec[s]))
@@ -249,32 +356,73 @@ def _loss_check(name: str, what: str, rec: Mapping[int, float], cur: Mapping[int
     if rel > rtol:
         status = FAIL if must_match else EXPECTED
         note = "" if must_match else "another (or unrecorded) machine: rounding differences grow"
-    return Check(name, what, f"{rec[worst]:.10f} at step {worst}", f"{cur[worst]:.10f} (rel. {rel:.1e})",
-                 f"rel. {rtol:.0e}", status, note)
+    return Check(
+        name,
+        what,
+        f"{rec[worst]:.10f} at step {worst}",
+        f"{cur[worst]:.10f} (rel. {rel:.1e})",
+        f"rel. {rtol:.0e}",
+        status,
+        note,
+    )
 
 
-def _final_check(name: str, recorded: bench.RunResult, now: bench.RunResult, seed_values: Sequence[float],
-                 rtol: float, full: bool, same_machine: bool) -> Check:
+def _final_check(
+    name: str,
+    recorded: bench.RunResult,
+    now: bench.RunResult,
+    seed_values: Sequence[float],
+    rtol: float,
+    full: bool,
+    same_machine: bool,
+) -> Check:
     was, got = recorded.summary.get("final_val_loss"), now.summary.get("final_val_loss")
     if not full:
         return Check(name, "final val loss", _num(was, ".4f"), "—", "—", NA, "a prefix run")
     if was is None or got is None:
-        return Check(name, "final val loss", _num(was, ".4f"), _num(got, ".4f"), "—", FAIL,
-                     "one of the runs has no validation loss")
+        return Check(
+            name,
+            "final val loss",
+            _num(was, ".4f"),
+            _num(got, ".4f"),
+            "—",
+            FAIL,
+            "one of the runs has no validation loss",
+        )
     if got == was or abs(got - was) <= rtol * abs(was):
         return Check(name, "final val loss", f"{was:.4f}", f"{got:.4f}", f"rel. {rtol:.0e}", PASS)
     if same_machine:
-        return Check(name, "final val loss", f"{was:.6f}", f"{got:.6f}", f"rel. {rtol:.0e}", FAIL,
-                     "the recording machine: the run should repeat bit for bit")
+        return Check(
+            name,
+            "final val loss",
+            f"{was:.6f}",
+            f"{got:.6f}",
+            f"rel. {rtol:.0e}",
+            FAIL,
+            "the recording machine: the run should repeat bit for bit",
+        )
     interval = prediction_interval(seed_values)
     if interval is None:
-        return Check(name, "final val loss", f"{was:.4f}", f"{got:.4f}", "one recorded seed: no spread", NA,
-                     "record several seeds (--seeds) to judge a final loss")
+        return Check(
+            name,
+            "final val loss",
+            f"{was:.4f}",
+            f"{got:.4f}",
+            "one recorded seed: no spread",
+            NA,
+            "record several seeds (--seeds) to judge a final loss",
+        )
     low, high = interval
     ok = low <= got <= high
-    return Check(name, "final val loss", f"{was:.4f} (seeds: {min(seed_values):.4f}–{max(seed_values):.4f})",
-                 f"{got:.4f}", f"{low:.4f}–{high:.4f}", PASS if ok else FAIL,
-                 "" if ok else "outside what a new seed would give")
+    return Check(
+        name,
+        "final val loss",
+        f"{was:.4f} (seeds: {min(seed_values):.4f}–{max(seed_values):.4f})",
+        f"{got:.4f}",
+        f"{low:.4f}–{high:.4f}",
+        PASS if ok else FAIL,
+        "" if ok else "outside what a new seed would give",
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -296,7 +444,10 @@ def reproduce(
     if runner is None and cfg.bandwidths is None:
         _check_links({r.bandwidth for r in chosen} - {None})
     run = runner or run_child
-    rows = {(r["scheme"], r["bandwidth"], r.get("seed", meta.get("seed", 0))): r for r in results["rows"]}
+    rows = {
+        (r["scheme"], r["bandwidth"], r.get("seed", meta.get("seed", 0))): r
+        for r in results["rows"]
+    }
     done: dict[tuple[str, str | None, int, int | None], bench.RunResult] = {}
     checks: list[Check] = []
     first_now: bench.RunResult | None = None
@@ -311,20 +462,33 @@ def reproduce(
                     on_run(i, len(chosen), name)
                 extra = ["--stop-at", str(stop)] if stop is not None else []
                 out = cfg.out / "runs" / name
-                argv = bench.train_argv(rec.scheme, bw, rec.seed, out, [*meta.get("train_args", []), *extra])
+                argv = bench.train_argv(
+                    rec.scheme, bw, rec.seed, out, [*meta.get("train_args", []), *extra]
+                )
                 code = run(argv)
                 if code != 0:
-                    raise RuntimeError(f"run {name} failed with exit status {code} (its output is above)")
+                    raise RuntimeError(
+                        f"run {name} failed with exit status {code} (its output is above)"
+                    )
                 done[key] = bench.load_run(rec.scheme, bw, rec.seed, out)
             now = done[key]
             first_now = first_now or now
-            spread = [r.summary["final_val_loss"] for r in recorded
-                      if r.scheme == rec.scheme and r.bandwidth == rec.bandwidth
-                      and r.summary.get("final_val_loss") is not None]
+            spread = [
+                r.summary["final_val_loss"]
+                for r in recorded
+                if r.scheme == rec.scheme
+                and r.bandwidth == rec.bandwidth
+                and r.summary.get("final_val_loss") is not None
+            ]
             checks += compare_run(
-                rec, now, seed_values=spread, recorded_row=rows.get((rec.scheme, rec.bandwidth, rec.seed)),
-                same_link=bw == rec.bandwidth, same_machine=same_machine(rec, now),
-                loss_rtol=cfg.loss_rtol, time_tolerance=cfg.time_tolerance,
+                rec,
+                now,
+                seed_values=spread,
+                recorded_row=rows.get((rec.scheme, rec.bandwidth, rec.seed)),
+                same_link=bw == rec.bandwidth,
+                same_machine=same_machine(rec, now),
+                loss_rtol=cfg.loss_rtol,
+                time_tolerance=cfg.time_tolerance,
             )
     was = (chosen[0].summary.get("provenance") or meta.get("run_provenance")) if chosen else None
     here = first_now.summary.get("provenance") if first_now else None
@@ -333,8 +497,9 @@ def reproduce(
         "steps_fraction": cfg.steps_fraction,
         "checks": [asdict(c) for c in checks],
         "provenance_differences": (
-            None if was is None or here is None else
-            [list(d) for d in provenance.differences(was, here)]
+            None
+            if was is None or here is None
+            else [list(d) for d in provenance.differences(was, here)]
         ),
         "provenance": here,
         "ok": not any(c.status == FAIL for c in checks),
@@ -372,12 +537,16 @@ def same_machine(recorded: bench.RunResult, now: bench.RunResult) -> bool | None
 def expected_differences(diffs: Sequence[Sequence[Any]] | None) -> list[str]:
     """What the machine differences explain, in words."""
     if diffs is None:
-        return ["The recorded runs carry no provenance (recorded before it was kept): whether "
-                "they ran on another CPU or torch build is unknown, so losses past the first logged "
-                "step may differ ('expected' above) and final losses are judged on the seed spread."]
+        return [
+            "The recorded runs carry no provenance (recorded before it was kept): whether "
+            "they ran on another CPU or torch build is unknown, so losses past the first logged "
+            "step may differ ('expected' above) and final losses are judged on the seed spread."
+        ]
     if not diffs:
-        return ["Same CPU, vector extensions, torch build, threads and packages as recorded: "
-                "the losses should match bit for bit, only timings may move."]
+        return [
+            "Same CPU, vector extensions, torch build, threads and packages as recorded: "
+            "the losses should match bit for bit, only timings may move."
+        ]
     lines = ["Differences from the recorded machine:", ""]
     lines += [f"- {what}: recorded {a!r}, now {b!r}" for what, a, b in diffs]
     numeric = [what for what, _, _ in diffs if what in provenance.NUMERIC]
@@ -390,7 +559,9 @@ def expected_differences(diffs: Sequence[Sequence[Any]] | None) -> list[str]:
             "seed spread; bytes never change; timings follow the machine."
         )
     else:
-        lines.append("Expected from these: timings differ; losses and bytes should match bit for bit.")
+        lines.append(
+            "Expected from these: timings differ; losses and bytes should match bit for bit."
+        )
     return lines
 
 
@@ -402,14 +573,26 @@ def markdown(outcome: Mapping[str, Any]) -> str:
     lines += ["| run | check | recorded | now | tolerance | result |", "|---|---|---|---|---|---|"]
     for c in outcome["checks"]:
         result = c["status"] + (f": {c['note']}" if c["note"] else "")
-        lines.append(f"| {c['run']} | {c['what']} | {c['recorded']} | {c['now']} | {c['tolerance']} | {result} |")
+        lines.append(
+            "| " + " | ".join([c["run"], c["what"], c["recorded"], c["now"], c["tolerance"], result])
+            + " |"
+        )
     lines += [""] + expected_differences(outcome["provenance_differences"]) + [""]
-    count = {status: sum(c["status"] == status for c in outcome["checks"]) for status in (FAIL, WARN, EXPECTED)}
+    count = {
+        status: sum(c["status"] == status for c in outcome["checks"])
+        for status in (FAIL, WARN, EXPECTED)
+    }
     if count[FAIL]:
         lines.append(f"**{count[FAIL]} mismatch(es)**: the recorded results do not reproduce.")
     else:
-        lines.append("Everything that must reproduce did."
-                     + (f" {count[EXPECTED]} difference(s) expected on this machine." if count[EXPECTED] else "")
-                     + (f" {count[WARN]} timing(s) outside tolerance." if count[WARN] else ""))
+        lines.append(
+            "Everything that must reproduce did."
+            + (
+                f" {count[EXPECTED]} difference(s) expected on this machine."
+                if count[EXPECTED]
+                else ""
+            )
+            + (f" {count[WARN]} timing(s) outside tolerance." if count[WARN] else "")
+        )
     lines.append("")
     return "\n".join(lines)
