@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck clean
+.PHONY: demo test results lint typecheck clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -21,6 +21,13 @@ test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks examples
 	$(BIN)/mypy
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
+
+# The committed benchmark results (docs/benchmarks.md): as root, at a clean commit.
+SEEDS ?= 0,1,2
+RESULTS ?= benchmarks/results/$(shell date +%Y-%m-%d)-cpu-2x2
+results: $(STAMP)
+	$(BIN)/deto bench --bandwidth 100mbit,1gbit --seeds $(SEEDS) --out $(RESULTS)
+	$(BIN)/deto bench --schemes hsdp,flexdemo,none --bandwidth 25mbit --seeds $(SEEDS) --out $(RESULTS)-25mbit
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -118,27 +118,29 @@ def cmd_train(ns: argparse.Namespace) -> int:
 
 
 BENCH_DESCRIPTION = """\
-Run several schemes on the same task, seed, data and step budget, side by side, optionally
-over emulated slow inter-node links, and write results.json, report.md and plots to --out.
-Each run is a separate `deto train`; arguments after `--` are passed to every one of them
-(e.g. `deto bench -- --steps 200 --task vision`)."""
+Run several schemes on the same task, data and step budget, side by side, over one or more
+seeds, optionally over emulated slow inter-node links, and write results.json, report.md and
+plots to --out. Each run is a separate `deto train`; arguments after `--` are passed to every
+one of them (e.g. `deto bench -- --steps 200 --task vision`). With --reproduce DIR, re-run the
+runs DIR's results.json records and compare them with the record instead."""
 
 
-def cmd_bench(ns: argparse.Namespace) -> int:
-    import time
-    from pathlib import Path
+def _csv(text: str | None) -> tuple[str, ...] | None:
+    return None if text is None else tuple(x.strip() for x in text.split(",") if x.strip())
 
-    from deto.train import bench
+
+def _bench_lists(ns: argparse.Namespace) -> tuple[Any, Any, Any]:
+    """--schemes, --bandwidth and --seeds as tuples (``None`` where not given)."""
     from deto.train.presets import PRESETS
 
-    schemes = tuple(s.strip() for s in ns.schemes.split(",") if s.strip())
-    unknown = [s for s in schemes if s not in PRESETS]
-    if not schemes or unknown:
+    schemes = _csv(ns.schemes)
+    if schemes is not None and (not schemes or any(s not in PRESETS for s in schemes)):
         raise UsageError(f"Invalid --schemes: {ns.schemes!r} (valid: {', '.join(PRESETS)})")
-    bandwidths = tuple(
-        None if b.strip() in ("none", "") else b.strip() for b in ns.bandwidth.split(",")
-    )
-    if any(b is not None for b in bandwidths):
+    bandwidths = None
+    if ns.bandwidth is not None:
+        given = (b.strip() for b in ns.bandwidth.split(","))
+        bandwidths = tuple(None if b in ("none", "") else b for b in given)
+    if bandwidths is not None and any(b is not None for b in bandwidths):
         from deto.train import netem
 
         try:
@@ -148,22 +150,76 @@ def cmd_bench(ns: argparse.Namespace) -> int:
             netem.check_requirements()
         except (ValueError, RuntimeError) as exc:
             raise UsageError(str(exc)) from None
-    out = Path(ns.out or f"bench/{time.strftime('%Y%m%d-%H%M%S')}")
-    cfg = bench.BenchConfig(
-        schemes=schemes, bandwidths=bandwidths, out=out, train_args=tuple(ns.train_args)
-    )
+    seed_texts, seeds = _csv(ns.seeds), None
+    if seed_texts is not None:
+        seeds = tuple(int(x) for x in seed_texts if x.isdigit())
+        if not seeds or len(seeds) != len(seed_texts) or len(set(seeds)) != len(seeds):
+            raise UsageError(
+                f"Invalid --seeds: {ns.seeds!r} (distinct integers >= 0, e.g. 0,1,2)"
+            )
+    if any(a == "--seed" or a.startswith("--seed=") for a in ns.train_args):
+        raise UsageError("Invalid --seed after --: give seeds with deto bench --seeds")
+    return schemes, bandwidths, seeds
+
+
+def cmd_bench(ns: argparse.Namespace) -> int:
+    import time
+    from pathlib import Path
+
+    from deto.train import bench, provenance
+
+    schemes, bandwidths, seeds = _bench_lists(ns)
 
     def progress(i: int, n: int, name: str) -> None:
         logger.info("[%d/%d] %s", i + 1, n, name)
 
+    if ns.reproduce is not None:
+        return _reproduce(ns, schemes, bandwidths, seeds, progress)
+    if ns.steps_fraction is not None:
+        raise UsageError("--steps-fraction applies to --reproduce only")
+    out = Path(ns.out or f"bench/{time.strftime('%Y%m%d-%H%M%S')}")
+    cfg = bench.BenchConfig(
+        schemes=schemes or bench.DEFAULT_SCHEMES, bandwidths=bandwidths or (None,),
+        seeds=seeds or bench.DEFAULT_SEEDS, out=out, train_args=tuple(ns.train_args),
+        allow_dirty=ns.allow_dirty,
+    )
     try:
         results = bench.run_bench(cfg, on_run=progress)
+    except provenance.DirtyTreeError as exc:
+        raise UsageError(str(exc)) from None
     except RuntimeError as exc:
         print(f"deto bench: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
     print((out / "report.md").read_text(), flush=True)
     logger.info("results in %s (%d runs)", out, len(results["runs"]))
     return EXIT_OK
+
+
+def _reproduce(
+    ns: argparse.Namespace, schemes: Any, bandwidths: Any, seeds: Any, progress: Any
+) -> int:
+    import time
+    from pathlib import Path
+
+    from deto.train import reproduce
+
+    if ns.train_args:
+        raise UsageError("--reproduce re-runs the recorded commands: no arguments after --")
+    out = Path(ns.out or f"bench/reproduce-{time.strftime('%Y%m%d-%H%M%S')}")
+    try:
+        cfg = reproduce.ReproduceConfig(
+            recorded=Path(ns.reproduce), out=out, schemes=schemes, seeds=seeds,
+            bandwidths=bandwidths,
+            steps_fraction=1.0 if ns.steps_fraction is None else ns.steps_fraction,
+        )
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    try:
+        outcome = reproduce.reproduce(cfg, on_run=progress)
+    except reproduce.RecordError as exc:
+        raise UsageError(str(exc)) from None
+    print((out / "reproduce.md").read_text(), flush=True)
+    return EXIT_OK if outcome["ok"] else EXIT_FAILED
 
 
 # --------------------------------------------------------------------------------------------
@@ -258,13 +314,28 @@ def build_parser() -> argparse.ArgumentParser:
         "bench", help="several schemes side by side, optionally over emulated slow links",
         description=BENCH_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    bench_p.add_argument("--schemes", default=",".join(_bench_defaults()), metavar="A,B,...",
-                         help="comma-separated schemes (default: %(default)s)")
-    bench_p.add_argument("--bandwidth", default="none", metavar="RATE,...",
-                         help="comma-separated link rates, 'none' for unshaped (default: none)")
-    bench_p.add_argument(
-        "--out", default=None, metavar="DIR", help="output directory (default: bench/<timestamp>)"
-    )
+    bench_p.add_argument("--schemes", default=None, metavar="A,B,...",
+                         help=f"comma-separated schemes (default: {','.join(_bench_defaults())}; "
+                         "with --reproduce: every recorded one)")
+    bench_p.add_argument("--bandwidth", default=None, metavar="RATE,...",
+                         help="comma-separated link rates, 'none' for unshaped (default: none; "
+                         "with --reproduce: each run's recorded link)")
+    bench_p.add_argument("--seeds", default=None, metavar="N,N,...",
+                         help="comma-separated seeds; every scheme runs with each (default: 0; "
+                         "with --reproduce: every recorded one)")
+    bench_p.add_argument("--out", default=None, metavar="DIR",
+                         help="output directory (default: bench/<timestamp>, "
+                         "bench/reproduce-<timestamp>)")
+    bench_p.add_argument("--allow-dirty", action="store_true",
+                         help="allow an --out inside benchmarks/results/ (results meant for "
+                         "committing) from a working tree with uncommitted changes; the report "
+                         "says so at the top")
+    bench_p.add_argument("--reproduce", default=None, metavar="DIR",
+                         help="re-run the runs recorded in DIR/results.json and compare (exit 1 "
+                         "on a mismatch of config, bytes, training losses or final loss)")
+    bench_p.add_argument("--steps-fraction", type=_float, default=None, metavar="F",
+                         help="with --reproduce: re-run only the first F of every run's steps "
+                         "(0 < F <= 1)")
     bench_p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     bench_p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     bench_p.set_defaults(func=cmd_bench, train_args=[])
@@ -291,7 +362,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         configure_logging(logging.WARNING)
     else:
         configure_logging(_log_level(ns))
+    from deto.train import provenance
     from deto.train.elastic import RankFailure
+    from deto.train.launch import under_torchrun
+
+    typed = ["deto", *(sys.argv[1:] if argv is None else argv)]
+    provenance.note_command(typed, inherited=under_torchrun())
 
     try:
         return int(ns.func(ns))

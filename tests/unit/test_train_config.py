@@ -70,6 +70,9 @@ def test_changing_the_optimizer_changes_the_default_lr() -> None:
         ({"scheme": "hsdp", "sign": True}, "--sign does not apply to scheme 'hsdp'"),
         ({"task": "vision", "seq_len": 32}, "--seq-len applies to --task lm only"),
         ({"bogus": 1}, "Unknown option"),
+        ({"steps": 10, "stop_at": 11}, "Invalid stop_at: 11 .after the last step, 10"),
+        ({"stop_at": 0}, "Invalid stop_at: 0"),
+        ({"perturb_init_ulp": -1}, "Invalid perturb_init_ulp: -1"),
     ],
 )
 def test_invalid_values_are_named_in_the_error(values: dict, match: str) -> None:

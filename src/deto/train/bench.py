@@ -1,73 +1,164 @@
-"""``deto bench``: several schemes on the same task, seed, data and step budget, side by side.
+"""``deto bench``: several schemes on the same task, data and step budget, over several seeds.
 
 Each run is a separate ``deto train`` process (so every run starts cold and alike), optionally
 over emulated slow links (``--bandwidth``). The bench reads each run's ``summary.json`` and
 ``metrics.jsonl`` and derives what the paper's claim is about: time to a target validation
-loss, seconds per step, inter-node bytes per step and compression against HSDP.
+loss, seconds per step, inter-node bytes per step and compression against HSDP; per run, then
+as a mean with its spread over the seeds, on which the targets are judged.
+
+``results.json`` holds everything the report and plots are drawn from (each run's summary and
+its metrics trace), and everything ``deto bench --reproduce`` compares a re-run with.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import platform
+import statistics
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from deto.train import report
+from deto.train import bench_report, provenance, report
 from deto.train.processes import run_child
+from deto.train.stats import ratio_of_means, spread
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_SCHEMES = ("hsdp", "full", "flexdemo", "flexdemo-adamw", "demo", "diloco", "random", "striding", "none")
-TARGET_FRACTION = 0.75  # the target val loss is hsdp's at 75% of its steps
+DEFAULT_SCHEMES = (
+    "hsdp",
+    "full",
+    "flexdemo",
+    "flexdemo-adamw",
+    "demo",
+    "diloco",
+    "random",
+    "striding",
+    "none",
+)
+DEFAULT_SEEDS = (0,)
+TARGET_FRACTION = 0.75  # the target val loss is hsdp's at 75% of its steps (per seed)
 BASELINE = "hsdp"
 FLOOR = "none"
+TRACE_KEYS = (
+    "step",
+    "train_loss",
+    "val_loss",
+    "val_accuracy",
+    "wall_time_s",
+    "step_time_s",
+    "inter_node_bytes_sent_total",
+)
+"""The metrics.jsonl columns kept in results.json: what the plots and ``--reproduce`` need."""
 
 
 @dataclass(frozen=True)
 class BenchConfig:
-    """What to run: ``schemes`` x ``bandwidths`` (``None`` = unshaped links)."""
+    """What to run: ``schemes`` x ``bandwidths`` (``None`` = unshaped links) x ``seeds``."""
 
     schemes: tuple[str, ...] = DEFAULT_SCHEMES
     bandwidths: tuple[str | None, ...] = (None,)
+    seeds: tuple[int, ...] = DEFAULT_SEEDS
     out: Path = Path("bench")
-    train_args: tuple[str, ...] = ()  # passed to every `deto train` (task, steps, seed, ...)
+    train_args: tuple[str, ...] = ()  # passed to every `deto train` (task, steps, ...)
+    allow_dirty: bool = False  # results meant for committing from a dirty working tree
 
 
 @dataclass
 class RunResult:
     scheme: str
     bandwidth: str | None
+    seed: int
     summary: dict[str, Any]
     records: list[dict[str, Any]] = field(default_factory=list)
 
 
 def machine() -> str:
     """One line on where the numbers were measured (they drift with the machine)."""
-    return f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()} {platform.release()}"
+    cores = f"{os.cpu_count()} CPU cores"
+    return f"{platform.machine()}, {cores}, {platform.system()} {platform.release()}"
 
 
-def run_name(scheme: str, bandwidth: str | None) -> str:
-    return f"{bandwidth or 'unshaped'}-{scheme}"
+def run_name(scheme: str, bandwidth: str | None, seed: int) -> str:
+    return f"{bandwidth or 'unshaped'}-{scheme}-seed{seed}"
 
 
-def train_argv(scheme: str, bandwidth: str | None, out: Path, train_args: Sequence[str]) -> list[str]:
-    argv = [sys.executable, "-m", "deto", "train", "--scheme", scheme, "--out", str(out), "-q", *train_args]
+def train_argv(
+    scheme: str, bandwidth: str | None, seed: int, out: Path, train_args: Sequence[str]
+) -> list[str]:
+    argv = [
+        sys.executable,
+        "-m",
+        "deto",
+        "train",
+        "--scheme",
+        scheme,
+        "--seed",
+        str(seed),
+        "--out",
+        str(out),
+        "-q",
+        *train_args,
+    ]
     if bandwidth is not None:
         argv += ["--bandwidth", bandwidth]
     return argv
 
 
-def load_run(scheme: str, bandwidth: str | None, out: Path) -> RunResult:
+def load_run(scheme: str, bandwidth: str | None, seed: int, out: Path) -> RunResult:
     summary = json.loads((out / "summary.json").read_text())
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return RunResult(scheme, bandwidth, summary, records)
+    records = [
+        json.loads(line)
+        for line in (out / "metrics.jsonl").read_text().splitlines()
+        if line.strip()
+    ]
+    return RunResult(scheme, bandwidth, seed, summary, records)
+
+
+def trace(records: Sequence[dict[str, Any]]) -> dict[str, list[Any]]:
+    """The :data:`TRACE_KEYS` columns of a run's metrics (``None`` where a line lacks one)."""
+    return {k: [r.get(k) for r in records] for k in TRACE_KEYS if any(k in r for r in records)}
+
+
+def records_from_trace(columns: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """The metrics lines back from :func:`trace` (without the keys a line did not have)."""
+    steps = columns.get("step", [])
+    return [{k: v[i] for k, v in columns.items() if v[i] is not None} for i in range(len(steps))]
+
+
+def run_entry(r: RunResult) -> dict[str, Any]:
+    """A run as results.json keeps it."""
+    return {
+        "scheme": r.scheme,
+        "bandwidth": r.bandwidth,
+        "seed": r.seed,
+        "summary": r.summary,
+        "trace": trace(r.records),
+    }
+
+
+def run_from_entry(entry: dict[str, Any]) -> RunResult:
+    """A run back from results.json; results written before seeds and traces were kept have
+    only the summary (its seed from the run's config, its records from the summary's losses)."""
+    summary = entry["summary"]
+    seed = entry.get("seed", summary.get("config", {}).get("seed", 0))
+    if "trace" in entry:
+        records = records_from_trace(entry["trace"])
+    else:
+        by_step: dict[int, dict[str, Any]] = {}
+        for key in ("train_loss", "val_loss"):
+            for step, value in summary.get(key, []):
+                by_step.setdefault(int(step), {"step": int(step)})[key] = value
+        records = [by_step[s] for s in sorted(by_step)]
+    return RunResult(entry["scheme"], entry["bandwidth"], int(seed), summary, records)
+
+
+# --------------------------------------------------------------------------------------------
+# Derived figures
 
 
 def loss_at(val_loss: Sequence[Sequence[float]], step: float) -> float:
@@ -92,7 +183,7 @@ def time_to_target(records: Sequence[dict[str, Any]], target: float) -> float | 
     """
     previous: tuple[float, float] | None = None
     for r in records:
-        if "val_loss" not in r:
+        if "val_loss" not in r or "wall_time_s" not in r:
             continue
         t, v = float(r["wall_time_s"]), float(r["val_loss"])
         if v <= target:
@@ -105,7 +196,8 @@ def time_to_target(records: Sequence[dict[str, Any]], target: float) -> float | 
 
 
 def target_loss(runs: Sequence[RunResult]) -> tuple[float, str]:
-    """The target val loss and how it was defined (hsdp's at 75% of its steps, else the first run's)."""
+    """The target val loss and how it was defined (hsdp's at 75% of its steps, else the first
+    run's)."""
     base = next((r for r in runs if r.scheme == BASELINE), runs[0])
     steps = base.summary["steps"]
     value = loss_at(base.summary["val_loss"], TARGET_FRACTION * steps)
@@ -113,10 +205,11 @@ def target_loss(runs: Sequence[RunResult]) -> tuple[float, str]:
 
 
 def derive(runs: Sequence[RunResult]) -> list[dict[str, Any]]:
-    """One row per run with the derived figures; each bandwidth is compared within itself."""
+    """One row per run with the derived figures; each (bandwidth, seed) is compared within
+    itself, so every ratio pairs runs that saw the same initial model and batches."""
     rows = []
-    for bw in dict.fromkeys(r.bandwidth for r in runs):
-        group = [r for r in runs if r.bandwidth == bw]
+    for bw, seed in dict.fromkeys((r.bandwidth, r.seed) for r in runs):
+        group = [r for r in runs if r.bandwidth == bw and r.seed == seed]
         target, _ = target_loss(group)
         base = next((r for r in group if r.scheme == BASELINE), None)
         floor = next((r for r in group if r.scheme == FLOOR), None)
@@ -129,17 +222,24 @@ def derive(runs: Sequence[RunResult]) -> list[dict[str, Any]]:
                 {
                     "scheme": r.scheme,
                     "bandwidth": bw,
+                    "seed": seed,
                     "final_val_loss": s["final_val_loss"],
                     "target_val_loss": target,
                     "time_to_target_s": t,
                     "time_to_target_vs_hsdp": t / base_t if t is not None and base_t else None,
-                    "val_loss_vs_hsdp": s["final_val_loss"] / base.summary["final_val_loss"] - 1 if base else None,
+                    "val_loss_vs_hsdp": s["final_val_loss"] / base.summary["final_val_loss"] - 1
+                    if base
+                    else None,
                     "step_time_s_median": s["step_time_s_median"],
                     "step_time_vs_none": (
-                        s["step_time_s_median"] / floor.summary["step_time_s_median"] - 1 if floor else None
+                        s["step_time_s_median"] / floor.summary["step_time_s_median"] - 1
+                        if floor
+                        else None
                     ),
                     "inter_node_mb_per_step": sent / 1e6,
-                    "bytes_vs_hsdp": sent / s["full_sync_bytes_per_step"] if s["full_sync_bytes_per_step"] else None,
+                    "bytes_vs_hsdp": sent / s["full_sync_bytes_per_step"]
+                    if s["full_sync_bytes_per_step"]
+                    else None,
                     "compression_vs_hsdp": s["full_sync_bytes_per_step"] / sent if sent else None,
                     "replicas_identical": s["replicas_identical"],
                     "wall_time_s": s["wall_time_s"],
@@ -149,132 +249,169 @@ def derive(runs: Sequence[RunResult]) -> list[dict[str, Any]]:
     return rows
 
 
-def _fmt(v: Any, spec: str = ".3f", none: str = "—") -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return none
-    return format(v, spec) if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v)
+def _column(rows: Sequence[dict[str, Any]], key: str) -> list[Any]:
+    return [r[key] for r in rows]
 
 
-def targets(rows: Sequence[dict[str, Any]], scheme: str = "flexdemo") -> list[tuple[str, bool | None, str]]:
-    """The product's targets, checked against the measured rows: (claim, met, evidence)."""
+def _known(values: Sequence[Any]) -> list[float]:
+    return [float(v) for v in values if v is not None]
+
+
+def _minus_one(ratio: float | None) -> float | None:
+    return None if ratio is None else ratio - 1
+
+
+def aggregate(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One entry per (bandwidth, scheme): each figure's spread over the seeds (``n``, ``mean``,
+    ``std``, ``min``, ``max``) and the comparisons with hsdp and none as ratios of the means."""
     out = []
-    for bw in dict.fromkeys(r["bandwidth"] for r in rows):
-        r = next((x for x in rows if x["scheme"] == scheme and x["bandwidth"] == bw), None)
-        if r is None:
-            continue
-        at = bw or "unshaped"
-        b = r["bytes_vs_hsdp"]
-        out.append((f"{scheme} inter-node bytes/step <= 1/100 of hsdp ({at})", None if b is None else b <= 0.01,
-                    f"{_fmt(b, '.4f')} of hsdp"))
-        v = r["val_loss_vs_hsdp"]
-        out.append((f"{scheme} final val loss within 5% of hsdp ({at})", None if v is None else v <= 0.05,
-                    f"{_fmt(None if v is None else 100 * v, '+.1f')}%"))
-        if bw is not None and bw.lower().startswith("100mbit"):
-            t = r["time_to_target_vs_hsdp"]
-            evidence = f"{_fmt(t)} x hsdp's time"
-            bound = _no_communication_bound(rows, bw)
-            if bound is not None:
-                evidence += f" (a scheme learning like hsdp at none's s/step: {bound:.2f})"
-            out.append((f"{scheme} reaches the target in <= 1/3 of hsdp's time ({at})",
-                        None if t is None else t <= 1 / 3, evidence))
-            n = r["step_time_vs_none"]
-            out.append((f"{scheme} s/step within 15% of none ({at})", None if n is None else n <= 0.15,
-                        f"{_fmt(None if n is None else 100 * n, '+.1f')}%"))
-    promised = [x for x in rows if x["replicas_identical"] is not None]
-    out.append(("replicas bitwise identical for every scheme that promises it",
-                all(x["replicas_identical"] for x in promised) if promised else None,
-                f"{sum(bool(x['replicas_identical']) for x in promised)}/{len(promised)} runs"))
+    for bw, scheme in dict.fromkeys((r["bandwidth"], r["scheme"]) for r in rows):
+        at_bw = [r for r in rows if r["bandwidth"] == bw]
+        mine = [r for r in at_bw if r["scheme"] == scheme]
+        base = [r for r in at_bw if r["scheme"] == BASELINE]
+        floor = [r for r in at_bw if r["scheme"] == FLOOR]
+        times = _column(mine, "time_to_target_s")
+        promised = [
+            bool(r["replicas_identical"]) for r in mine if r["replicas_identical"] is not None
+        ]
+        bytes_ratio = _known(_column(mine, "bytes_vs_hsdp"))
+        out.append(
+            {
+                "scheme": scheme,
+                "bandwidth": bw,
+                "seeds": _column(mine, "seed"),
+                "final_val_loss": spread(_known(_column(mine, "final_val_loss"))),
+                "target_val_loss": spread(_column(mine, "target_val_loss")),
+                "time_to_target_s": spread(_known(times)),
+                "reached_target": len(_known(times)),
+                "time_to_target_vs_hsdp": (
+                    ratio_of_means(times, _column(base, "time_to_target_s")) if base else None
+                ),
+                "time_to_target_vs_hsdp_per_seed": spread(
+                    _known(_column(mine, "time_to_target_vs_hsdp"))
+                ),
+                "val_loss_vs_hsdp": _minus_one(
+                    ratio_of_means(_column(mine, "final_val_loss"), _column(base, "final_val_loss"))
+                    if base
+                    else None
+                ),
+                "step_time_s_median": spread(_column(mine, "step_time_s_median")),
+                "step_time_vs_none": _minus_one(
+                    ratio_of_means(
+                        _column(mine, "step_time_s_median"), _column(floor, "step_time_s_median")
+                    )
+                    if floor
+                    else None
+                ),
+                "inter_node_mb_per_step": spread(_column(mine, "inter_node_mb_per_step")),
+                "bytes_vs_hsdp": statistics.fmean(bytes_ratio) if bytes_ratio else None,
+                "compression_vs_hsdp": 1 / statistics.fmean(bytes_ratio)
+                if bytes_ratio and any(bytes_ratio)
+                else None,
+                "replicas_identical": all(promised) if promised else None,
+                "replicas_identical_runs": [sum(promised), len(promised)],
+                "wall_time_s": spread(_column(mine, "wall_time_s")),
+            }
+        )
     return out
 
 
-def _no_communication_bound(rows: Sequence[dict[str, Any]], bandwidth: str | None) -> float | None:
-    """none's s/step over hsdp's: the time-to-target ratio of a scheme that learns per step as
-    hsdp does and costs no more than sending nothing. Above 1/3, compute alone rules out a 3x
-    speed-up at this bandwidth on this machine."""
-    step = {x["scheme"]: x["step_time_s_median"] for x in rows if x["bandwidth"] == bandwidth}
-    if step.get(FLOOR) and step.get(BASELINE):
-        return float(step[FLOOR] / step[BASELINE])
-    return None
+def _range(s: dict[str, Any] | None, spec: str, unit: str = "") -> str:
+    """``min–max over n seeds`` (the value, for one seed)."""
+    if s is None:
+        return "—"
+    if s["n"] == 1:
+        return f"{format(s['mean'], spec)}{unit}, one seed"
+    return f"{format(s['min'], spec)}–{format(s['max'], spec)}{unit} over {s['n']} seeds"
 
 
-def report_markdown(runs: Sequence[RunResult], rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str:
-    lines = ["# deto bench", ""]
-    lines.append(f"- task: {meta['task']}; nodes x ranks: {meta['nodes']} x {meta['ranks_per_node']}; "
-                 f"steps: {meta['steps']}; seed: {meta['seed']}; params: {meta['params']:,}")
-    lines.append(f"- versions: {meta['versions']}; git sha: {meta['git_sha']}")
-    lines.append(f"- machine: {meta['machine']}")
-    for bw in dict.fromkeys(r["bandwidth"] for r in rows):
-        group = [r for r in rows if r["bandwidth"] == bw]
-        _, how = target_loss([x for x in runs if x.bandwidth == bw])
-        run = next(x for x in runs if x.bandwidth == bw)
-        link = run.summary.get("link") or {}
-        lines += ["", f"## Link: {bw or 'unshaped (loopback)'}", ""]
-        if link:
-            probe = link.get("probe") or {}
-            measured = probe.get("measured_bps")
-            lines.append(f"Emulated with {link.get('method', '?')}; probe measured "
-                         f"{_fmt(None if measured is None else measured / 1e6, '.1f')} Mbit/s.")
-        lines.append(f"Target validation loss {group[0]['target_val_loss']:.4f} = {how}.")
-        lines += ["", "| scheme | final val loss | time to target (s) | vs hsdp | s/step | vs none | "
-                      "inter-node MB/step | compression vs hsdp | replicas identical |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        for r in group:
-            lines.append(
-                f"| {r['scheme']} | {_fmt(r['final_val_loss'], '.4f')} | {_fmt(r['time_to_target_s'], '.1f', 'not reached')} | "
-                f"{_fmt(r['time_to_target_vs_hsdp'], '.2f')} | {_fmt(r['step_time_s_median'], '.3f')} | "
-                f"{_fmt(None if r['step_time_vs_none'] is None else 100 * r['step_time_vs_none'], '+.0f')}% | "
-                f"{_fmt(r['inter_node_mb_per_step'], '.4f')} | {_fmt(r['compression_vs_hsdp'], '.0f')}x | "
-                f"{_fmt(r['replicas_identical'], '', 'n/a')} |"
+def targets(
+    aggregates: Sequence[dict[str, Any]], scheme: str = "flexdemo"
+) -> list[tuple[str, bool | None, str]]:
+    """The product's targets, judged on the means over seeds: (claim, met, evidence with the
+    spread). A scheme that misses the target loss in any seed has no mean time: a miss."""
+    out = []
+    for bw in dict.fromkeys(a["bandwidth"] for a in aggregates):
+        group = {a["scheme"]: a for a in aggregates if a["bandwidth"] == bw}
+        a, base = group.get(scheme), group.get(BASELINE)
+        if a is None:
+            continue
+        at = bw or "unshaped"
+        b = a["bytes_vs_hsdp"]
+        out.append(
+            (
+                f"{scheme} inter-node bytes/step <= 1/100 of hsdp ({at})",
+                None if b is None else b <= 0.01,
+                f"{bench_report.fmt(b, '.4f')} of hsdp",
             )
-    lines += ["", "## Targets", "", "| claim | met | measured |", "|---|---|---|"]
-    for claim, met, evidence in targets(rows):
-        lines.append(f"| {claim} | {'yes' if met else 'n/a' if met is None else '**no**'} | {evidence} |")
-    lines += ["", "Plots: `val_loss_vs_time.png`, `val_loss_vs_bytes.png`, `step_time.png`.", ""]
-    return "\n".join(lines)
+        )
+        v = a["val_loss_vs_hsdp"]
+        evidence = f"{bench_report.fmt(None if v is None else 100 * v, '+.1f')}% on the means"
+        if base is not None:
+            evidence += (
+                f" ({scheme}: {_range(a['final_val_loss'], '.4f')}; "
+                f"hsdp: {_range(base['final_val_loss'], '.4f')})"
+            )
+        out.append(
+            (
+                f"{scheme} final val loss within 5% of hsdp ({at})",
+                None if v is None else v <= 0.05,
+                evidence,
+            )
+        )
+        if bw is not None and bw.lower().startswith("100mbit"):
+            out.append(_time_target(group, a, at))
+            n = a["step_time_vs_none"]
+            out.append(
+                (
+                    f"{scheme} s/step within 15% of none ({at})",
+                    None if n is None else n <= 0.15,
+                    f"{bench_report.fmt(None if n is None else 100 * n, '+.1f')}% on the means "
+                    f"({scheme}: {_range(a['step_time_s_median'], '.3f', ' s')})",
+                )
+            )
+    promised = [x["replicas_identical_runs"] for x in aggregates if x["replicas_identical_runs"][1]]
+    same, total = sum(p[0] for p in promised), sum(p[1] for p in promised)
+    out.append(
+        (
+            "replicas bitwise identical for every scheme that promises it",
+            same == total if total else None,
+            f"{same}/{total} runs",
+        )
+    )
+    return out
 
 
-def plot(runs: Sequence[RunResult], rows: Sequence[dict[str, Any]], out: Path) -> None:
-    import matplotlib
+def _time_target(
+    group: dict[str, dict[str, Any]], a: dict[str, Any], at: str
+) -> tuple[str, bool | None, str]:
+    claim = f"{a['scheme']} reaches the target in <= 1/3 of hsdp's time ({at})"
+    seeds = len(a["seeds"])
+    if a["reached_target"] < seeds:
+        return claim, False, f"reached the target in {a['reached_target']} of {seeds} seeds"
+    t = a["time_to_target_vs_hsdp"]
+    evidence = f"{bench_report.fmt(t, '.2f')} x hsdp's time (ratio of the means"
+    per_seed = a["time_to_target_vs_hsdp_per_seed"]
+    evidence += f"; per seed {_range(per_seed, '.2f')})" if per_seed and per_seed["n"] > 1 else ")"
+    floor, base = group.get(FLOOR), group.get(BASELINE)
+    if floor and base:
+        bound = ratio_of_means(
+            [floor["step_time_s_median"]["mean"]], [base["step_time_s_median"]["mean"]]
+        )
+        evidence += (
+            f" (a scheme learning like hsdp at none's s/step: {bench_report.fmt(bound, '.2f')})"
+        )
+    return claim, None if t is None else t <= 1 / 3, evidence
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    bws = list(dict.fromkeys(r.bandwidth for r in runs))
-    for name, xkey, xlabel in (
-        ("val_loss_vs_time.png", "wall_time_s", "wall-clock time (s)"),
-        ("val_loss_vs_bytes.png", "inter_node_bytes_sent_total", "cumulative inter-node bytes sent per node"),
-    ):
-        fig, axes = plt.subplots(1, len(bws), figsize=(6 * len(bws), 4.5), squeeze=False)
-        for ax, bw in zip(axes[0], bws, strict=True):
-            for r in (x for x in runs if x.bandwidth == bw):
-                pts = [(rec[xkey], rec["val_loss"]) for rec in r.records if "val_loss" in rec]
-                if xkey.endswith("bytes_sent_total"):
-                    pts = [(max(x, 1.0), y) for x, y in pts]
-                if pts:
-                    ax.plot(*zip(*pts, strict=True), marker=".", label=r.scheme)
-            if xkey.endswith("bytes_sent_total"):
-                ax.set_xscale("log")
-            target = next(x["target_val_loss"] for x in rows if x["bandwidth"] == bw)
-            ax.axhline(target, color="grey", linestyle=":", linewidth=1, label="target")
-            ax.set(title=f"link: {bw or 'unshaped'}", xlabel=xlabel, ylabel="validation loss")
-            ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / name, dpi=110)
-        plt.close(fig)
+# --------------------------------------------------------------------------------------------
+# Running
 
-    schemes = list(dict.fromkeys(r["scheme"] for r in rows))
-    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(schemes) * len(bws)), 4.5))
-    width = 0.8 / len(bws)
-    for j, bw in enumerate(bws):
-        vals = [next((x["step_time_s_median"] for x in rows if x["scheme"] == s and x["bandwidth"] == bw), 0) or 0
-                for s in schemes]
-        ax.bar([i + j * width for i in range(len(schemes))], vals, width, label=bw or "unshaped")
-    ax.set_xticks([i + width * (len(bws) - 1) / 2 for i in range(len(schemes))], schemes, rotation=30)
-    ax.set(ylabel="median seconds per step", title="step time by scheme and link")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "step_time.png", dpi=110)
-    plt.close(fig)
+
+def plan(cfg: BenchConfig) -> list[tuple[str | None, int, str]]:
+    """(bandwidth, seed, scheme) in run order: each seed's schemes back to back, so a drift of
+    the machine during the bench touches every scheme of a seed alike."""
+    return [(bw, seed, s) for bw in cfg.bandwidths for seed in cfg.seeds for s in cfg.schemes]
 
 
 def run_bench(
@@ -283,31 +420,61 @@ def run_bench(
     runner: Callable[[list[str]], int] | None = None,
     on_run: Callable[[int, int, str], None] | None = None,
 ) -> dict[str, Any]:
-    """Run every scheme at every bandwidth, then write results.json, report.md and plots."""
+    """Run every scheme at every bandwidth and seed, then write results.json, report.md and
+    plots. Raises :class:`provenance.DirtyTreeError` before running anything when ``cfg.out``
+    is meant for committed results and the working tree is not clean (see ``allow_dirty``)."""
+    provenance.check_committable(cfg.out, allow_dirty=cfg.allow_dirty)
+    where = provenance.collect()
     run = runner or run_child
     cfg.out.mkdir(parents=True, exist_ok=True)
-    plan = [(bw, s) for bw in cfg.bandwidths for s in cfg.schemes]
+    todo = plan(cfg)
     runs: list[RunResult] = []
-    for i, (bw, scheme) in enumerate(plan):
-        name = run_name(scheme, bw)
+    for i, (bw, seed, scheme) in enumerate(todo):
+        name = run_name(scheme, bw, seed)
         if on_run is not None:
-            on_run(i, len(plan), name)
+            on_run(i, len(todo), name)
         out = cfg.out / "runs" / name
-        code = run(train_argv(scheme, bw, out, cfg.train_args))
+        code = run(train_argv(scheme, bw, seed, out, cfg.train_args))
         if code != 0:
             raise RuntimeError(f"run {name} failed with exit status {code} (its output is above)")
-        runs.append(load_run(scheme, bw, out))
+        runs.append(load_run(scheme, bw, seed, out))
+    results = summarise(runs, cfg, where)
+    write_outputs(results, cfg.out)
+    return results
+
+
+def summarise(runs: Sequence[RunResult], cfg: BenchConfig, where: dict[str, Any]) -> dict[str, Any]:
+    """results.json's content: meta, per-run rows, per-scheme aggregates, targets, runs."""
     rows = derive(runs)
+    aggregates = aggregate(rows)
     first = runs[0].summary
     meta = {
-        "task": first["task"], "nodes": first["nodes"], "ranks_per_node": first["ranks_per_node"],
-        "steps": first["steps"], "seed": first.get("config", {}).get("seed"), "params": first["params"],
-        "versions": first["versions"], "git_sha": first["git_sha"], "machine": machine(),
+        "task": first["task"],
+        "nodes": first["nodes"],
+        "ranks_per_node": first["ranks_per_node"],
+        "steps": first["steps"],
+        "seeds": list(cfg.seeds),
+        "params": first["params"],
+        "versions": first["versions"],
+        "git_sha": first["git_sha"],
+        "machine": machine(),
+        "schemes": list(cfg.schemes),
+        "bandwidths": list(cfg.bandwidths),
         "train_args": list(cfg.train_args),
+        "target": f"{BASELINE}'s validation loss at {TARGET_FRACTION:.0%} of its steps, per seed",
+        "provenance": where,
+        "run_provenance": first.get("provenance"),
     }
-    results = {"meta": meta, "rows": rows, "targets": [list(t) for t in targets(rows)],
-               "runs": [{"scheme": r.scheme, "bandwidth": r.bandwidth, "summary": r.summary} for r in runs]}
-    report.write_json(cfg.out / "results.json", results)
-    (cfg.out / "report.md").write_text(report_markdown(runs, rows, meta))
-    plot(runs, rows, cfg.out)
-    return results
+    return {
+        "meta": meta,
+        "rows": rows,
+        "aggregates": aggregates,
+        "targets": [list(t) for t in targets(aggregates)],
+        "runs": [run_entry(r) for r in runs],
+    }
+
+
+def write_outputs(results: dict[str, Any], out: Path) -> None:
+    report.write_json(out / "results.json", results)
+    (out / "report.md").write_text(bench_report.markdown(results))
+    bench_report.plot(results, out)

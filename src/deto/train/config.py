@@ -98,6 +98,10 @@ class TrainConfig:
                         choices=PRECISIONS)
     device: str = _f("auto", "auto: CPU for the simulated cluster, CUDA under torchrun if "
                      "available", choices=DEVICES)
+    stop_at: int = _f(None, "stop after step N, keeping the learning-rate schedule of --steps "
+                      "(a prefix of a longer run, bit for bit)", meta="N")
+    perturb_init_ulp: int = _f(0, "move every initial weight N ulps up (measures the run-to-run "
+                               "noise floor; 0: off)", meta="N")
 
     def __post_init__(self) -> None:
         for f in FIELDS.values():
@@ -126,6 +130,8 @@ class TrainConfig:
             raise ValueError(f"Invalid seq_len: {self.seq_len} (span corruption needs >= 2 bytes)")
         if self.d_model is not None and self.heads is not None and self.d_model % self.heads:
             raise ValueError(f"Invalid heads: {self.heads} (d_model={self.d_model} is not divisible by it)")
+        if self.stop_at is not None and self.steps is not None and self.stop_at > self.steps:
+            raise ValueError(f"Invalid stop_at: {self.stop_at} (after the last step, {self.steps})")
 
     @property
     def world_size(self) -> int:
@@ -154,7 +160,8 @@ class TrainConfig:
 _INT_MIN = {
     "nodes": 1, "ranks_per_node": 1, "steps": 1, "batch_size": 1, "seq_len": 1, "d_model": 1,
     "layers": 1, "heads": 1, "warmup": 0, "eval_every": 1,
-    "eval_samples": 1, "log_every": 1, "seed": 0, "checkpoint_every": 0,
+    "eval_samples": 1, "log_every": 1, "seed": 0, "checkpoint_every": 0, "stop_at": 1,
+    "perturb_init_ulp": 0,
 }
 # (low, high, low_open, high_open)
 _FLOAT_RANGE = {

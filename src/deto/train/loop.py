@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 from deto.topology import Topology
-from deto.train import report
+from deto.train import noise, report
 from deto.train.checkpoint import CHECKPOINTS, load_checkpoint, save_checkpoint
 from deto.train.config import TrainConfig
 from deto.train.console import progress_bar
@@ -69,6 +69,8 @@ def run(
 
     torch.manual_seed(cfg.seed)  # the same initial model on every rank
     task = build_task(cfg, topo)
+    if cfg.perturb_init_ulp:
+        noise.perturb_ulps(task.model, cfg.perturb_init_ulp)
     params = count_params(task.model)
     model, opt = build_training(cfg, topo, task.model)
     logger.info(
@@ -82,12 +84,13 @@ def run(
         logger.info("resumed from %s at step %d", resume, state.step)
     full_sync = full_sync_bytes(params, topo.nodes)
     sinks = open_sinks(out, state.records) if rank == 0 else []
-    bar = progress_bar(cfg.steps, state.step) if rank == 0 else None
+    last = cfg.stop_at or cfg.steps  # stop_at: a prefix, on the schedule of cfg.steps
+    bar = progress_bar(last, state.step) if rank == 0 else None
     per_step_items = cfg.batch_size * topo.world_size * task.items_per_sample
     clock = time.perf_counter() - state.wall_time_s
 
     try:
-        for step in range(state.step + 1, cfg.steps + 1):
+        for step in range(state.step + 1, last + 1):
             for group in opt.param_groups:
                 group["lr"] = cfg.lr * lr_factor(cfg, step)
             start = time.perf_counter()

@@ -24,7 +24,7 @@ SUMMARY_FIELDS = (
     "val_loss", "train_loss", "wall_time_s", "step_time_s_median",
     "inter_node_bytes_sent_per_step", "inter_node_bytes_received_per_step",
     "full_sync_bytes_per_step", "compression_ratio", "replicas_identical",
-    "peak_rss_mb_per_rank", "link", "versions", "git_sha",
+    "peak_rss_mb_per_rank", "link", "versions", "git_sha", "provenance",
 )
 """Fields every ``summary.json`` has (documented in docs/cli.md); tasks add a few more."""
 
@@ -171,7 +171,7 @@ def format_table(summary: Mapping[str, Any]) -> str:
         ("cluster", f"{summary['nodes']} node(s) x {summary['ranks_per_node']} rank(s)"),
         ("steps", str(summary["steps"])),
         ("parameters", f"{summary['params']:,}"),
-        ("final val loss", f"{summary['final_val_loss']:.4f} nats"),
+        ("final val loss", "-" if (v := summary["final_val_loss"]) is None else f"{v:.4f} nats"),
     ]
     if "unigram_entropy" in summary:
         rows.append(("unigram entropy", f"{summary['unigram_entropy']:.4f} nats"))

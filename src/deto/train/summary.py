@@ -24,7 +24,7 @@ from torch import nn
 
 from deto.replicators.base import local_tensor
 from deto.topology import Topology
-from deto.train import report
+from deto.train import provenance, report
 from deto.train.config import TrainConfig
 from deto.train.ranks import all_gather
 from deto.train.tasks import Task, reshard
@@ -118,6 +118,7 @@ def build_summary(
         "link": None,  # an emulated-link run's driver fills it in (deto.train.netlaunch)
         "versions": report.versions(),
         "git_sha": report.git_sha(),
+        "provenance": provenance.collect(),
     }
     summary.update(task.info)
     accuracy = [r["val_accuracy"] for r in state.records if "val_accuracy" in r]
