@@ -344,7 +344,7 @@ def environment() -> dict[str, Any]:
     import deto
 
     return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "git_sha": sha,
         "deto": getattr(deto, "__version__", "unknown"),
         "torch": torch.__version__,
