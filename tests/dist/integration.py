@@ -52,6 +52,7 @@ def torchrun_env() -> None:
     (the pool's ranks all run on this machine: one launcher with every rank local)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     os.environ.update(
+        WORLD_SIZE=str(world),
         LOCAL_RANK=str(rank),
         LOCAL_WORLD_SIZE=str(world),
         MASTER_ADDR="127.0.0.1",
