@@ -1,0 +1,29 @@
+"""The integrations' checks that need no process group."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from deto.integrations._compat import find_decoupled
+
+
+def test_find_decoupled_names_what_it_got():
+    sgd = torch.optim.SGD([torch.zeros(2, requires_grad=True)], lr=0.1)
+    with pytest.raises(TypeError, match=r"Expected a deto.DecoupledOptimizer .* got SGD"):
+        find_decoupled(sgd)
+
+
+def test_unsupported_transformers_fails_clearly(monkeypatch):
+    hf = pytest.importorskip("deto.integrations.hf", reason="transformers is not installed")
+    hf.check_transformers()  # the installed one is supported
+    monkeypatch.setattr(hf.transformers, "__version__", "4.57.1")
+    with pytest.raises(RuntimeError, match=r"transformers >=5.24,<6 .* found 4.57.1"):
+        hf.check_transformers()
+
+
+def test_trainer_without_a_replaced_method_fails_clearly(monkeypatch):
+    hf = pytest.importorskip("deto.integrations.hf", reason="transformers is not installed")
+    monkeypatch.delattr(hf.Trainer, "_load_best_model")
+    with pytest.raises(RuntimeError, match="without _load_best_model"):
+        hf.check_transformers()
