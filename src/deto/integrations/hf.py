@@ -32,9 +32,10 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from deto.comm import CommStats
 from deto.integrations import _checkpoint
-from deto.integrations._compat import find_decoupled, is_sharded, optimizer_from_model, shard
+from deto.integrations._compat import find_decoupled, is_sharded
 from deto.optim import DecoupledOptimizer
 from deto.prepare import ReplicatorSpec
+from deto.sharding import shard
 from deto.topology import Topology
 
 logger = logging.getLogger(__name__)
@@ -184,7 +185,7 @@ class DetoTrainer(Trainer):
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         if self.optimizer is None:
             base = super().create_optimizer(model)
-            self.optimizer = optimizer_from_model(
+            self.optimizer = DecoupledOptimizer.from_model(
                 self.sharded_model, self.topology, base, **self._deto_options
             )
         return self.optimizer

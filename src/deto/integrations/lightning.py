@@ -23,7 +23,8 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.strategies import ModelParallelStrategy
 
-from deto.integrations._compat import is_sharded, optimizer_from_model
+from deto.integrations._compat import is_sharded
+from deto.optim import DecoupledOptimizer
 from deto.prepare import ReplicatorSpec
 from deto.topology import Topology
 
@@ -84,6 +85,6 @@ class DetoStrategy(ModelParallelStrategy):
                 "deto.shard(module, self.trainer.strategy.topology) in configure_model()"
             )
         self.optimizers = [
-            optimizer_from_model(module, self.topology, opt, **self._deto_options)
+            DecoupledOptimizer.from_model(module, self.topology, opt, **self._deto_options)
             for opt in self.optimizers
         ]
