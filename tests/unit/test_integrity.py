@@ -14,6 +14,7 @@ from deto.train.integrity import (
     COMPLETE,
     MANIFEST,
     CheckpointError,
+    latest_usable,
     problems,
     select_checkpoint,
     write_manifest,
@@ -135,3 +136,14 @@ def test_checkpoint_without_manifest_is_checked_for_structure(tmp_path: Path) ->
     found = problems(old)
     assert found[0] == "step_00000005: .metadata is missing"
     assert found[1].startswith("step_00000005: rank00001.pt is damaged")
+
+
+def test_resume_auto_starts_afresh_only_without_checkpoints(tmp_path: Path) -> None:
+    assert latest_usable(tmp_path / "new-run") is None
+    assert latest_usable(tmp_path) is None
+    make_checkpoint(tmp_path, 10)
+    selection = latest_usable(tmp_path)
+    assert selection is not None and selection.path.name == "step_00000010"
+    (selection.path / ".metadata").unlink()
+    with pytest.raises(CheckpointError, match="No usable checkpoint"):
+        latest_usable(tmp_path)

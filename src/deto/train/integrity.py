@@ -183,3 +183,13 @@ def select_checkpoint(path: str | Path) -> Selection:
     if not skipped:
         raise CheckpointError(f"No checkpoint in {path}")
     raise CheckpointError(f"No usable checkpoint in {path}: {' | '.join(skipped)}")
+
+
+def latest_usable(run_dir: str | Path) -> Selection | None:
+    """What ``--resume auto`` resumes from: ``None`` when the run has no checkpoint yet (start
+    afresh), else :func:`select_checkpoint` of the run directory (which raises when none of
+    its checkpoints is usable: silently starting over would throw the run away)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir() or not candidates(run_dir):
+        return None
+    return select_checkpoint(run_dir)
