@@ -13,6 +13,14 @@ import re
 from dataclasses import dataclass
 
 
+class RankError(RuntimeError):
+    """A rank's failure, already told as one line: node, rank, cause, what to do.
+
+    The original exception stays attached as ``__cause__``, so the full traceback still
+    reaches the log file.
+    """
+
+
 @dataclass(frozen=True)
 class Cause:
     """A kind of failure: a short name, what it means, and what to do about it."""
