@@ -7,6 +7,7 @@ slow network and when.
 from deto.comm import Comm, CommStats
 from deto.optim import DecoupledOptimizer
 from deto.prepare import prepare
+from deto.replicas import ReplicaCheck, check_replicas
 from deto.replicators import (
     DeMo,
     DiLoCo,
@@ -41,11 +42,13 @@ __all__ = [
     "NoReplication",
     "ParamReplicator",
     "RandomSubset",
+    "ReplicaCheck",
     "Replicator",
     "Slicing",
     "Striding",
     "SyncSchedule",
     "Topology",
+    "check_replicas",
     "make_replicator",
     "prepare",
     "shard",

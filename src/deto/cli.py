@@ -2,7 +2,7 @@
 
 This module parses flags, configures logging and maps what goes wrong to exit statuses; the
 work happens in :mod:`deto.train`. Bad input ends with one line on stderr and exit status 2;
-a failed rank with 1; Ctrl-C with 130.
+a failed rank with 1; Ctrl-C with 130; SIGTERM with 143.
 """
 
 from __future__ import annotations
@@ -377,7 +377,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RankFailure as exc:
         if exc.traceback:
             logger.debug("rank %d: %s", exc.rank, exc.traceback.rstrip())
-        hint = " (run with -v for its traceback)" if exc.traceback and not ns.verbose else ""
+        hint = ""
+        if exc.traceback and not ns.verbose:
+            where = f"in {exc.log_file}" if exc.log_file else "with -v"
+            hint = f" (traceback {where})"
         print(f"deto {ns.command}: error: {exc}{hint}", file=sys.stderr)
         return EXIT_FAILED
     except RuntimeError as exc:  # e.g. a node of an emulated cluster failed

@@ -219,6 +219,11 @@ class DecoupledOptimizer(torch.optim.Optimizer):
         self.base.zero_grad(set_to_none=set_to_none)
 
     @property
+    def node_group(self) -> dist.ProcessGroup | None:
+        """The ``shard`` group (this node's ranks), or ``None`` with one rank per node."""
+        return self._node_group
+
+    @property
     def promises_identical_replicas(self) -> bool:
         """Whether the replicas are bitwise identical across nodes after the last step."""
         return all(r.promises_identical_replicas for r in self.replicators) and all(

@@ -16,9 +16,13 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from deto._validate import check_int
+from deto._validate import check_float, check_int
 
 MESH_DIMS = ("replicate", "shard")
+DEFAULT_TIMEOUT_S = 60.0
+"""Collective timeout: long enough for a slow link's largest exchange, short enough that a
+silent peer (a hung host, a dead link) stops the run in a minute, not torch's 10-30."""
+TIMEOUT_ENV = "DETO_TIMEOUT"
 
 
 @dataclass(frozen=True)
@@ -29,15 +33,19 @@ class Topology:
         nodes: number of nodes (R), the size of the ``replicate`` axis.
         ranks_per_node: accelerators per node (S), the size of the ``shard`` axis.
         device: ``"cpu"``, ``"cuda"`` or ``None`` (CUDA when available, else CPU).
+        timeout: seconds a collective may wait for a peer before it fails, on the world and
+            on both mesh axes (torch's default is 10 minutes for NCCL, 30 for gloo).
     """
 
     nodes: int
     ranks_per_node: int = 1
     device: str | None = None
+    timeout: float = DEFAULT_TIMEOUT_S
 
     def __post_init__(self) -> None:
         check_int("nodes", self.nodes, 1)
         check_int("ranks_per_node", self.ranks_per_node, 1)
+        check_float("timeout", self.timeout, 0.0, float("inf"), low_open=True, high_open=True)
         if self.device is not None:
             try:
                 kind = torch.device(self.device).type
@@ -48,7 +56,8 @@ class Topology:
 
     @classmethod
     def from_env(cls, device: str | None = None) -> Topology:
-        """Read the shape of a torchrun launch (``WORLD_SIZE``, ``LOCAL_WORLD_SIZE``)."""
+        """Read the shape of a torchrun launch (``WORLD_SIZE``, ``LOCAL_WORLD_SIZE``) and the
+        collective timeout in seconds from ``DETO_TIMEOUT`` (default 60)."""
         try:
             world = int(os.environ["WORLD_SIZE"])
         except (KeyError, ValueError):
@@ -56,7 +65,9 @@ class Topology:
         per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
         if per_node < 1 or world % per_node:
             raise ValueError(f"WORLD_SIZE={world} is not a multiple of LOCAL_WORLD_SIZE={per_node}")
-        return cls(nodes=world // per_node, ranks_per_node=per_node, device=device)
+        return cls(
+            nodes=world // per_node, ranks_per_node=per_node, device=device, timeout=timeout_from_env()
+        )
 
     @property
     def world_size(self) -> int:
@@ -72,8 +83,16 @@ class Topology:
     def backend(self) -> str:
         return "nccl" if self.device_type == "cuda" else "gloo"
 
+    @property
+    def collective_timeout(self) -> datetime.timedelta:
+        return datetime.timedelta(seconds=self.timeout)
+
     def init(self, timeout: datetime.timedelta | None = None) -> DeviceMesh:
-        """Initialise the default process group if needed, check the world, build the mesh."""
+        """Initialise the default process group if needed, check the world, build the mesh.
+
+        ``timeout`` overrides :attr:`timeout` for every group (the world and both axes).
+        """
+        timeout = timeout or self.collective_timeout
         if not dist.is_initialized():
             dist.init_process_group(self.backend, timeout=timeout)
         world = dist.get_world_size()
@@ -87,7 +106,10 @@ class Topology:
             # nodes on one machine must not share a GPU, so the mesh position is only a fallback
             local = int(os.environ.get("LOCAL_RANK", self.local_rank))
             torch.cuda.set_device(local % torch.cuda.device_count())
-        return self.mesh
+        mesh = self.mesh
+        if timeout != self.collective_timeout:
+            _set_timeouts(mesh, timeout)
+        return mesh
 
     @property
     def rank(self) -> int:
@@ -111,6 +133,29 @@ class Topology:
     def mesh(self) -> DeviceMesh:
         if not dist.is_initialized():
             raise RuntimeError("Call Topology.init() (or deto.prepare) before using the mesh")
-        return init_device_mesh(
+        mesh = init_device_mesh(
             self.device_type, (self.nodes, self.ranks_per_node), mesh_dim_names=MESH_DIMS
         )
+        _set_timeouts(mesh, self.collective_timeout)
+        return mesh
+
+
+def timeout_from_env(env: dict[str, str] | None = None) -> float:
+    """The collective timeout in seconds from ``DETO_TIMEOUT``, or the default."""
+    text = (os.environ if env is None else env).get(TIMEOUT_ENV)
+    if text is None:
+        return DEFAULT_TIMEOUT_S
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"Invalid {TIMEOUT_ENV}: {text!r} (expected seconds, e.g. 60)") from None
+    return check_float(TIMEOUT_ENV, value, 0.0, float("inf"), low_open=True, high_open=True)
+
+
+def _set_timeouts(mesh: DeviceMesh, timeout: datetime.timedelta) -> None:
+    """The mesh's axis groups are created without the world's timeout (torch gives them its
+    own default); set it on each, so no axis waits longer than the world."""
+    from torch.distributed.distributed_c10d import _set_pg_timeout
+
+    for dim in MESH_DIMS:
+        _set_pg_timeout(timeout, mesh.get_group(dim))

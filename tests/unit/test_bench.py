@@ -109,6 +109,8 @@ def test_node_argv_runs_torchrun_inside_the_namespace():
         "--nnodes=2", "--node-rank=1", "--nproc-per-node=2", "--master-addr=10.213.0.1",
         f"--master-port={RENDEZVOUS_PORT}", "--max-restarts=0", "-m", "deto", "train",
     ]
+    argv = node_argv(cluster, 0, 2, ["-m", "deto"], tmp_dir=Path("/t/x"), max_restarts=3)
+    assert "TMPDIR=/t/x" in argv and "--max-restarts=3" in argv
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 from collections.abc import Callable
 
 import pytest
@@ -52,7 +53,7 @@ SUBNET = ipaddress.ip_network("10.213.0.0/24")
         ("1kibit", 1024),
         ("1mibit", 1024**2),
         ("  10mbit  ", 10_000_000),
-        ("1tbit", 10**12),
+        ("10gbit", 10**10),
     ],
 )
 def test_parse_bandwidth(text: str, bps: int) -> None:
@@ -75,6 +76,12 @@ def test_parse_bandwidth_rejects_byte_units(text: str) -> None:
     assert "bit" in str(info.value)
 
 
+@pytest.mark.parametrize("text", ["1tbit", "10.5gbit", "20000000000"])
+def test_parse_bandwidth_refuses_rates_the_probe_cannot_verify(text: str) -> None:
+    with pytest.raises(ValueError, match=f"Bandwidth too high: '{text}' \\(at most 10gbit"):
+        parse_bandwidth(text)
+
+
 def test_parse_bandwidth_error_names_the_value() -> None:
     with pytest.raises(ValueError, match="'fast'"):
         parse_bandwidth("fast")
@@ -95,7 +102,7 @@ def test_format_bandwidth(bps: int, text: str) -> None:
     assert format_bandwidth(bps) == text
 
 
-@pytest.mark.parametrize("bps", [1000, 1001, 20_000_000, 123_456_789, 10**9, 7 * 10**12 + 1])
+@pytest.mark.parametrize("bps", [1000, 1001, 20_000_000, 123_456_789, 10**9, 7 * 10**9 + 1])
 def test_format_parse_round_trip(bps: int) -> None:
     assert parse_bandwidth(format_bandwidth(bps)) == bps
 
@@ -458,6 +465,30 @@ def test_cleanup_stale_deletes_only_dead_runs() -> None:
     removed = cleanup_stale(runner=runner, is_alive=lambda pid: pid == 200)
     assert removed == ["deto-100-aa-n0", "deto-100-aa-n1"]
     assert runner.deleted == removed
+
+
+def test_cleanup_stale_stops_what_a_killed_run_left_running_first() -> None:
+    code = "import time; print(1, flush=True); time.sleep(600)"
+    orphan = subprocess.Popen(
+        [sys.executable, "-c", code, "-m", "deto", "train"], stdout=subprocess.PIPE
+    )
+    assert orphan.stdout is not None and orphan.stdout.readline()
+
+    class WithPids(FakeRunner):
+        def __call__(self, argv: list[str]) -> subprocess.CompletedProcess[str]:
+            if argv == ["ip", "netns", "pids", "deto-100-aa-n0"]:
+                self.calls.append(list(argv))
+                return subprocess.CompletedProcess(argv, 0, f"{orphan.pid}\n", "")
+            return super().__call__(argv)
+
+    runner = WithPids(netns_list="deto-100-aa-n0 (id: 1)\n")
+    try:
+        assert cleanup_stale(runner=runner, is_alive=lambda pid: False) == ["deto-100-aa-n0"]
+        assert orphan.wait(timeout=30) == -signal.SIGTERM
+        pids_at = runner.calls.index(["ip", "netns", "pids", "deto-100-aa-n0"])
+        assert pids_at < runner.calls.index(["ip", "netns", "del", "deto-100-aa-n0"])
+    finally:
+        orphan.kill()
 
 
 def test_cleanup_stale_with_other_prefix() -> None:

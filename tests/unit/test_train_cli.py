@@ -94,6 +94,20 @@ def test_a_failed_rank_is_reported_in_one_line() -> None:
     assert _failure_message(raised) == "ValueError: bad"
     assert _failure_traceback(raised) == "Traceback ..."
     killed = SimpleNamespace(message="Signal 9 (SIGKILL) received by PID 7", exitcode=-9, error_file_data={})
-    assert _failure_message(killed) == "Signal 9 (SIGKILL) received by PID 7"
+    assert _failure_message(killed) == "killed by SIGKILL"
     exited = SimpleNamespace(message="To enable traceback see: ...", exitcode=3, error_file_data={})
     assert _failure_message(exited) == "see the messages above"
+
+
+def test_a_rank_that_told_its_failure_is_reported_as_it_told_it(tmp_path) -> None:
+    from deto.train.elastic import ERROR_LOG, RankFailure
+
+    told = RankFailure(3, "RankError: node 1, rank 3: the disk is full (...); free space", 1, "Tb")
+    assert str(told) == "node 1, rank 3: the disk is full (...); free space"
+    told.write_log(tmp_path / "run")
+    assert told.log_file == tmp_path / "run" / ERROR_LOG
+    assert told.log_file.read_text() == "rank 3 (exit code 1):\nTb"
+    plain = RankFailure(0, "ValueError: bad", 1)
+    assert str(plain) == "rank 0 failed (exit code 1): ValueError: bad"
+    plain.write_log(tmp_path / "other")
+    assert plain.log_file is None  # no traceback, no file

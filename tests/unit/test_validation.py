@@ -99,3 +99,20 @@ def test_from_env(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE")
     with pytest.raises(ValueError, match="WORLD_SIZE is not set"):
         deto.Topology.from_env()
+
+
+def test_topology_timeout_is_checked_and_read_from_the_environment() -> None:
+    from deto.topology import DEFAULT_TIMEOUT_S, Topology, timeout_from_env
+
+    assert Topology(2).timeout == DEFAULT_TIMEOUT_S == 60.0
+    assert Topology(2, timeout=5).collective_timeout.total_seconds() == 5
+    with pytest.raises(ValueError, match="Invalid timeout: 0.0"):
+        Topology(2, timeout=0)
+    with pytest.raises(TypeError, match="timeout must be a number"):
+        Topology(2, timeout="5")  # type: ignore[arg-type]
+    assert timeout_from_env({}) == DEFAULT_TIMEOUT_S
+    assert timeout_from_env({"DETO_TIMEOUT": "2.5"}) == 2.5
+    with pytest.raises(ValueError, match="Invalid DETO_TIMEOUT: 'soon'"):
+        timeout_from_env({"DETO_TIMEOUT": "soon"})
+    with pytest.raises(ValueError, match="Invalid DETO_TIMEOUT: -1.0"):
+        timeout_from_env({"DETO_TIMEOUT": "-1"})

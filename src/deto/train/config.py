@@ -93,7 +93,14 @@ class TrainConfig:
     seed: int = _f(0, "seed of the model's initialisation and of the batches", meta="N")
     out: str = _f(None, "output directory (default: runs/<timestamp>-<scheme>)", meta="DIR")
     checkpoint_every: int = _f(0, "save a checkpoint every N steps and at the end (0: never)", meta="N")
-    resume: str = _f(None, "continue from a checkpoint, or the latest one in a run directory", meta="DIR")
+    resume: str = _f(None, "continue from a checkpoint, or the newest whole one in a run "
+                     "directory; auto: the newest in --out if there is one", meta="DIR")
+    max_restarts: int = _f(0, "restart the ranks up to N times after a failure, from the newest "
+                           "whole checkpoint (with --checkpoint-every)", meta="N")
+    timeout: float = _f(60.0, "seconds a collective waits for a silent peer before the run "
+                        "fails", meta="SECONDS")
+    check_replicas_every: int = _f(0, "compare the nodes' replicas every N steps and repair "
+                                   "divergence (0: never)", meta="N")
     precision: str = _f("fp32", "fp32, or bf16 compute with fp32 parameters and reductions",
                         choices=PRECISIONS)
     device: str = _f("auto", "auto: CPU for the simulated cluster, CUDA under torchrun if "
@@ -161,13 +168,14 @@ _INT_MIN = {
     "nodes": 1, "ranks_per_node": 1, "steps": 1, "batch_size": 1, "seq_len": 1, "d_model": 1,
     "layers": 1, "heads": 1, "warmup": 0, "eval_every": 1,
     "eval_samples": 1, "log_every": 1, "seed": 0, "checkpoint_every": 0, "stop_at": 1,
-    "perturb_init_ulp": 0,
+    "perturb_init_ulp": 0, "max_restarts": 0, "check_replicas_every": 0,
 }
 # (low, high, low_open, high_open)
 _FLOAT_RANGE = {
     "lr": (0.0, math.inf, True, True),
     "weight_decay": (0.0, math.inf, False, True),
     "grad_clip": (0.0, math.inf, False, True),
+    "timeout": (0.0, math.inf, True, True),
 }
 
 

@@ -10,22 +10,51 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import tempfile
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
+
+from deto.train.failures import RankError
 
 logger = logging.getLogger(__name__)
 
+ERROR_LOG = "error.log"
+
+
 class RankFailure(RuntimeError):
-    """One or more ranks failed; ``message`` is the first failing rank's error, one line."""
+    """One or more ranks failed; ``message`` is the first failing rank's error, one line.
+
+    ``log_file``: where the failing rank's full traceback was written, if anywhere.
+    """
 
     def __init__(self, rank: int, message: str, exitcode: int, traceback: str = "") -> None:
         self.rank = rank
-        self.message = message
         self.exitcode = exitcode
         self.traceback = traceback
-        super().__init__(f"rank {rank} failed (exit code {exitcode}): {message}")
+        self.log_file: Path | None = None
+        told = f"{RankError.__name__}: "
+        if message.startswith(told):  # the rank told its own story: node, rank, cause
+            self.message = message[len(told) :]
+            super().__init__(self.message)
+        else:
+            self.message = message
+            super().__init__(f"rank {rank} failed (exit code {exitcode}): {message}")
+
+    def write_log(self, run_dir: Path) -> None:
+        """Keep the full traceback in ``run_dir/error.log`` (the terminal gets one line)."""
+        if not self.traceback:
+            return
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            path = run_dir / ERROR_LOG
+            path.write_text(f"rank {self.rank} (exit code {self.exitcode}):\n{self.traceback}")
+        except OSError as exc:
+            logger.debug("could not write %s: %s", run_dir / ERROR_LOG, exc)
+            return
+        self.log_file = path
 
 
 def _failure_message(failure: Any) -> str:
@@ -34,7 +63,9 @@ def _failure_message(failure: Any) -> str:
     if isinstance(message, dict):  # the rank's error file: {"message": ..., "extraInfo": ...}
         message = message.get("message", "")
     lines = [ln.strip() for ln in str(message).splitlines() if ln.strip()]
-    if failure.exitcode >= 0 and not failure.error_file_data:
+    if failure.exitcode < 0:
+        return f"killed by {signal.Signals(-failure.exitcode).name}"
+    if not failure.error_file_data:
         return "see the messages above"  # it exited without an error file: no message of ours
     return lines[0] if lines else "no message"
 
@@ -60,13 +91,17 @@ def launch_local(
     args: tuple[Any, ...],
     *,
     world_size: int,
+    max_restarts: int = 0,
     monitor_interval: float = 0.1,
 ) -> dict[int, Any]:
     """Run ``entry(*args)`` on ``world_size`` local ranks; return ``{rank: return value}``.
 
     ``entry`` must be a module-level (picklable) function; workers start with the ``spawn``
-    method and ``OMP_NUM_THREADS=1``. Raises :class:`RankFailure` when a rank fails and
-    ``KeyboardInterrupt`` on SIGINT/SIGTERM, after every rank has been stopped.
+    method and ``OMP_NUM_THREADS=1``. When a rank fails, every rank is stopped and, up to
+    ``max_restarts`` times, all are started again (torch elastic's restarts; each worker sees
+    ``TORCHELASTIC_RESTART_COUNT``). Raises :class:`RankFailure` when a rank fails for good,
+    ``KeyboardInterrupt`` on SIGINT and ``SystemExit(143)`` on SIGTERM, after every rank has
+    been stopped.
     """
     from torch.distributed.elastic.multiprocessing.api import DefaultLogsSpecs
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -83,7 +118,7 @@ def launch_local(
             rdzv_backend="c10d",
             rdzv_endpoint="127.0.0.1:0",
             local_addr="127.0.0.1",
-            max_restarts=0,
+            max_restarts=max_restarts,
             monitor_interval=monitor_interval,
             start_method="spawn",
             logs_specs=DefaultLogsSpecs(log_dir=log_dir),
@@ -97,5 +132,7 @@ def launch_local(
             ) from None
         except Exception as exc:  # SignalException: SIGINT/SIGTERM reached the launcher
             if type(exc).__name__ == "SignalException":
+                if getattr(exc, "sigval", None) == signal.SIGTERM:
+                    raise SystemExit(128 + signal.SIGTERM) from None
                 raise KeyboardInterrupt from None
             raise

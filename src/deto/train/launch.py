@@ -30,11 +30,16 @@ from deto.topology import Topology
 from deto.train import checkpoint, loop, netem, netlaunch
 from deto.train.config import TrainConfig, load_toml, resolve
 from deto.train.console import configure_logging
-from deto.train.elastic import launch_local
+from deto.train.elastic import RankFailure, launch_local
+from deto.train.failures import RankError, failure_line
+from deto.train.integrity import latest_usable, select_checkpoint
+from deto.train.lifetime import die_with_parent
+from deto.train.preflight import check_output_dir
 
 logger = logging.getLogger(__name__)
 
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
+RESUME_AUTO = "auto"
 MAX_SIMULATED_RANKS = 64
 
 
@@ -78,11 +83,14 @@ def train(
         raise UsageError(str(exc)) from None
 
     if torchrun:
+        if cfg.out is not None:
+            _check_out(cfg.out)
         device = None if cfg.device == "auto" else cfg.device
         return rank_entry(cfg.to_dict(), cfg.out, resume, log_level, device)
 
     check_simulated(cfg)
     run_dir = cfg.out or loop.default_run_dir(cfg.scheme)
+    _check_out(run_dir)
     logger.info(
         "deto train: %s on %s, %d node(s) x %d rank(s) simulated on this machine; output in %s",
         cfg.scheme, cfg.task, cfg.nodes, cfg.ranks_per_node, run_dir,
@@ -93,9 +101,14 @@ def train(
             values, link, cfg.nodes, cfg.ranks_per_node, Path(run_dir), log_level
         )
         return None
-    results = launch_local(
-        rank_entry, (cfg.to_dict(), run_dir, resume, log_level, "cpu"), world_size=cfg.world_size
-    )
+    try:
+        results = launch_local(
+            rank_entry, (cfg.to_dict(), run_dir, resume, log_level, "cpu"),
+            world_size=cfg.world_size, max_restarts=cfg.max_restarts,
+        )
+    except RankFailure as exc:
+        exc.write_log(Path(run_dir))
+        raise
     summary = results.get(0)
     if summary is None:
         raise RuntimeError("rank 0 returned no summary")
@@ -121,14 +134,51 @@ def torchrun_topology(values: dict[str, Any], env: Mapping[str, str]) -> dict[st
     return {**values, **given}
 
 
+def _check_out(run_dir: str) -> None:
+    try:
+        check_output_dir(run_dir)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
 def checkpoint_to_resume(cfg: TrainConfig) -> str | None:
-    """The complete checkpoint ``--resume`` names, checked against ``cfg``; ``ValueError`` if
-    there is none or it does not fit."""
+    """The checkpoint ``--resume`` names, verified against its manifest and checked against
+    ``cfg``; ``ValueError`` (one line) if there is none, none is whole, or it does not fit.
+
+    ``--resume auto`` continues from the newest whole checkpoint in ``--out``, or starts
+    afresh when there is none yet. Newer checkpoints that fail verification are passed over
+    with a warning.
+    """
     if cfg.resume is None:
         return None
-    path = checkpoint.find_checkpoint(cfg.resume)
-    checkpoint.check_resumable(path, cfg)
-    return str(path)
+    if cfg.resume == RESUME_AUTO:
+        selection = latest_usable(cfg.out) if cfg.out is not None else None
+        if selection is None:
+            logger.info("--resume auto: no checkpoint in %s yet, starting afresh", cfg.out)
+            return None
+    else:
+        selection = select_checkpoint(cfg.resume)
+    for skipped in selection.skipped:
+        logger.warning("passing over a damaged checkpoint: %s", skipped)
+    checkpoint.check_resumable(selection.path, cfg)
+    return str(selection.path)
+
+
+def resume_after_restart(run_dir: str | None, resume: str | None) -> str | None:
+    """What a rank restarted by torch elastic (``TORCHELASTIC_RESTART_COUNT`` > 0) continues
+    from: the newest whole checkpoint of its run, else what the first attempt resumed from."""
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0:
+        return resume
+    if run_dir is None:
+        logger.warning("restarted without --out: no checkpoint to continue from")
+        return resume
+    selection = latest_usable(run_dir)
+    if selection is None:
+        return resume
+    for skipped in selection.skipped:
+        logger.warning("passing over a damaged checkpoint: %s", skipped)
+    logger.warning("restarted: continuing from %s", selection.path)
+    return str(selection.path)
 
 
 def check_simulated(cfg: TrainConfig) -> None:
@@ -167,16 +217,28 @@ def rank_entry(
     log_level: int,
     device: str | None,
 ) -> dict[str, Any] | None:
-    """What every rank runs, spawned for a simulated cluster or started by torchrun."""
-    configure_logging(log_level, rank=int(os.environ.get("RANK", "0")))
+    """What every rank runs, spawned for a simulated cluster or started by torchrun.
+
+    The rank dies with the process that started it (a launcher killed with -9 leaves no rank
+    behind). A failure leaves as a :class:`RankError`: one line naming node, rank and cause.
+    """
+    die_with_parent()
+    rank = int(os.environ.get("RANK", "0"))
+    configure_logging(log_level, rank=rank)
     cfg = TrainConfig.from_dict(cfg_dict)
-    topo = Topology(nodes=cfg.nodes, ranks_per_node=cfg.ranks_per_node, device=device)
+    topo = Topology(
+        nodes=cfg.nodes, ranks_per_node=cfg.ranks_per_node, device=device, timeout=cfg.timeout
+    )
     try:
+        resume = resume_after_restart(run_dir, resume)
         return loop.run(cfg, topo, run_dir=run_dir, resume=resume)
     except KeyboardInterrupt:
         # the launcher forwards the terminal's Ctrl-C: leave quietly, once
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         sys.exit(128 + signal.SIGINT)
+    except Exception as exc:
+        line = failure_line(rank // cfg.ranks_per_node, rank, exc, cfg.timeout)
+        raise RankError(line) from exc
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

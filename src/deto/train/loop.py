@@ -9,7 +9,6 @@ rank writes its part of a checkpoint.
 
 from __future__ import annotations
 
-import datetime
 import logging
 import math
 import os
@@ -21,13 +20,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+import deto
+from deto.comm import Comm
 from deto.topology import Topology
 from deto.train import noise, report
 from deto.train.checkpoint import CHECKPOINTS, load_checkpoint, save_checkpoint
 from deto.train.config import TrainConfig
 from deto.train.console import progress_bar
 from deto.train.models import count_params
-from deto.train.optimizer import build_training, full_sync_bytes
+from deto.train.optimizer import RunOptimizer, build_training, full_sync_bytes
 from deto.train.ranks import all_gather, from_rank0
 from deto.train.summary import (
     History,
@@ -36,11 +37,10 @@ from deto.train.summary import (
     peak_rss_mb,
     replicas_identical,
 )
-from deto.train.tasks import build_task
+from deto.train.tasks import build_task, reshard
 
 logger = logging.getLogger(__name__)
 
-COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=10)
 FINAL_LR_RATIO = 0.1
 
 
@@ -60,7 +60,7 @@ def run(
     ``run_dir``: where outputs go (``None``: rank 0 picks ``runs/<timestamp>-<scheme>``).
     ``resume``: a complete checkpoint directory to continue from.
     """
-    topo.init(timeout=COLLECTIVE_TIMEOUT)
+    topo.init()
     rank = dist.get_rank()
     out = Path(from_rank0(run_dir or default_run_dir(cfg.scheme)))
     if rank == 0:
@@ -105,6 +105,12 @@ def run(
             sent, received = stats.node_bytes_sent, stats.node_bytes_received
             elapsed = time.perf_counter() - start
             state.advance(step, elapsed, sent, received, float(loss.detach()))
+            if cfg.check_replicas_every and step % cfg.check_replicas_every == 0:
+                repair = check_and_repair(model, opt, topo, step)
+                if repair is not None:
+                    state.replica_repairs.append(repair)
+                    for sink in sinks:
+                        sink.write(repair)
 
             evaluating = step % cfg.eval_every == 0 or step == cfg.steps
             if evaluating or step % cfg.log_every == 0:
@@ -177,6 +183,29 @@ def lr_factor(cfg: TrainConfig, step: int) -> float:
         return 1.0
     progress = min(1.0, (step - cfg.warmup) / (cfg.steps - cfg.warmup))
     return FINAL_LR_RATIO + (1 - FINAL_LR_RATIO) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def check_and_repair(
+    model: nn.Module, opt: RunOptimizer, topo: Topology, step: int
+) -> dict[str, Any] | None:
+    """``--check-replicas-every``: compare the nodes' replicas, repair a divergence from the
+    majority's node, and return the event for the metrics (``None``: identical, or the scheme
+    does not promise identical replicas at this step)."""
+    if not opt.promises_identical_replicas:
+        return None
+    reshard(model)
+    comm = Comm(topo.mesh["replicate"].get_group(), topo.nodes)
+    check = deto.check_replicas(
+        model, opt.base, comm=comm, node_group=topo.mesh["shard"].get_group()
+    )
+    if check.identical:
+        return None
+    return {
+        "step": step,
+        "replicas_diverged": check.diverged,
+        "repaired_from": check.source,
+        "tensors": check.tensors[:10],
+    }
 
 
 def default_run_dir(scheme: str) -> str:

@@ -14,12 +14,14 @@ import json
 import logging
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from deto.train import report
+from deto.train.lifetime import popen_kwargs
 from deto.train.netem import (
     EmulatedCluster,
     LinkSpec,
@@ -59,7 +61,10 @@ def train_over_emulated_links(
     )
     verbosity = {logging.DEBUG: ["-v"], logging.WARNING: ["-q"]}.get(log_level, [])
     program = ["-m", "deto", "train", "--config", str(out / "train.toml"), *verbosity]
-    with EmulatedCluster(nodes, link) as cluster:
+    restarts = int(values.get("max_restarts") or 0)
+    with EmulatedCluster(nodes, link) as cluster, tempfile.TemporaryDirectory(
+        prefix="deto-agents-"
+    ) as tmp:
         check = verify_shaping(cluster)
         if not check.ok:
             raise RuntimeError(f"the emulated link is not what was asked for: {check.note}")
@@ -67,7 +72,10 @@ def train_over_emulated_links(
             "link %s verified: probe measured %.1f Mbit/s",
             format_bandwidth(link.bandwidth_bps), check.measured_bps / 1e6,
         )
-        code = run_nodes(cluster, ranks_per_node, program, log_dir=out / "logs")
+        code = run_nodes(
+            cluster, ranks_per_node, program, log_dir=out / "logs", tmp_dir=Path(tmp),
+            max_restarts=restarts,
+        )
         description = cluster.describe()
     if code != 0:
         raise RuntimeError(f"a node exited with status {code} (other nodes' logs: {out / 'logs'})")
@@ -86,15 +94,26 @@ def _toml_value(value: Any) -> str:
 
 
 def node_argv(
-    cluster: EmulatedCluster, node: int, ranks_per_node: int, program: list[str]
+    cluster: EmulatedCluster,
+    node: int,
+    ranks_per_node: int,
+    program: list[str],
+    *,
+    tmp_dir: Path | None = None,
+    max_restarts: int = 0,
 ) -> list[str]:
     """argv that starts ``node``'s launcher agent inside its namespace.
 
     ``program`` is what torchrun runs on every rank, e.g. ``["-m", "deto", "train", ...]``.
+    ``tmp_dir`` becomes the agent's ``TMPDIR``: torch elastic's ``torchelastic_*`` folders and
+    error files land there, and go with it. ``max_restarts``: torchrun's restarts of the node's
+    ranks after a failure.
     """
     # TORCH_CPP_LOG_LEVEL: inside a namespace c10d warns on every connection that the peer's
     # hostname does not resolve, which is expected there
     env = {"OMP_NUM_THREADS": "1", "TORCH_CPP_LOG_LEVEL": "ERROR", **cluster.env(node)}
+    if tmp_dir is not None:
+        env["TMPDIR"] = str(tmp_dir)
     return [
         *cluster.exec_prefix(node),
         "env",
@@ -107,7 +126,7 @@ def node_argv(
         f"--nproc-per-node={ranks_per_node}",
         f"--master-addr={cluster.address(0)}",
         f"--master-port={RENDEZVOUS_PORT}",
-        "--max-restarts=0",
+        f"--max-restarts={max_restarts}",
         *program,
     ]
 
@@ -118,13 +137,16 @@ def run_nodes(
     program: list[str],
     *,
     log_dir: Path,
+    tmp_dir: Path | None = None,
+    max_restarts: int = 0,
 ) -> int:
     """Run ``program`` on every rank of every node; return the first failing exit code or 0.
 
     Node 0's output goes to this terminal (its rank 0 draws the progress bar); the other nodes'
     go to ``log_dir/node<i>.log``. When one node fails, the others are stopped; Ctrl-C and
     SIGTERM stop every node before they propagate (SIGTERM as ``SystemExit(143)``), so no rank
-    outlives its namespace.
+    outlives its namespace. The agents die with this process even when it is killed with -9
+    (:func:`deto.train.lifetime.popen_kwargs`), and their ranks with them.
     """
     log_dir.mkdir(parents=True, exist_ok=True)
     procs: list[subprocess.Popen[bytes]] = []
@@ -132,13 +154,18 @@ def run_nodes(
     with sigterm_raises():
         try:
             for node in range(cluster.nodes):
-                argv = node_argv(cluster, node, ranks_per_node, program)
+                argv = node_argv(
+                    cluster, node, ranks_per_node, program,
+                    tmp_dir=tmp_dir, max_restarts=max_restarts,
+                )
                 out = None
                 if node:
                     out = open(log_dir / f"node{node}.log", "wb")  # noqa: SIM115 - closed below
                     logs.append(out)
                 procs.append(
-                    subprocess.Popen(argv, stdout=out, stderr=out, start_new_session=True)
+                    subprocess.Popen(
+                        argv, stdout=out, stderr=out, start_new_session=True, **popen_kwargs()
+                    )
                 )
             while True:
                 codes = [p.poll() for p in procs]

@@ -46,6 +46,7 @@ class History:
     loss_sum: float = 0.0  # this rank's training loss since the last logged step
     loss_count: int = 0
     last_loss: float = math.nan
+    replica_repairs: list[dict[str, Any]] = field(default_factory=list)  # --check-replicas-every
 
     def advance(self, step: int, seconds: float, sent: int, received: int, loss: float) -> None:
         self.step = step
@@ -114,6 +115,7 @@ def build_summary(
         "full_sync_bytes_per_step": full_sync,
         "compression_ratio": full_sync / sent if sent > 0 and full_sync > 0 else None,
         "replicas_identical": identical,
+        "replica_repairs": state.replica_repairs,
         "peak_rss_mb_per_rank": rss,
         "link": None,  # an emulated-link run's driver fills it in (deto.train.netlaunch)
         "versions": report.versions(),

@@ -24,6 +24,7 @@ from deto.train.netem.commands import (
     run_command,
     teardown_commands,
 )
+from deto.train.orphans import stop_orphans
 from deto.train.processes import sigterm_raises
 
 if TYPE_CHECKING:
@@ -124,14 +125,19 @@ def cleanup_stale(
     """Delete namespaces left by earlier runs whose creating process no longer exists.
 
     A run killed with SIGKILL (or a crashed machine-level OOM kill) cannot clean up after
-    itself; its namespaces would keep addresses and veths around forever. Returns the names
-    deleted (those that failed to delete are logged and omitted).
+    itself; its namespaces would keep addresses and veths around forever, and the processes
+    inside them (node agents, ranks) would keep training: deto's are stopped first
+    (:func:`deto.train.orphans.stop_orphans`). Returns the names deleted (those that failed to
+    delete are logged and omitted).
     """
     run = runner or run_command
     listing = run_checked(run, ["ip", "netns", "list"])
     stale = stale_namespaces(parse_netns_list(listing.stdout), is_alive, prefix)
     if stale:
         log.info("netem: removing stale namespaces %s", ", ".join(stale))
+        stopped = stop_orphans(stale, run)
+        if stopped:
+            log.warning("stopped %d process(es) an earlier run left running", len(stopped))
     failed = set(delete_namespaces(run, stale))
     return [ns for ns in stale if ns not in failed]
 

@@ -9,6 +9,9 @@ from decimal import Decimal, InvalidOperation
 
 MIN_BANDWIDTH_BPS = 1000
 """Below 1 kbit/s a value is almost certainly a forgotten unit ("100" meant as 100mbit)."""
+MAX_BANDWIDTH_BPS = 10 * 1000**3
+"""Above 10 Gbit/s an unshaped veth between namespaces is rarely faster, so the probe could not
+tell a shaped link from an unshaped one: such a rate cannot be verified, and is refused."""
 MIN_BURST_BYTES = 32 * 1024
 BURST_SECONDS = 0.010
 """Default tbf burst covers 10 ms at the rate: enough for timer granularity up to HZ=100."""
@@ -73,6 +76,11 @@ def parse_bandwidth(text: str) -> int:
         raise ValueError(
             f"Bandwidth too low: {text!r} = {bps} bit/s (minimum {MIN_BANDWIDTH_BPS}); "
             "did you forget a unit such as 'mbit'?"
+        )
+    if bps > MAX_BANDWIDTH_BPS:
+        raise ValueError(
+            f"Bandwidth too high: {text!r} (at most {format_bandwidth(MAX_BANDWIDTH_BPS)}: above "
+            "that the probe cannot tell a shaped link from an unshaped one)"
         )
     return bps
 
