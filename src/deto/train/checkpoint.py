@@ -35,6 +35,7 @@ from deto.replicators.base import local_tensor
 from deto.topology import Topology
 from deto.train import report
 from deto.train.config import STRUCTURAL, TrainConfig
+from deto.train.integrity import write_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +118,7 @@ def save_checkpoint(
     dist.barrier()
     if rank == 0:
         report.write_json(tmp / "trainer.json", {"history": history, "config": config})
+        write_manifest(tmp)  # checksums of every file, verified before a resume
         marker = {"step": step, "world_size": dist.get_world_size(), "config": config}
         report.write_json(tmp / COMPLETE, marker)
         if final.exists():
