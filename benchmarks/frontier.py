@@ -1,0 +1,230 @@
+"""The loss-vs-bytes frontier of DeMo settings across models, schedules and seeds.
+
+Each point is one ``deto train`` run on a simulated cluster (no link shaping: only the final
+validation loss and the inter-node bytes per step matter here, and both are independent of
+the machine's speed). For every model the sweep runs HSDP + AdamW as the reference and a set of
+FlexDeMo settings (FSDP2 inside a node, DeMo + sign-SGD across nodes), over the learning-rate
+schedules and seeds asked for, and writes ``results.json``, ``report.md`` and one plot of final
+validation loss against bytes per step per model.
+
+Run from the repository root, for example::
+
+    python -m benchmarks.frontier --out benchmarks/results/frontier-cpu-2x2 \
+        --models gpt-128x2,gpt-256x4 --schedules cosine,constant --seeds 0,1
+
+The run is resumable: a point whose ``summary.json`` exists is read, not re-run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger("frontier")
+
+MODELS: dict[str, list[str]] = {
+    "gpt-128x2": ["--model", "gpt", "--d-model", "128", "--layers", "2"],
+    "gpt-128x4": ["--model", "gpt", "--d-model", "128", "--layers", "4"],
+    "gpt-256x2": ["--model", "gpt", "--d-model", "256", "--layers", "2"],
+    "gpt-256x4": ["--model", "gpt", "--d-model", "256", "--layers", "4"],
+    "gpt-512x2": ["--model", "gpt", "--d-model", "512", "--layers", "2"],
+    "t5": ["--model", "t5"],
+    "llama": ["--model", "llama"],
+    "vit": ["--model", "vit"],
+}
+"""Model label -> ``deto train`` flags that build it (the task follows from ``--model``)."""
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One point of the sweep: a scheme and the flags that configure it."""
+
+    label: str
+    scheme: str
+    flags: tuple[str, ...] = ()
+
+
+SETTINGS: dict[str, Setting] = {
+    s.label: s
+    for s in (
+        Setting("hsdp", "hsdp"),
+        Setting("2d-64-32-fp32", "flexdemo",
+                ("--blocks", "2d", "--chunk", "64", "--topk", "32", "--values", "fp32")),
+        Setting("2d-32-14-int8", "flexdemo",
+                ("--blocks", "2d", "--chunk", "32", "--topk", "14", "--values", "int8")),
+        Setting("1d-64-4-fp32", "flexdemo",
+                ("--blocks", "1d", "--chunk", "64", "--topk", "4", "--values", "fp32")),
+        Setting("1d-64-4-int8", "flexdemo",
+                ("--blocks", "1d", "--chunk", "64", "--topk", "4", "--values", "int8")),
+        Setting("1d-64-4-sign", "flexdemo",
+                ("--blocks", "1d", "--chunk", "64", "--topk", "4", "--values", "sign")),
+        Setting("1d-128-4-int8", "flexdemo",
+                ("--blocks", "1d", "--chunk", "128", "--topk", "4", "--values", "int8")),
+        Setting("1d-64-8-int2", "flexdemo",
+                ("--blocks", "1d", "--chunk", "64", "--topk", "8", "--values", "int2")),
+    )
+}
+
+
+def run_point(out: Path, model: str, setting: Setting, schedule: str, seed: int,
+              steps: int | None, lr: float | None) -> dict[str, Any]:
+    """Run (or read back) one point and return the fields the report needs."""
+    lr_tag = f"-lr{lr:g}" if lr is not None else ""
+    run_dir = out / "runs" / f"{model}-{setting.label}-{schedule}{lr_tag}-s{seed}"
+    summary_path = run_dir / "summary.json"
+    if not summary_path.exists():
+        argv = [sys.executable, "-m", "deto", "train", "-q", "--scheme", setting.scheme,
+                *MODELS[model], *setting.flags, "--lr-schedule", schedule, "--seed", str(seed),
+                "--out", str(run_dir), "--checkpoint-every", "0"]
+        if steps is not None:
+            argv += ["--steps", str(steps)]
+        if lr is not None and setting.scheme != "hsdp":
+            argv += ["--lr", str(lr)]
+        logger.info("run %s", run_dir.name)
+        done = subprocess.run(argv, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            logger.error("%s failed: %s", run_dir.name, done.stderr.strip().splitlines()[-1:])
+            return {}
+    s = json.loads(summary_path.read_text())
+    return {
+        "model": model, "setting": setting.label, "schedule": schedule, "seed": seed,
+        "lr": s["lr"], "final_val_loss": s["final_val_loss"],
+        "bytes_per_step": s["inter_node_bytes_sent_per_step"],
+        "full_sync_bytes_per_step": s["full_sync_bytes_per_step"],
+        "params": s["params"], "steps": s["steps"], "git_sha": s.get("git_sha"),
+    }
+
+
+def aggregate(points: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Seed means and spreads per (model, setting, schedule, lr), with loss relative to HSDP."""
+    cells: dict[tuple[str, str, str, float], list[dict[str, Any]]] = {}
+    for p in points:
+        cells.setdefault((p["model"], p["setting"], p["schedule"], p["lr"]), []).append(p)
+    rows = []
+    for (model, setting, schedule, lr), ps in sorted(cells.items()):
+        losses = [p["final_val_loss"] for p in ps]
+        rows.append({
+            "model": model, "setting": setting, "schedule": schedule, "lr": lr,
+            "seeds": sorted(p["seed"] for p in ps),
+            "val_loss_mean": statistics.fmean(losses),
+            "val_loss_min": min(losses), "val_loss_max": max(losses),
+            "bytes_per_step": ps[0]["bytes_per_step"],
+            "bytes_vs_hsdp": ps[0]["bytes_per_step"] / ps[0]["full_sync_bytes_per_step"],
+        })
+    hsdp = {(r["model"], r["schedule"]): r["val_loss_mean"] for r in rows if r["setting"] == "hsdp"}
+    for r in rows:
+        ref = hsdp.get((r["model"], r["schedule"]))
+        r["loss_vs_hsdp"] = None if ref is None else r["val_loss_mean"] / ref - 1.0
+    return rows
+
+
+def report(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str:
+    lines = ["# DeMo frontier: final validation loss vs inter-node bytes", "",
+             f"- git sha: {meta['git_sha']}; steps: {meta['steps']}; nodes x ranks: 2 x 2",
+             "- loss vs hsdp: seed mean over seed mean of HSDP + AdamW on the same model and "
+             "schedule; spread: min-max over seeds", "",
+             "| model | schedule | setting | lr | seeds | val loss (mean, min-max) | vs hsdp "
+             "| bytes/step | 1/x of hsdp |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        vs = "—" if r["loss_vs_hsdp"] is None else f"{100 * r['loss_vs_hsdp']:+.1f}%"
+        inv = "1" if r["setting"] == "hsdp" else f"{1 / r['bytes_vs_hsdp']:.0f}"
+        lines.append(
+            f"| {r['model']} | {r['schedule']} | {r['setting']} | {r['lr']:g} | "
+            f"{','.join(map(str, r['seeds']))} | {r['val_loss_mean']:.4f} "
+            f"({r['val_loss_min']:.4f}-{r['val_loss_max']:.4f}) | {vs} | "
+            f"{r['bytes_per_step']:,.0f} | {inv} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: Sequence[dict[str, Any]], out: Path) -> None:
+    """One panel per model: loss vs bytes/step (log), HSDP marked, the frontier drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = sorted({r["model"] for r in rows})
+    fig, axes = plt.subplots(1, len(models), figsize=(4.5 * len(models), 4), squeeze=False)
+    for ax, model in zip(axes[0], models, strict=True):
+        for schedule, marker in (("cosine", "o"), ("constant", "s")):
+            pts = [r for r in rows if r["model"] == model and r["schedule"] == schedule]
+            if not pts:
+                continue
+            for r in pts:
+                color = "black" if r["setting"] == "hsdp" else "tab:blue"
+                ax.errorbar(r["bytes_per_step"], r["val_loss_mean"],
+                            yerr=[[r["val_loss_mean"] - r["val_loss_min"]],
+                                  [r["val_loss_max"] - r["val_loss_mean"]]],
+                            fmt=marker, color=color, ms=5, capsize=2)
+                ax.annotate(r["setting"], (r["bytes_per_step"], r["val_loss_mean"]),
+                            fontsize=6, xytext=(3, 3), textcoords="offset points")
+            front, best = [], float("inf")
+            for r in sorted(pts, key=lambda r: r["bytes_per_step"]):
+                if r["val_loss_mean"] < best:
+                    best = r["val_loss_mean"]
+                    front.append(r)
+            ax.plot([r["bytes_per_step"] for r in front], [r["val_loss_mean"] for r in front],
+                    "--", lw=1, label=f"frontier ({schedule})")
+        ax.set_xscale("log")
+        ax.set_title(model)
+        ax.set_xlabel("inter-node bytes per step per rank")
+        ax.set_ylabel("final val loss")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "frontier.png", dpi=120)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True, help="results directory")
+    parser.add_argument("--models", default="gpt-128x2,gpt-256x4",
+                        help=f"comma-separated, of: {', '.join(MODELS)}")
+    parser.add_argument("--settings", default=",".join(SETTINGS),
+                        help=f"comma-separated, of: {', '.join(SETTINGS)}")
+    parser.add_argument("--schedules", default="cosine", help="cosine,constant")
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds")
+    parser.add_argument("--steps", type=int, default=None, help="steps per run (task default)")
+    parser.add_argument("--lr", type=float, default=None,
+                        help="learning rate of the DeMo settings (default: the preset's)")
+    ns = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    models = ns.models.split(",")
+    settings = [SETTINGS[s] for s in ns.settings.split(",")]
+    for m in models:
+        if m not in MODELS:
+            parser.error(f"unknown model {m!r} (valid: {', '.join(MODELS)})")
+    ns.out.mkdir(parents=True, exist_ok=True)
+    points = []
+    for seed in (int(s) for s in ns.seeds.split(",")):
+        for schedule in ns.schedules.split(","):
+            for model in models:
+                for setting in settings:
+                    p = run_point(ns.out, model, setting, schedule, seed, ns.steps, ns.lr)
+                    if p:
+                        points.append(p)
+    old = ns.out / "results.json"
+    if old.exists():  # keep points of earlier invocations into the same directory
+        seen = {(p["model"], p["setting"], p["schedule"], p["seed"], p["lr"]) for p in points}
+        points += [p for p in json.loads(old.read_text())["points"]
+                   if (p["model"], p["setting"], p["schedule"], p["seed"], p["lr"]) not in seen]
+    rows = aggregate(points)
+    shas = sorted({p["git_sha"] for p in points if p.get("git_sha")})
+    meta = {"git_sha": ", ".join(shas) or "unknown", "steps": sorted({p["steps"] for p in points})}
+    (ns.out / "results.json").write_text(json.dumps({"meta": meta, "points": points,
+                                                     "rows": rows}, indent=2))
+    (ns.out / "report.md").write_text(report(rows, meta))
+    plot(rows, ns.out)
+    logger.info("wrote %s", ns.out / "report.md")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
