@@ -31,7 +31,7 @@ def train_prefix(cfg_dict: dict[str, Any], run_dir: str) -> dict[str, Any] | Non
     from deto.train import loop
     from deto.train.config import TrainConfig
 
-    cfg = TrainConfig(**cfg_dict)
+    cfg = TrainConfig.from_dict(cfg_dict)
     return loop.run(
         cfg,
         Topology(nodes=cfg.nodes, ranks_per_node=cfg.ranks_per_node, device="cpu"),
@@ -43,12 +43,12 @@ def planned(run: bench.RunResult, train_args: list[str], stop_at: int, out: Path
     """The configuration `deto bench` resolves today for the recorded run's command, stopped
     after ``stop_at`` steps."""
     from deto.cli import build_parser
-    from deto.train.config import FIELDS, load_toml, resolve
+    from deto.train.config import KEYS, load_toml, resolve
 
     argv = ["train", "--scheme", run.scheme, "--seed", str(run.seed), *train_args]
     ns = build_parser().parse_args(argv)
     values = load_toml(ns.config) if hasattr(ns, "config") else {}
-    values.update({k: v for k, v in vars(ns).items() if k in FIELDS})
+    values.update({k: v for k, v in vars(ns).items() if k in KEYS})
     return resolve({**values, "stop_at": stop_at, "out": str(out)}).to_dict()
 
 

@@ -144,14 +144,23 @@ def stop_step(recorded: bench.RunResult, fraction: float) -> int | None:
 
 def config_differences(recorded: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
     """``key: recorded -> now`` for every setting that changes what a run computes.
-    Keys the recorded run predates compare with their default."""
+
+    A setting the recorded run predates compares with its default; one whose default is
+    resolved per run (``None``: the model, a replicator knob) is not compared, since what the
+    old code did there is not on record (a change it makes shows in the losses and bytes).
+    """
     from deto.train.config import FIELDS
 
     out = []
     for key, value in now.items():
         if key in NOT_COMPARED:
             continue
-        before = recorded.get(key, FIELDS[key].default if key in FIELDS else None)
+        if key in recorded:
+            before = recorded[key]
+        elif key in FIELDS and FIELDS[key].default is not None:
+            before = FIELDS[key].default
+        else:
+            continue
         if before != value:
             out.append(f"{key}: {before!r} -> {value!r}")
     return out
