@@ -85,27 +85,24 @@ def loopback_comm(nodes: int) -> Any:
     Every node's payload is this node's own, so decoding does the work of ``nodes`` payloads.
     """
     from deto.comm import Comm
-    from deto.compress.packing import pack, unpack
 
-    class Loopback(Comm):
-        def __init__(self) -> None:
-            super().__init__(None, size=nodes)
+    class Loopback:
+        """A :class:`deto.comm.Transport` that hands this node's bytes back as every node's."""
 
-        def all_reduce_mean(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-            if not tensors:
-                return []
-            flat = torch.cat([t.reshape(-1) for t in tensors]).div_(self.size)
-            return [
-                c.view_as(t)
-                for c, t in zip(flat.split([t.numel() for t in tensors]), tensors, strict=True)
-            ]
+        size, rank = nodes, 0
 
-        def all_gather(self, tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
-            buffer, specs = pack(tensors)
-            gathered = buffer.repeat(self.size)
-            return [unpack(part, specs) for part in gathered.chunk(self.size)]
+        def all_reduce_sum(self, flat: torch.Tensor) -> None:
+            flat.mul_(self.size)
 
-    return Loopback()
+        def all_gather(
+            self, out: torch.Tensor, buffer: torch.Tensor, async_op: bool = False
+        ) -> None:
+            out.copy_(buffer.repeat(self.size))
+
+        def broadcast(self, buffer: torch.Tensor, src: int) -> None:
+            return None
+
+    return Comm(transport=Loopback())
 
 
 # -- contenders ------------------------------------------------------------------------------
@@ -134,7 +131,7 @@ def _gradients(shapes: list[tuple[int, ...]], seed: int) -> list[list[torch.Tens
 def deto_contender(name: str, shapes: list[tuple[str, tuple[int, ...]]], nodes: int) -> Contender:
     """A deto replicator, by contender name, bound to parameters of ``shapes``."""
     import deto
-    from deto.replicators.base import Slot
+    from deto.replicators.base import ParamReplicator, Slot
 
     kind, options = CONTENDERS[name]
     rep = deto.make_replicator(kind, **options)
@@ -145,7 +142,7 @@ def deto_contender(name: str, shapes: list[tuple[str, tuple[int, ...]]], nodes: 
     lrs = [1e-3] * len(params)
     grads = _gradients([s for _, s in shapes], 0)
 
-    if rep.acts_on == "param":
+    if isinstance(rep, ParamReplicator):
 
         def step(i: int) -> None:
             for p, g in zip(params, grads[i % 2], strict=True):
