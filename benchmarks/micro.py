@@ -300,7 +300,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"rank, {report['nodes']} nodes' payloads",
         "",
         f"{env['date']}, deto {env['git_sha'][:10]}, torch {env['torch']}, {env['cpu']} "
-        f"({env['cpus']} CPUs, {env['threads']} thread, load average {env['load_average'][0]:.1f}); "
+        f"({env['cpus']} CPUs, {env['threads']} thread, "
+        f"load average {env['load_average'][0]:.1f}); "
         f"{report['rounds']} interleaved rounds x {report['steps_per_round']} steps.",
         "",
         "| contender | ms/step (median) | p25 | p75 | elements/s |",

@@ -24,7 +24,9 @@ config = GPT2Config(
     vocab_size=256, n_positions=64, n_embd=64, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0
 )
 model = GPT2LMHeadModel(config)
-model, opt = deto.prepare(model, topo, replicator="demo", optimizer=torch.optim.SGD, lr=1e-3, sign=True)
+model, opt = deto.prepare(
+    model, topo, replicator="demo", optimizer=torch.optim.SGD, lr=1e-3, sign=True
+)
 
 text = load_stdlib_corpus().train
 rank = dist.get_rank()

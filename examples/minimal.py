@@ -24,7 +24,12 @@ topo = deto.Topology(nodes=nodes, ranks_per_node=world // nodes, device="cpu")
 
 model = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 10))
 model, opt = deto.prepare(
-    model, topo, replicator=deto.DeMo(topk=16, chunk=32), optimizer=torch.optim.SGD, lr=1e-2, sign=True
+    model,
+    topo,
+    replicator=deto.DeMo(topk=16, chunk=32),
+    optimizer=torch.optim.SGD,
+    lr=1e-2,
+    sign=True,
 )
 
 rank = dist.get_rank()
@@ -37,5 +42,8 @@ for step in range(50):
     opt.zero_grad()
     if rank == 0 and step % 10 == 9:
         stats = opt.stats()
-        print(f"step {step + 1}: loss {loss.item():.4f}, {stats.node_bytes_sent} bytes sent by node 0")
+        print(
+            f"step {step + 1}: loss {loss.item():.4f}, "
+            f"{stats.node_bytes_sent} bytes sent by node 0"
+        )
 dist.destroy_process_group()

@@ -37,5 +37,7 @@ def check_float(
 
 def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
     if value not in choices:
-        raise ValueError(f"Invalid {name}: {value!r} (expected one of {', '.join(map(repr, choices))})")
+        raise ValueError(
+            f"Invalid {name}: {value!r} (expected one of {', '.join(map(repr, choices))})"
+        )
     return value

@@ -104,7 +104,9 @@ class FTComm(Comm):
             self.manager.report_error(exc)
             raise ReplicaGroupFailure(f"{what} over the replicate axis failed: {exc}") from exc
         if self.manager.errored() is not None:
-            raise ReplicaGroupFailure(f"{what} over the replicate axis failed: {self.manager.errored()}")
+            raise ReplicaGroupFailure(
+                f"{what} over the replicate axis failed: {self.manager.errored()}"
+            )
 
     def all_reduce_mean(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         if not tensors:
@@ -202,7 +204,11 @@ def _like_params(sd: dict[str, Any], opt: torch.optim.Optimizer) -> dict[str, An
         if not isinstance(p, DTensor):
             continue
         for key, value in entry.items():
-            if isinstance(value, torch.Tensor) and value.shape == p.to_local().shape and value.dim():
+            if (
+                isinstance(value, torch.Tensor)
+                and value.shape == p.to_local().shape
+                and value.dim()
+            ):
                 entry[key] = DTensor.from_local(
                     value, p.device_mesh, p.placements, shape=p.shape, stride=p.stride()
                 )

@@ -111,11 +111,17 @@ def check_replicas(
     if node_group is None and isinstance(optimizer, DecoupledOptimizer):
         node_group = optimizer.node_group
     named = shared_tensors(model, optimizer)
-    digests = torch.stack([tensor_digest(t) for _, t in named]) if named else torch.zeros(0, dtype=torch.int64)
+    digests = (
+        torch.stack([tensor_digest(t) for _, t in named])
+        if named
+        else torch.zeros(0, dtype=torch.int64)
+    )
     rows = [tuple(d.tolist()) for (d,) in comm.all_gather([digests])]
     source = majority(rows)
     here = [node for node, row in enumerate(rows) if row != rows[source]]
-    differing = sorted({named[i][0] for node in here for i in _differences(rows[node], rows[source])})
+    differing = sorted(
+        {named[i][0] for node in here for i in _differences(rows[node], rows[source])}
+    )
     # every node holds one rank of each replicate group, so every rank gets the same union
     diverged = _union_over_node(here, len(rows), node_group, digests.device)
     result = ReplicaCheck(diverged=diverged, tensors=differing, source=source if diverged else None)

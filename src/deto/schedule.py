@@ -26,7 +26,8 @@ class SyncSchedule:
             raise ValueError(f"Invalid every: {self.every} (must be >= 1)")
         if self.skip_every < 0 or self.skip_every == 1:
             raise ValueError(
-                f"Invalid skip_every: {self.skip_every} (0 disables skipping; 1 would skip every step)"
+                f"Invalid skip_every: {self.skip_every} "
+                "(0 disables skipping; 1 would skip every step)"
             )
         if self.offset < 0:
             raise ValueError(f"Invalid offset: {self.offset} (must be >= 0)")

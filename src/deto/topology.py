@@ -61,12 +61,17 @@ class Topology:
         try:
             world = int(os.environ["WORLD_SIZE"])
         except (KeyError, ValueError):
-            raise ValueError("WORLD_SIZE is not set: launch with torchrun or use Topology(...)") from None
+            raise ValueError(
+                "WORLD_SIZE is not set: launch with torchrun or use Topology(...)"
+            ) from None
         per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
         if per_node < 1 or world % per_node:
             raise ValueError(f"WORLD_SIZE={world} is not a multiple of LOCAL_WORLD_SIZE={per_node}")
         return cls(
-            nodes=world // per_node, ranks_per_node=per_node, device=device, timeout=timeout_from_env()
+            nodes=world // per_node,
+            ranks_per_node=per_node,
+            device=device,
+            timeout=timeout_from_env(),
         )
 
     @property

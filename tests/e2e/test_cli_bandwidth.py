@@ -24,18 +24,22 @@ pytestmark = [
     ),
 ]
 
-TINY = ["--nodes", "2", "--ranks-per-node", "1", "--steps", "4", "--eval-every", "2", "--d-model", "32",
-        "--layers", "1", "--seq-len", "32", "--batch-size", "4", "--eval-samples", "16"]
+TINY = ["--nodes", "2", "--ranks-per-node", "1", "--steps", "4", "--eval-every", "2",
+        "--d-model", "32", "--layers", "1", "--seq-len", "32", "--batch-size", "4",
+        "--eval-samples", "16"]
 
 
 def _namespaces() -> str:
-    return subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+    return subprocess.run(
+        ["ip", "netns", "list"], capture_output=True, text=True, check=True
+    ).stdout
 
 
 def test_shaped_run_limits_the_link_and_removes_its_namespaces(tmp_path):
     out = tmp_path / "run"
     proc = subprocess.run(
-        [sys.executable, "-m", "deto", "train", "--bandwidth", "20mbit", "--out", str(out), "-q", *TINY],
+        [sys.executable, "-m", "deto", "train", "--bandwidth", "20mbit", "--out", str(out), "-q",
+         *TINY],
         capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -50,11 +54,14 @@ def test_shaped_run_limits_the_link_and_removes_its_namespaces(tmp_path):
 
 def test_bandwidth_needs_two_nodes(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "deto", "train", "--bandwidth", "20mbit", "--nodes", "1", "--out", str(tmp_path)],
+        [sys.executable, "-m", "deto", "train", "--bandwidth", "20mbit", "--nodes", "1",
+         "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=60,
     )
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1] == "deto train: error: --bandwidth needs at least 2 nodes, got 1"
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "deto train: error: --bandwidth needs at least 2 nodes, got 1"
+    )
 
 
 def test_bad_bandwidth_is_a_usage_error(tmp_path):
@@ -83,7 +90,8 @@ def test_sigterm_stops_every_node_and_removes_the_namespaces(tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "deto", "train", "--bandwidth", "20mbit", "--out", str(out), "-q",
          *TINY[:4], "--steps", "100000", *TINY[6:]],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     deadline = time.monotonic() + 180
     while not (out / "metrics.jsonl").exists():  # training has started on every rank

@@ -23,7 +23,9 @@ TIMEOUT_S = 240
 
 
 def deto(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")}
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
+    }
     env["OMP_NUM_THREADS"] = "1"
     return subprocess.run(
         [sys.executable, "-m", "deto", *args], capture_output=True, text=True, env=env, cwd=cwd,
@@ -48,7 +50,9 @@ REQUIRED = (
 
 def check_common(s: dict, out: Path, scheme: str, nodes: int, per_node: int) -> None:
     assert set(REQUIRED) <= set(s)
-    assert (s["scheme"], s["nodes"], s["ranks_per_node"], s["steps"]) == (scheme, nodes, per_node, 6)
+    assert (s["scheme"], s["nodes"], s["ranks_per_node"], s["steps"]) == (
+        scheme, nodes, per_node, 6
+    )
     assert s["params"] > 0 and math.isfinite(s["final_val_loss"])
     assert [step for step, _ in s["val_loss"]] == [3, 6]
     assert s["val_loss"][-1][1] == s["final_val_loss"]
@@ -82,7 +86,9 @@ def test_hsdp_baseline(tmp_path) -> None:
 
 def test_diloco_and_none_promise_no_identical_replicas(tmp_path) -> None:
     # 6 steps, H=4: the run ends between synchronisations
-    s = train(tmp_path / "diloco", "--scheme", "diloco", "--every", "4", "--ranks-per-node", "1", *TINY_LM)
+    s = train(
+        tmp_path / "diloco", "--scheme", "diloco", "--every", "4", "--ranks-per-node", "1", *TINY_LM
+    )
     check_common(s, tmp_path / "diloco", "diloco", 2, 1)
     assert s["replicas_identical"] is None
     assert 0 < s["inter_node_bytes_sent_per_step"] < s["full_sync_bytes_per_step"]
@@ -125,12 +131,16 @@ def test_bad_input_exits_2_with_one_line() -> None:
     # (more bad inputs, in-process: tests/unit/test_train_cli.py)
     proc = deto("train", "--ranks-per-node", "0")
     assert proc.returncode == 2
-    assert proc.stderr.strip() == "deto train: error: Invalid ranks_per_node: 0 (must be an integer >= 1)"
+    assert proc.stderr.strip() == (
+        "deto train: error: Invalid ranks_per_node: 0 (must be an integer >= 1)"
+    )
     assert proc.stdout == ""
 
 
 def test_ctrl_c_stops_every_rank(tmp_path) -> None:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")}
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
+    }
     env["OMP_NUM_THREADS"] = "1"
     argv = [
         sys.executable, "-m", "deto", "train", "--out", str(tmp_path), "--steps", "100000",

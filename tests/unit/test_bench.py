@@ -31,17 +31,30 @@ def test_time_to_target_interpolates_the_crossing_between_evaluations():
     assert bench.time_to_target(records, 1.0) is None
 
 
-def _fake_run(out: Path, scheme: str, *, val: list[list[float]], step_time: float, sent: float, seconds_per_step: float) -> None:
+def _fake_run(
+    out: Path,
+    scheme: str,
+    *,
+    val: list[list[float]],
+    step_time: float,
+    sent: float,
+    seconds_per_step: float,
+) -> None:
     out.mkdir(parents=True)
     steps = int(val[-1][0])
-    records = [{"step": s, "val_loss": v, "wall_time_s": s * seconds_per_step, "inter_node_bytes_sent_total": s * sent}
-               for s, v in val]
+    records = [
+        {"step": s, "val_loss": v, "wall_time_s": s * seconds_per_step,
+         "inter_node_bytes_sent_total": s * sent}
+        for s, v in val
+    ]
     (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     summary = {
-        "scheme": scheme, "task": "lm", "nodes": 2, "ranks_per_node": 2, "steps": steps, "params": 1000,
+        "scheme": scheme, "task": "lm", "nodes": 2, "ranks_per_node": 2, "steps": steps,
+        "params": 1000,
         "final_val_loss": val[-1][1], "val_loss": val, "step_time_s_median": step_time,
         "inter_node_bytes_sent_per_step": sent, "full_sync_bytes_per_step": 4000.0,
-        "replicas_identical": None if scheme == "none" else True, "wall_time_s": steps * seconds_per_step,
+        "replicas_identical": None if scheme == "none" else True,
+        "wall_time_s": steps * seconds_per_step,
         "link": None, "versions": {"torch": "x"}, "git_sha": "abc", "config": {"seed": 0},
     }
     (out / "summary.json").write_text(json.dumps(summary))
@@ -50,7 +63,9 @@ def _fake_run(out: Path, scheme: str, *, val: list[list[float]], step_time: floa
 def test_run_bench_writes_results_report_and_plots(tmp_path):
     fakes = {
         "hsdp": dict(val=[[10, 3.0], [20, 2.0]], step_time=1.0, sent=4000.0, seconds_per_step=1.0),
-        "flexdemo": dict(val=[[10, 2.9], [20, 2.05]], step_time=0.2, sent=20.0, seconds_per_step=0.2),
+        "flexdemo": dict(
+            val=[[10, 2.9], [20, 2.05]], step_time=0.2, sent=20.0, seconds_per_step=0.2
+        ),
         "none": dict(val=[[10, 3.5], [20, 3.0]], step_time=0.19, sent=0.0, seconds_per_step=0.19),
     }
     calls = []
@@ -61,8 +76,8 @@ def test_run_bench_writes_results_report_and_plots(tmp_path):
         _fake_run(out, argv[argv.index("--scheme") + 1], **fakes[argv[argv.index("--scheme") + 1]])
         return 0
 
-    cfg = bench.BenchConfig(schemes=("hsdp", "flexdemo", "none"), bandwidths=("100mbit",), out=tmp_path,
-                            train_args=("--steps", "20"))
+    cfg = bench.BenchConfig(schemes=("hsdp", "flexdemo", "none"), bandwidths=("100mbit",),
+                            out=tmp_path, train_args=("--steps", "20"))
     results = bench.run_bench(cfg, runner=runner)
     assert [c[c.index("--scheme") + 1] for c in calls] == ["hsdp", "flexdemo", "none"]
     assert all(c[-2:] == ["--bandwidth", "100mbit"] and "--steps" in c for c in calls)
@@ -87,7 +102,10 @@ def test_run_bench_writes_results_report_and_plots(tmp_path):
         "(a scheme learning like hsdp at none's s/step: 0.19)"
     )
     report = (tmp_path / "report.md").read_text()
-    assert f"| flexdemo | 2.0500 | {flex_t:.1f} | {flex_t / 15:.2f} |" in report and "not reached" in report
+    assert (
+        f"| flexdemo | 2.0500 | {flex_t:.1f} | {flex_t / 15:.2f} |" in report
+        and "not reached" in report
+    )
     for name in ("results.json", "val_loss_vs_time.png", "val_loss_vs_bytes.png", "step_time.png"):
         assert (tmp_path / name).stat().st_size > 0
 
@@ -140,9 +158,15 @@ def test_bench_passes_arguments_after_the_separator_to_every_run(tmp_path, monke
         return {"runs": []}
 
     monkeypatch.setattr(bench, "run_bench", fake)
-    assert cli.main(["bench", "--schemes", "hsdp,none", "--out", str(tmp_path / "b"), "--", "--steps", "5"]) == 0
+    assert cli.main(
+        ["bench", "--schemes", "hsdp,none", "--out", str(tmp_path / "b"), "--", "--steps", "5"]
+    ) == 0
     cfg = seen["cfg"]
-    assert cfg.schemes == ("hsdp", "none") and cfg.bandwidths == (None,) and cfg.train_args == ("--steps", "5")
+    assert (
+        cfg.schemes == ("hsdp", "none")
+        and cfg.bandwidths == (None,)
+        and cfg.train_args == ("--steps", "5")
+    )
 
 
 def _seeded_runner(fakes: dict[tuple[str, int], dict]):

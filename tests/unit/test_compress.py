@@ -69,7 +69,9 @@ def test_blocks_round_trip(shape, chunk, mode):
     x = torch.randn(shape, dtype=torch.float64)
     layout = make_layout(x.shape, chunk, mode)
     blocks = to_blocks(x, layout)
-    assert blocks.shape == (layout.num_blocks, layout.block_rows, layout.block_cols) or x.numel() == 0
+    assert (
+        blocks.shape == (layout.num_blocks, layout.block_rows, layout.block_cols) or x.numel() == 0
+    )
     if x.numel():
         assert torch.equal(from_blocks(blocks, layout), x)
         assert torch.allclose(idct_blocks(dct_blocks(blocks)), blocks, atol=1e-12)
@@ -123,20 +125,29 @@ def test_topk_rejects_bad_k():
 
 
 def test_index_bits_address_the_whole_block():
-    assert [index_bits(m) for m in (1, 2, 3, 64, 65, 1024, 4096, 4097)] == [1, 1, 2, 6, 7, 10, 12, 13]
+    assert [index_bits(m) for m in (1, 2, 3, 64, 65, 1024, 4096, 4097)] == [
+        1, 1, 2, 6, 7, 10, 12, 13
+    ]
     with pytest.raises(ValueError, match="block size"):
         index_bits(0)
     idx = torch.randperm(4096).view(1, -1)
     packed = pack_bits(idx, index_bits(4096))
-    assert torch.equal(unpack_bits(packed, 12, 4096).view(1, -1), idx)  # the top of the range survives
+    # the top of the range survives
+    assert torch.equal(unpack_bits(packed, 12, 4096).view(1, -1), idx)
 
 
 @settings(max_examples=80, deadline=None)
 @given(st.integers(1, 31), st.integers(0, 70), st.data())
 def test_pack_bits_round_trip_and_size(bits, n, data):
-    values = torch.tensor(data.draw(st.lists(st.integers(0, 2**bits - 1), min_size=n, max_size=n)), dtype=torch.int64)
+    values = torch.tensor(
+        data.draw(st.lists(st.integers(0, 2**bits - 1), min_size=n, max_size=n)),
+        dtype=torch.int64,
+    )
     packed = pack_bits(values, bits)
-    assert packed.dtype == torch.uint8 and packed.numel() == packed_nbytes(n, bits) == math.ceil(n * bits / 8)
+    assert (
+        packed.dtype == torch.uint8
+        and packed.numel() == packed_nbytes(n, bits) == math.ceil(n * bits / 8)
+    )
     assert torch.equal(unpack_bits(packed, bits, n), values)
 
 

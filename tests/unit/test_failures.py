@@ -34,8 +34,13 @@ GLOO_CLOSED = (
         ("RuntimeError: Read error [127.0.0.1]:1: Connection reset by peer", PEER_GONE),
         (FloatingPointError("Non-finite gradient at step 3"), NONFINITE),
         (OSError(errno.ENOSPC, "No space left on device"), DISK_FULL),
-        (RuntimeError("[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed "
-                      "writing file data/0: file write failed: No space left on device"), DISK_FULL),
+        (
+            RuntimeError(
+                "[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed "
+                "writing file data/0: file write failed: No space left on device"
+            ),
+            DISK_FULL,
+        ),
         (KeyError("step"), OTHER),
     ],
 )

@@ -16,7 +16,9 @@ def test_collectives_match_their_definitions_and_count_ring_bytes():
     def node(comm: deto.Comm) -> dict:
         r = float(comm.rank)
         mean = comm.all_reduce_mean([torch.full((4,), r), torch.full((2, 3), 10 * r)])
-        gathered = comm.all_gather([torch.tensor([comm.rank], dtype=torch.int16), torch.ones(2) * r])
+        gathered = comm.all_gather(
+            [torch.tensor([comm.rank], dtype=torch.int16), torch.ones(2) * r]
+        )
         mine = torch.full((5,), r)
         comm.broadcast([mine], src=2)
         return {"mean": mean, "gathered": gathered, "bcast": mine, "stats": comm.take_stats()}

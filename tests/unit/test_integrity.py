@@ -73,7 +73,10 @@ def test_whole_checkpoint_verifies_and_is_chosen(run: Path) -> None:
     [
         (lambda p: truncate(distcp(p)), r"__0_0.distcp has \d+ bytes, \d+ were written"),
         (lambda p: (p / ".metadata").unlink(), r"\.metadata is missing"),
-        (lambda p: (p / COMPLETE).write_text(json.dumps({"world_size": 2})), "COMPLETE marker has no step"),
+        (
+            lambda p: (p / COMPLETE).write_text(json.dumps({"world_size": 2})),
+            "COMPLETE marker has no step",
+        ),
         (lambda p: (p / COMPLETE).write_text("{"), "unreadable COMPLETE marker"),
         (lambda p: truncate(p / "rank00001.pt"), r"rank00001.pt has \d+ bytes"),
         (lambda p: (p / "rank00000.pt").unlink(), "rank00000.pt is missing"),
@@ -110,7 +113,9 @@ def test_no_usable_checkpoint_is_one_line(run: Path) -> None:
 
 def test_a_named_damaged_checkpoint_is_an_error(run: Path) -> None:
     truncate(newest(run) / "rank00000.pt")
-    with pytest.raises(CheckpointError, match=r"Checkpoint .*step_00000020 is damaged: .*rank00000.pt"):
+    with pytest.raises(
+        CheckpointError, match=r"Checkpoint .*step_00000020 is damaged: .*rank00000.pt"
+    ):
         select_checkpoint(newest(run))
 
 

@@ -112,7 +112,9 @@ def test_deferred_gradients_rest_then_travel_together():
 
     out = on_nodes(node)
     for start, rested, first_bytes, _, final in out:
-        assert first_bytes == 0 and all(torch.equal(a, b) for a, b in zip(start, rested, strict=True))
+        assert first_bytes == 0 and all(
+            torch.equal(a, b) for a, b in zip(start, rested, strict=True)
+        )
         for i, (b, a) in enumerate(zip(start, final, strict=True)):
             total = sum(o[3][0][i] + o[3][1][i] for o in out) / 2
             assert torch.allclose(a, b - LR * total, atol=1e-6)
@@ -123,7 +125,9 @@ def test_a_nonfinite_gradient_on_one_node_raises_on_every_node(replicator):
     def node(comm):
         model = make_model()
         name, _, values = replicator.partition("-")
-        rep = deto.make_replicator(name, **({"topk": 4, "chunk": 8, "values": values} if values else {}))
+        rep = deto.make_replicator(
+            name, **({"topk": 4, "chunk": 8, "values": values} if values else {})
+        )
         opt = make_optimizer(model, rep, comm)
         backward(model, 0, comm.rank)
         if comm.rank == 1:

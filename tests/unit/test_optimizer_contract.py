@@ -175,7 +175,9 @@ def test_dcp_state_dict_functions_round_trip_bitwise(replicators, flatten):
 
     model2, opt2 = make(factory())
     get_state_dict(model2, opt2, options=options)  # the template, as a DCP load takes it
-    set_state_dict(model2, opt2, model_state_dict=model_sd, optim_state_dict=optim_sd, options=options)
+    set_state_dict(
+        model2, opt2, model_state_dict=model_sd, optim_state_dict=optim_sd, options=options
+    )
     assert opt2.step_count == 3
     for s in range(3, 7):
         step(model, opt, s)

@@ -34,7 +34,10 @@ def test_orphans_split_by_namespace_and_kind() -> None:
 
 
 def test_stop_pids_ends_a_process_that_ignores_sigterm() -> None:
-    code = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print(1, flush=True); time.sleep(600)"
+    code = (
+        "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+        "print(1, flush=True); time.sleep(600)"
+    )
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
     assert proc.stdout is not None and proc.stdout.readline()
     assert "signal.SIG_IGN" in (read_cmdline(proc.pid) or "")

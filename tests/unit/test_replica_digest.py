@@ -8,7 +8,9 @@ import torch
 from deto.replicas import majority, tensor_digest
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64, torch.int8, torch.bool])
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.bfloat16, torch.float64, torch.int8, torch.bool]
+)
 def test_digest_changes_with_any_single_element(dtype: torch.dtype) -> None:
     t = (torch.arange(40) % 3).to(dtype).reshape(5, 8)
     base = tensor_digest(t)

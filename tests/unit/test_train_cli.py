@@ -87,13 +87,17 @@ def test_a_failed_rank_is_reported_in_one_line() -> None:
     from deto.train.elastic import _failure_message, _failure_traceback
 
     raised = SimpleNamespace(
-        message={"message": "ValueError: bad\nthing", "extraInfo": {"py_callstack": "Traceback ..."}},
+        message={
+            "message": "ValueError: bad\nthing", "extraInfo": {"py_callstack": "Traceback ..."}
+        },
         exitcode=1,
         error_file_data={"message": "..."},
     )
     assert _failure_message(raised) == "ValueError: bad"
     assert _failure_traceback(raised) == "Traceback ..."
-    killed = SimpleNamespace(message="Signal 9 (SIGKILL) received by PID 7", exitcode=-9, error_file_data={})
+    killed = SimpleNamespace(
+        message="Signal 9 (SIGKILL) received by PID 7", exitcode=-9, error_file_data={}
+    )
     assert _failure_message(killed) == "killed by SIGKILL"
     exited = SimpleNamespace(message="To enable traceback see: ...", exitcode=3, error_file_data={})
     assert _failure_message(exited) == "see the messages above"

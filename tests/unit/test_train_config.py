@@ -1,4 +1,7 @@
-"""``deto train`` configuration: presets, precedence, validation with the bad value in the message."""
+(
+    """``deto train`` configuration: presets, precedence, validation with the bad value """
+    """in the message."""
+)
 
 from __future__ import annotations
 
@@ -64,7 +67,10 @@ def test_changing_the_optimizer_changes_the_default_lr() -> None:
         ({"sign": "yes"}, "Invalid sign: 'yes'"),
         ({"d_model": 30, "heads": 4}, "Invalid heads: 4"),
         ({"topk": 100, "chunk": 8}, "Invalid topk: 100"),
-        ({"scheme": "demo", "ranks_per_node": 2}, "Invalid topology: scheme 'demo' needs ranks_per_node=1"),
+        (
+            {"scheme": "demo", "ranks_per_node": 2},
+            "Invalid topology: scheme 'demo' needs ranks_per_node=1",
+        ),
         ({"scheme": "hsdp", "topk": 8}, "--topk does not apply to scheme 'hsdp'"),
         ({"scheme": "flexdemo", "outer_lr": 0.5}, "--outer-lr does not apply to scheme 'flexdemo'"),
         ({"scheme": "hsdp", "sign": True}, "--sign does not apply to scheme 'hsdp'"),

@@ -58,12 +58,16 @@ def test_real_stdlib_is_found() -> None:
 
 
 def test_unigram_entropy_in_nats() -> None:
-    assert data.unigram_entropy(torch.arange(256, dtype=torch.uint8)) == pytest.approx(math.log(256))
+    assert data.unigram_entropy(torch.arange(256, dtype=torch.uint8)) == pytest.approx(
+        math.log(256)
+    )
     assert data.unigram_entropy(torch.full((10,), 7, dtype=torch.uint8)) == pytest.approx(0.0)
     two = torch.tensor([1, 2] * 50, dtype=torch.uint8)
     assert data.unigram_entropy(two) == pytest.approx(math.log(2))
     skew = torch.tensor([0] * 3 + [1], dtype=torch.uint8)
-    assert data.unigram_entropy(skew) == pytest.approx(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25)))
+    assert data.unigram_entropy(skew) == pytest.approx(
+        -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))
+    )
 
 
 def test_batches_are_a_function_of_seed_step_and_rank() -> None:

@@ -44,7 +44,9 @@ def test_span_batches_have_fixed_shapes_and_a_shifted_decoder_input() -> None:
     windows = torch.randint(0, 256, (3, 16), generator=torch.Generator().manual_seed(1))
     gen = torch.Generator().manual_seed(2)
     x, y = spans.seq2seq_batch(windows, [gen] * 3)
-    assert x.shape == (3, layout.source_len + layout.target_len) and y.shape == (3, layout.target_len)
+    assert (
+        x.shape == (3, layout.source_len + layout.target_len) and y.shape == (3, layout.target_len)
+    )
     decoder = x[:, layout.source_len :]
     assert (decoder[:, 0] == spans.PAD).all() and torch.equal(decoder[:, 1:], y[:, :-1])
     again, _ = spans.seq2seq_batch(windows, [torch.Generator().manual_seed(2)] * 3)

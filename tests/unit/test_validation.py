@@ -33,7 +33,10 @@ from deto.replicators import build_replicators
         (lambda: deto.Topology(nodes=0), "Invalid nodes: 0"),
         (lambda: deto.Topology(nodes=2, ranks_per_node=0), "Invalid ranks_per_node: 0"),
         (lambda: deto.Topology(nodes=2, device="tpu"), "Invalid device: 'tpu'"),
-        (lambda: deto.make_replicator("diloko"), "Unknown replicator: 'diloko' \\(valid: demo, diloco"),
+        (
+            lambda: deto.make_replicator("diloko"),
+            "Unknown replicator: 'diloko' \\(valid: demo, diloco",
+        ),
         (lambda: build_replicators([], {}), "empty"),
         (lambda: build_replicators(["demo", "full"], {"topk": 3}), "exactly one replicator"),
     ],

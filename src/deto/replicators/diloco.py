@@ -60,7 +60,9 @@ class DiLoCo(ParamReplicator):
     def after_step(self, comm: Comm) -> None:
         anchors = [st["anchor"] for st in self.state]
         locals_ = [s.local for s in self.slots]
-        pseudo = comm.all_reduce_mean([a - p.float() for a, p in zip(anchors, locals_, strict=True)])
+        pseudo = comm.all_reduce_mean(
+            [a - p.float() for a, p in zip(anchors, locals_, strict=True)]
+        )
         mu = self.outer_momentum
         for st, g, p in zip(self.state, pseudo, locals_, strict=True):
             update = g

@@ -50,7 +50,13 @@ STRUCTURAL = (
 """Keys a resumed run must share with its checkpoint (they shape the saved state)."""
 
 
-def _f(default: Any, help: str, *, choices: tuple[str, ...] | None = None, meta: str | None = None) -> Any:
+def _f(
+    default: Any,
+    help: str,
+    *,
+    choices: tuple[str, ...] | None = None,
+    meta: str | None = None,
+) -> Any:
     return field(default=default, metadata={"help": help, "choices": choices, "metavar": meta})
 
 
@@ -62,7 +68,9 @@ class TrainConfig:
     replicator's own default" for replicator options after it.
     """
 
-    scheme: str = _f(DEFAULT_SCHEME, "replication scheme preset (see below)", choices=tuple(PRESETS))
+    scheme: str = _f(
+        DEFAULT_SCHEME, "replication scheme preset (see below)", choices=tuple(PRESETS)
+    )
     task: str = _f("lm", "lm: byte-level GPT on the Python standard library's sources; "
                    "vision: small ViT on scikit-learn's 8x8 digits (default: --model's task)",
                    choices=TASKS)
@@ -87,12 +95,16 @@ class TrainConfig:
                           "or constant", choices=LR_SCHEDULES)
     grad_clip: float = _f(0.0, "clip the node's gradient norm to this (0: off)", meta="NORM")
     replicator: Options | None = None  # the scheme's options, see KNOBS (None: the preset's)
-    eval_every: int = _f(50, "evaluate on the validation split every N steps (and at the end)", meta="N")
+    eval_every: int = _f(
+        50, "evaluate on the validation split every N steps (and at the end)", meta="N"
+    )
     eval_samples: int = _f(256, "validation windows of --seq-len bytes (lm)", meta="N")
     log_every: int = _f(10, "write a metrics line every N steps", meta="N")
     seed: int = _f(0, "seed of the model's initialisation and of the batches", meta="N")
     out: str = _f(None, "output directory (default: runs/<timestamp>-<scheme>)", meta="DIR")
-    checkpoint_every: int = _f(0, "save a checkpoint every N steps and at the end (0: never)", meta="N")
+    checkpoint_every: int = _f(
+        0, "save a checkpoint every N steps and at the end (0: never)", meta="N"
+    )
     resume: str = _f(None, "continue from a checkpoint, or the newest whole one in a run "
                      "directory; auto: the newest in --out if there is one", meta="DIR")
     max_restarts: int = _f(0, "restart the ranks up to N times after a failure, from the newest "
@@ -136,7 +148,9 @@ class TrainConfig:
         if self.model == "t5" and self.seq_len < 2:
             raise ValueError(f"Invalid seq_len: {self.seq_len} (span corruption needs >= 2 bytes)")
         if self.d_model is not None and self.heads is not None and self.d_model % self.heads:
-            raise ValueError(f"Invalid heads: {self.heads} (d_model={self.d_model} is not divisible by it)")
+            raise ValueError(
+                f"Invalid heads: {self.heads} (d_model={self.d_model} is not divisible by it)"
+            )
         if self.stop_at is not None and self.steps is not None and self.stop_at > self.steps:
             raise ValueError(f"Invalid stop_at: {self.stop_at} (after the last step, {self.steps})")
 
@@ -196,9 +210,15 @@ def _check_field(f: dataclasses.Field[Any], value: Any) -> None:
             raise ValueError(f"Invalid {name}: {value!r} (must be an integer >= {_INT_MIN[name]})")
     elif name in _FLOAT_RANGE:
         low, high, low_open, high_open = _FLOAT_RANGE[name]
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+        ok = (
+            isinstance(value, (int, float))
+            and not isinstance(value, bool)
+            and not math.isnan(value)
+        )
         if ok:
-            ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+            ok = (value > low if low_open else value >= low) and (
+                value < high if high_open else value <= high
+            )
         if not ok:
             interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
             raise ValueError(f"Invalid {name}: {value!r} (must be a number in {interval})")
@@ -295,7 +315,9 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     for key, value in raw.items():
         name = key.replace("-", "_")
         if isinstance(value, dict):
-            raise ValueError(f"Invalid [{key}] in {path}: tables are not allowed (the file is flat)")
+            raise ValueError(
+                f"Invalid [{key}] in {path}: tables are not allowed (the file is flat)"
+            )
         if name not in KEYS:
             raise ValueError(f"Unknown key in {path}: {key!r} (valid: {', '.join(KEYS)})")
         out[name] = value

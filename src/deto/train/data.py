@@ -65,8 +65,13 @@ class TextCorpus:
     source: str
 
 
-def load_stdlib_corpus(root: Path | None = None, *, val_fraction: float = VAL_FRACTION) -> TextCorpus:
-    """Read the standard library sources into a :class:`TextCorpus` (files joined by blank lines)."""
+def load_stdlib_corpus(
+    root: Path | None = None, *, val_fraction: float = VAL_FRACTION
+) -> TextCorpus:
+    (
+        """Read the standard library sources into a :class:`TextCorpus` """
+        """(files joined by blank lines)."""
+    )
     parts: dict[bool, list[bytes]] = {False: [], True: []}
     digest = hashlib.sha256()
     files = stdlib_files(root)
@@ -120,7 +125,9 @@ def eval_windows(data: torch.Tensor, seq_len: int, count: int) -> torch.Tensor:
     """``count`` evenly spaced start offsets of validation windows (no randomness)."""
     last = data.numel() - seq_len - 1
     if last < 0:
-        raise ValueError(f"Validation text of {data.numel()} bytes is too short for seq_len={seq_len}")
+        raise ValueError(
+            f"Validation text of {data.numel()} bytes is too short for seq_len={seq_len}"
+        )
     return torch.linspace(0, last, count).round().long()
 
 

@@ -60,7 +60,10 @@ OTHER = Cause("error", "", "run with -v for the traceback")
 
 _PATTERNS: list[tuple[re.Pattern[str], Cause]] = [
     (re.compile(r"timed out|timeout", re.I), TIMEOUT),
-    (re.compile(r"connection (closed|reset) by peer|broken pipe|connection refused", re.I), PEER_GONE),
+    (
+        re.compile(r"connection (closed|reset) by peer|broken pipe|connection refused", re.I),
+        PEER_GONE,
+    ),
     (re.compile(r"non-finite|nan or inf|FloatingPointError", re.I), NONFINITE),
     (re.compile(r"no space left on device|ENOSPC", re.I), DISK_FULL),
     (re.compile(r"out of memory|OutOfMemoryError|Cannot allocate memory", re.I), OUT_OF_MEMORY),

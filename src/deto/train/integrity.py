@@ -79,7 +79,9 @@ def read_marker(directory: Path) -> dict[str, Any]:
     try:
         marker = json.loads((directory / COMPLETE).read_text())
     except FileNotFoundError:
-        raise CheckpointError(f"{directory.name}: no {COMPLETE} marker (the save did not finish)") from None
+        raise CheckpointError(
+            f"{directory.name}: no {COMPLETE} marker (the save did not finish)"
+        ) from None
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{directory.name}: unreadable {COMPLETE} marker ({exc})") from None
     if not isinstance(marker, dict) or not isinstance(marker.get("step"), int):
@@ -113,7 +115,9 @@ def _check_manifest(directory: Path, manifest_path: Path) -> list[str]:
             continue
         size = path.stat().st_size
         if size != expected["size"]:
-            found.append(f"{directory.name}: {name} has {size} bytes, {expected['size']} were written")
+            found.append(
+                f"{directory.name}: {name} has {size} bytes, {expected['size']} were written"
+            )
         elif sha256_file(path) != expected["sha256"]:
             found.append(f"{directory.name}: {name} does not match its checksum")
     return found

@@ -75,7 +75,11 @@ def init_weights(model: nn.Module, layers: int) -> None:
     """GPT-2 style: N(0, 0.02), residual projections scaled by 1/sqrt(2 * layers), zero biases."""
     for name, p in model.named_parameters():
         if p.dim() >= 2 or name.endswith(("pos", "cls")):
-            std = 0.02 / math.sqrt(2 * layers) if name.endswith(("proj.weight", "out.weight")) else 0.02
+            std = (
+                0.02 / math.sqrt(2 * layers)
+                if name.endswith(("proj.weight", "out.weight"))
+                else 0.02
+            )
             nn.init.normal_(p, std=std)
         elif name.endswith("bias"):
             nn.init.zeros_(p)

@@ -84,7 +84,11 @@ def tensorboard_sink(log_dir: Path) -> TensorBoardSink | None:
 def versions() -> dict[str, str]:
     import deto
 
-    return {"python": platform.python_version(), "torch": torch.__version__, "deto": deto.__version__}
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "deto": deto.__version__,
+    }
 
 
 def git_sha(where: Path | None = None) -> str | None:
@@ -135,12 +139,16 @@ def plot_losses(
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), constrained_layout=True)
     ax = axes[0]
     if train:
-        ax.plot([r["step"] for r in train], [r["train_loss"] for r in train], color="0.7", label="train")
+        ax.plot(
+            [r["step"] for r in train], [r["train_loss"] for r in train], color="0.7", label="train"
+        )
     ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation")
     ax.set_xlabel("step")
     axes[1].plot([r["wall_time_s"] for r in val], [r["val_loss"] for r in val], "o-")
     axes[1].set_xlabel("wall-clock time (s)")
-    axes[2].plot([r["inter_node_bytes_sent_total"] / 1e6 for r in val], [r["val_loss"] for r in val], "o-")
+    axes[2].plot(
+        [r["inter_node_bytes_sent_total"] / 1e6 for r in val], [r["val_loss"] for r in val], "o-"
+    )
     axes[2].set_xlabel("cumulative inter-node MB sent per node")
     for ax in axes:
         if reference is not None:
@@ -180,10 +188,16 @@ def format_table(summary: Mapping[str, Any]) -> str:
     rows += [
         ("wall time", f"{summary['wall_time_s']:.1f} s"),
         ("step time (median)", f"{summary['step_time_s_median'] * 1000:.0f} ms"),
-        ("inter-node sent/step", _fmt_bytes(summary["inter_node_bytes_sent_per_step"]) + " per node"),
+        (
+            "inter-node sent/step",
+            _fmt_bytes(summary["inter_node_bytes_sent_per_step"]) + " per node",
+        ),
         ("full sync/step", _fmt_bytes(summary["full_sync_bytes_per_step"]) + " per node"),
         ("compression", f"{ratio:.1f}x" if ratio is not None else "-"),
-        ("replicas identical", {True: "yes", False: "NO", None: "n/a"}[summary["replicas_identical"]]),
+        (
+            "replicas identical",
+            {True: "yes", False: "NO", None: "n/a"}[summary["replicas_identical"]],
+        ),
         ("peak RSS/rank", f"{max(summary['peak_rss_mb_per_rank']):.0f} MB"),
     ]
     if summary.get("out"):

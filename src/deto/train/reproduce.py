@@ -583,7 +583,8 @@ def markdown(outcome: Mapping[str, Any]) -> str:
     for c in outcome["checks"]:
         result = c["status"] + (f": {c['note']}" if c["note"] else "")
         lines.append(
-            "| " + " | ".join([c["run"], c["what"], c["recorded"], c["now"], c["tolerance"], result])
+            "| "
+            + " | ".join([c["run"], c["what"], c["recorded"], c["now"], c["tolerance"], result])
             + " |"
         )
     lines += [""] + expected_differences(outcome["provenance_differences"]) + [""]
