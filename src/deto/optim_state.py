@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Placement, Replicate, Shard
 
@@ -51,6 +52,8 @@ def per_node(local: torch.Tensor, param: torch.Tensor, mesh: DeviceMesh | None) 
     """
     if mesh is None:
         return local
+    if isinstance(param, DTensor) and local.shape != param.to_local().shape:
+        return _per_rank_flat(local, mesh)
     if isinstance(param, DTensor):
         inner: list[Placement] = []
         for p in param.placements:
@@ -74,11 +77,35 @@ def per_node(local: torch.Tensor, param: torch.Tensor, mesh: DeviceMesh | None) 
     )
 
 
+def _per_rank_flat(local: torch.Tensor, mesh: DeviceMesh) -> DTensor:
+    """A buffer not shaped like its parameter's shard (DeMo's padded DCT coefficients) as a
+    ``(nodes, ranks per node, n)`` entry: one flat row per rank, zero-padded to the longest row
+    of the node (one tiny all-reduce inside the node), so DCP keeps every rank's own.
+
+    Unlike :func:`per_node`'s other entries it is a copy: it comes back through
+    :func:`from_saved`, which takes the row's first ``local.numel()`` values.
+    """
+    longest = torch.tensor([local.numel()], dtype=torch.int64, device=local.device)
+    dist.all_reduce(longest, op=dist.ReduceOp.MAX, group=mesh.get_group(1))
+    row = local.new_zeros(1, 1, int(longest.item()))
+    row[0, 0, : local.numel()] = local.reshape(-1)
+    shape = (mesh.size(0), mesh.size(1), row.shape[-1])
+    return DTensor.from_local(
+        row, mesh, [Shard(0), Shard(1)], run_check=False,
+        shape=torch.Size(shape), stride=_contiguous_stride(shape),
+    )
+
+
 def from_saved(value: torch.Tensor, buffer: torch.Tensor, what: str) -> torch.Tensor:
     """This rank's part of a saved entry made by :func:`per_node`, checked against ``buffer``."""
     local = value.to_local() if isinstance(value, DTensor) else value
+    flat_row = local.dim() == 3 and local.shape[:2] == (1, 1) and buffer.dim() != 2
     if isinstance(value, DTensor) and local.dim() == buffer.dim() + 1 and len(local) == 1:
         local = local[0]
+    if isinstance(value, DTensor) and local.shape != buffer.shape:  # :func:`_per_rank_flat`
+        row = local.reshape(-1) if flat_row or local.shape[0] == 1 else local
+        if row.dim() == 1 and row.numel() >= buffer.numel():
+            local = row[: buffer.numel()].view(buffer.shape)
     if local.shape != buffer.shape:
         raise ValueError(
             f"Saved {what} has shape {tuple(local.shape)}, this rank's buffer {tuple(buffer.shape)}"
