@@ -47,7 +47,9 @@ from deto.comm import (
 )
 from deto.compress.packing import pack, unpack
 from deto.optim import DecoupledOptimizer
+from deto.optim_state import is_deto_key
 from deto.replicators.base import local_tensor
+from deto.replicators.demo import DeMo
 
 try:
     from torchft import Manager, ProcessGroupGloo
@@ -177,10 +179,13 @@ def load_replica_state(
     opt.load_state_dict(_like_params(state["optimizer"], opt))
     if joining and isinstance(opt, DecoupledOptimizer):
         for rep in opt.replicators:
+            # DeMo's ``pending`` is the aggregate every node applies next (the peer's is this
+            # node's too); Full's is this node's own unsent gradient sum
+            own = ("delta",) if isinstance(rep, DeMo) else NODE_LOCAL_STATE
             for st in rep.state:
-                st.pop("pending", None)
-                if "delta" in st:
-                    st["delta"].zero_()
+                for key in own:
+                    if key in st:
+                        st[key].zero_()
 
 
 def _to_local(tree: Any) -> Any:
@@ -196,16 +201,15 @@ def _to_local(tree: Any) -> Any:
 def _like_params(sd: dict[str, Any], opt: torch.optim.Optimizer) -> dict[str, Any]:
     """Re-wrap the base optimizer's per-parameter state as DTensors where the parameter is one
     (a torch optimizer's state must match its parameter's type)."""
-    base_sd = sd["base"] if isinstance(opt, DecoupledOptimizer) else sd
-    base = opt.base if isinstance(opt, DecoupledOptimizer) else opt
-    params = [p for g in base.param_groups for p in g["params"]]
-    for index, entry in base_sd.get("state", {}).items():
+    params = [p for g in opt.param_groups for p in g["params"]]
+    for index, entry in sd.get("state", {}).items():
         p = params[int(index)]
         if not isinstance(p, DTensor):
             continue
         for key, value in entry.items():
             if (
-                isinstance(value, torch.Tensor)
+                not is_deto_key(key)  # deto's buffers load from local tensors as they are
+                and isinstance(value, torch.Tensor)
                 and value.shape == p.to_local().shape
                 and value.dim()
             ):

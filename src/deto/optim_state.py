@@ -100,9 +100,9 @@ def from_saved(value: torch.Tensor, buffer: torch.Tensor, what: str) -> torch.Te
     """This rank's part of a saved entry made by :func:`per_node`, checked against ``buffer``."""
     local = value.to_local() if isinstance(value, DTensor) else value
     flat_row = local.dim() == 3 and local.shape[:2] == (1, 1) and buffer.dim() != 2
-    if isinstance(value, DTensor) and local.dim() == buffer.dim() + 1 and len(local) == 1:
+    if local.dim() == buffer.dim() + 1 and len(local) == 1:  # a per-node entry, or its local
         local = local[0]
-    if isinstance(value, DTensor) and local.shape != buffer.shape:  # :func:`_per_rank_flat`
+    if local.shape != buffer.shape:  # a flat row of :func:`_per_rank_flat`
         row = local.reshape(-1) if flat_row or local.shape[0] == 1 else local
         if row.dim() == 1 and row.numel() >= buffer.numel():
             local = row[: buffer.numel()].view(buffer.shape)
