@@ -149,7 +149,7 @@ def config_differences(recorded: Mapping[str, Any], now: Mapping[str, Any]) -> l
     resolved per run (``None``: the model, a replicator knob) is not compared, since what the
     old code did there is not on record (a change it makes shows in the losses and bytes).
     """
-    from deto.train.config import FIELDS
+    from deto.train.config import FIELDS, KNOBS
 
     out = []
     for key, value in now.items():
@@ -157,6 +157,8 @@ def config_differences(recorded: Mapping[str, Any], now: Mapping[str, Any]) -> l
             continue
         if key in recorded:
             before = recorded[key]
+            if before is None and key in KNOBS:
+                continue  # recorded before knobs resolved: unset meant the replicator's default
         elif key in FIELDS and FIELDS[key].default is not None:
             before = FIELDS[key].default
         else:
