@@ -97,7 +97,11 @@ def test_sigterm_stops_every_node_and_removes_the_namespaces(tmp_path):
     while not (out / "metrics.jsonl").exists():  # training has started on every rank
         assert proc.poll() is None and time.monotonic() < deadline, "the run ended or never started"
         time.sleep(0.2)
-    ours = set(parse_netns_list(_namespaces())) - set(parse_netns_list(before))
+    # the run's own namespaces carry its PID (another shaped run may be going on meanwhile)
+    ours = {
+        ns for ns in set(parse_netns_list(_namespaces())) - set(parse_netns_list(before))
+        if ns.startswith(f"deto-{proc.pid}-")
+    }
     assert ours, "the run's namespaces were not found"
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 128 + signal.SIGTERM
