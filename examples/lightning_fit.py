@@ -25,7 +25,6 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
 import deto
-from deto.integrations._compat import shard
 from deto.integrations.lightning import DetoStrategy
 
 SEQ_LEN = 32
@@ -61,7 +60,7 @@ class ByteLM(pl.LightningModule):
         self.net = ByteTransformer()
 
     def configure_model(self) -> None:
-        shard(self.net, self.trainer.strategy.topology)  # FSDP2 over each node's ranks
+        deto.shard(self.net, self.trainer.strategy.topology)  # FSDP2 over each node's ranks
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], _: int) -> torch.Tensor:
         x, y = batch

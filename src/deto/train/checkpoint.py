@@ -4,9 +4,8 @@ A checkpoint is a directory ``<out>/checkpoints/step_<N>/`` holding:
 
 * a DCP checkpoint of ``{"model": ..., "optim": ...}`` as DCP's ``get_state_dict`` returns them,
   the same path any user of DCP takes (for deto's optimizer this holds the base optimizer's
-  state and the replicators' buffers and counters, see :mod:`deto.optim_state`). Nodes whose
-  replicas differ (``none``, DiLoCo between synchronisations, each node's DeMo ``delta``) must
-  each get their own state back, so every tensor is saved as one entry per node;
+  state and the replicators' buffers and counters, see :mod:`deto.optim_state`), saved one
+  entry per node by :mod:`deto.checkpoint`;
 * ``rank<r>.pt`` per rank: what only the trainer knows about the rank (its RNG state, the
   training loss since the last record);
 * ``trainer.json``: the history (metrics so far, timings, traffic) and the config;
@@ -27,11 +26,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor
-from torch.utils._pytree import tree_map
 
-from deto.optim_state import per_node
-from deto.replicators.base import local_tensor
+from deto.checkpoint import load_state, save_state
 from deto.topology import Topology
 from deto.train import report
 from deto.train.config import STRUCTURAL, TrainConfig
@@ -45,29 +41,6 @@ COMPLETE = "COMPLETE"
 
 def checkpoint_name(step: int) -> str:
     return f"step_{step:08d}"
-
-
-@torch.no_grad()
-def _one_entry_per_node(
-    state: dict[str, Any], topo: Topology
-) -> tuple[dict[str, Any], dict[int, torch.Tensor]]:
-    """``state`` with every tensor not yet spread over both mesh axes given a node dimension.
-
-    The new entries share memory with the old ones, so a DCP load into them restores the old
-    ones in place; the second value maps each new entry back to the tensor it stands for.
-    """
-    originals: dict[int, torch.Tensor] = {}
-
-    def lift(value: Any) -> Any:
-        if not isinstance(value, torch.Tensor):
-            return value
-        if isinstance(value, DTensor) and value.device_mesh.ndim == 2:
-            return value  # already one entry per node (deto's buffers) or a 2-D HSDP tensor
-        entry = per_node(local_tensor(value).detach(), value, topo.mesh)
-        originals[id(entry)] = value
-        return entry
-
-    return tree_map(lift, state), originals
 
 
 def _torch_optimizer(opt: Any) -> torch.optim.Optimizer:
@@ -97,8 +70,6 @@ def save_checkpoint(
 
     ``history`` (JSON) is the trainer's record of the run, ``rank_state`` this rank's extras.
     """
-    from torch.distributed import checkpoint as dcp
-
     rank = dist.get_rank()
     final = root / checkpoint_name(step)
     tmp = root / f".{final.name}.incomplete"
@@ -106,8 +77,7 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
-    entries, _ = _one_entry_per_node(_state(model, opt), topo)
-    dcp.save(entries, checkpoint_id=str(tmp))
+    save_state(tmp, _state(model, opt), topo)
     own = {
         "rank": rank,
         "world_size": dist.get_world_size(),
@@ -146,13 +116,9 @@ def load_checkpoint(
 
     Returns ``(history, rank_state)`` as given to :func:`save_checkpoint`.
     """
-    from torch.distributed import checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
-    entries, originals = _one_entry_per_node(_state(model, opt), topo)
-    dcp.load(entries, checkpoint_id=str(path))
-    # tensors were loaded in place; other values (counters, settings) only into ``entries``
-    state = tree_map(lambda v: originals.get(id(v), v), entries)
+    state = load_state(path, _state(model, opt), topo)
     set_state_dict(
         model, _torch_optimizer(opt),
         model_state_dict=state["model"], optim_state_dict=state["optim"],
