@@ -89,14 +89,14 @@ def train(
         return rank_entry(cfg.to_dict(), cfg.out, resume, log_level, device)
 
     check_simulated(cfg)
+    link = None if bandwidth is None else emulated_link(bandwidth, cfg.nodes)
     run_dir = cfg.out or loop.default_run_dir(cfg.scheme)
     _check_out(run_dir)
     logger.info(
         "deto train: %s on %s, %d node(s) x %d rank(s) simulated on this machine; output in %s",
         cfg.scheme, cfg.task, cfg.nodes, cfg.ranks_per_node, run_dir,
     )  # fmt: skip
-    if bandwidth is not None:
-        link = emulated_link(bandwidth, cfg.nodes)
+    if link is not None:
         netlaunch.train_over_emulated_links(
             values, link, cfg.nodes, cfg.ranks_per_node, Path(run_dir), log_level
         )
