@@ -11,10 +11,12 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
+from deto import extras
 from deto.train.console import configure_logging
 from deto.train.launch import UsageError
 
@@ -256,7 +258,19 @@ def info() -> dict[str, Any]:
             for name, cls in sorted(REGISTRY.items())
         },
         "schemes": {name: p.summary for name, p in PRESETS.items()},
+        "extras": extras.installed(),
+        "integrations": {
+            name: not extras.missing(name) for name in sorted(extras.INTEGRATIONS)
+        },
     }
+
+
+_RST_ROLE = re.compile(r":[a-z]+:`~?([^`]+)`")
+
+
+def plain_text(doc: str) -> str:
+    """A docstring line as a terminal shows it: no reST roles or literal backticks."""
+    return _RST_ROLE.sub(lambda m: m.group(1).rsplit(".", 1)[-1], doc).replace("``", "")
 
 
 def cmd_info(ns: argparse.Namespace) -> int:
@@ -274,9 +288,14 @@ def cmd_info(ns: argparse.Namespace) -> int:
         f"backend: {data['backend']}  (available: "
         + ", ".join(k for k, ok in data["backends_available"].items() if ok) + ")",
         "replicators:",
-        *(f"  {k:<9} {doc}" for k, doc in data["replicators"].items()),
+        *(f"  {k:<9} {plain_text(doc)}" for k, doc in data["replicators"].items()),
         "schemes (deto train --scheme):",
-        *(f"  {k:<15} {doc}" for k, doc in data["schemes"].items()),
+        *(f"  {k:<15} {plain_text(doc)}" for k, doc in data["schemes"].items()),
+        "extras (pip install 'deto[NAME]'): "
+        + (", ".join(f"{k} {'yes' if ok else 'no'}" for k, ok in data["extras"].items())
+           or "unknown (deto is not installed, only on the path)"),
+        "integrations: "
+        + ", ".join(f"{k} {'yes' if ok else 'no'}" for k, ok in data["integrations"].items()),
     ]
     print("\n".join(lines))
     return EXIT_OK
@@ -339,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     bench_p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     bench_p.set_defaults(func=cmd_bench, train_args=[])
-    info_p = sub.add_parser("info", help="versions, device, backend, replicators")
+    info_p = sub.add_parser("info", help="versions, device, replicators, schemes, extras")
     info_p.add_argument("--json", action="store_true", help="machine-readable output")
     info_p.set_defaults(func=cmd_info)
     return parser
@@ -370,7 +389,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     provenance.note_command(typed, inherited=under_torchrun())
 
     try:
+        if ns.command in ("train", "bench"):
+            extras.require("cli", f"deto {ns.command}")
         return int(ns.func(ns))
+    except extras.MissingExtra as exc:
+        print(f"deto {ns.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except UsageError as exc:
         print(f"deto {ns.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -2,7 +2,8 @@
 
 Cases are module-level functions ``fn(*args)`` run on every rank; their return values come
 back as a list in rank order. A worker's exception is re-raised in the parent with the
-worker's traceback; a case that does not finish within the timeout fails instead of hanging.
+worker's traceback; a case that does not finish within the timeout, or whose worker dies,
+fails instead of hanging.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import os
 import queue
 import sys
 import tempfile
+import time
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -20,6 +22,7 @@ import torch.multiprocessing as mp
 
 COLLECTIVE_TIMEOUT_S = 30
 CASE_TIMEOUT_S = 120
+POLL_S = 2.0  # how often a waiting case checks that every worker is alive
 
 
 def _worker(rank: int, world: int, init_file: str, path: list[str], tasks: Any, results: Any) -> None:
@@ -76,16 +79,22 @@ class DistPool:
             q.put((fn, args))
         out: dict[int, Any] = {}
         errors = []
-        try:
-            for _ in range(self.world):
-                rank, ok, value = self._results.get(timeout=timeout)
-                if ok:
-                    out[rank] = value
-                else:
-                    errors.append(f"rank {rank}:\n{value}")
-        except queue.Empty:
-            self.broken = True
-            raise TimeoutError(f"{fn.__name__} did not finish on every rank within {timeout}s") from None
+        deadline = time.monotonic() + timeout
+        while len(out) + len(errors) < self.world:
+            try:
+                rank, ok, value = self._results.get(timeout=POLL_S)
+            except queue.Empty:
+                dead = [f"rank {r} (exit code {p.exitcode})"
+                        for r, p in enumerate(self._procs) if not p.is_alive()]
+                if dead or time.monotonic() > deadline:
+                    self.broken = True
+                    why = f"{', '.join(dead)} died" if dead else f"not done within {timeout}s"
+                    raise TimeoutError(f"{fn.__name__}: {why}") from None
+                continue
+            if ok:
+                out[rank] = value
+            else:
+                errors.append(f"rank {rank}:\n{value}")
         if errors:
             self.broken = True  # a failed collective can leave the others out of step
             raise AssertionError("\n".join(errors))

@@ -59,3 +59,23 @@ def test_an_uninstalled_source_tree_declares_nothing(monkeypatch):
     monkeypatch.setattr(metadata, "requires", not_found)
     assert extras.declared() == {}
     extras.require("cli", "deto train")  # cannot tell: no error
+
+
+def test_deto_train_without_the_cli_extra_is_one_usage_line(metadata_without, capsys):
+    from deto import cli
+
+    metadata_without.add("tqdm")
+    assert cli.main(["train", "--steps", "1"]) == cli.EXIT_USAGE
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "deto train: error: deto train needs the 'cli' extra (missing: tqdm): "
+        "pip install 'deto[cli]'"
+    ]
+
+
+def test_info_is_plain_text():
+    from deto import cli
+
+    assert cli.plain_text("See :class:`~deto.replicators.DeMo` and ``every`` (H).") == (
+        "See DeMo and every (H)."
+    )

@@ -31,7 +31,7 @@ class DiLoCoOptions(ReplicatorOptions):
 
 @register
 class DiLoCo(ParamReplicator):
-    """Outer optimisation over nodes every ``every`` (H) steps.
+    """Outer optimisation over nodes every H (``every``) steps.
 
     Keyword arguments: the knobs of :class:`DiLoCoOptions` (``every=100, outer_lr=0.7,
     outer_momentum=0.9, nesterov=True``; the paper's values), and the schedule's

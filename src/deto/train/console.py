@@ -1,4 +1,5 @@
-"""What a run shows on the terminal: log lines, and rank 0's progress bar above them.
+"""What a run shows on the terminal: log lines, and rank 0's progress (a bar above them, or
+periodic log lines where no bar can be drawn).
 
 Every process of a run configures its logging here: the ``deto`` command itself, and every
 rank (spawned for a simulated cluster or started by torchrun). Ranks other than 0 report
@@ -8,7 +9,10 @@ errors only, so a cluster's terminal reads like one program's.
 from __future__ import annotations
 
 import logging
+import shutil
 import sys
+import time
+from collections.abc import Callable
 from typing import Any
 
 
@@ -41,14 +45,56 @@ def configure_logging(level: int, rank: int | None = None) -> None:
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
 
 
-def progress_bar(total: int, initial: int) -> Any:
-    """A tqdm bar on a terminal; ``None`` when not interactive (logs carry the progress)."""
-    if not sys.stderr.isatty():
-        return None
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    return tqdm(
-        total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True, leave=True
-    )
+MIN_BAR_COLUMNS = 40
+"""A terminal narrower than this (some report 0 columns) gets log lines instead of a bar."""
+PROGRESS_LOG_S = 10.0
+"""Without a bar, a progress line is logged at most this often."""
+
+
+class _Bar:
+    """tqdm's bar, drawn on an interactive terminal."""
+
+    def __init__(self, tqdm: Any, total: int, initial: int) -> None:
+        self._bar = tqdm(
+            total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True,
+            leave=True,
+        )
+
+    def update(self, step: int, **fields: str) -> None:
+        self._bar.update(1)
+        self._bar.set_postfix(**fields)
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+class _LogLines:
+    """Progress as a log line every :data:`PROGRESS_LOG_S` seconds, where no bar can be drawn
+    (a file, a pipe, a terminal that reports no width, no tqdm)."""
+
+    def __init__(self, total: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self._total, self._clock = total, clock
+        self._last = clock()
+
+    def update(self, step: int, **fields: str) -> None:
+        now = self._clock()
+        if now - self._last < PROGRESS_LOG_S and step != self._total:
+            return
+        self._last = now
+        shown = " ".join(f"{k} {v}" for k, v in fields.items())
+        logging.getLogger("deto.train").info("step %d/%d: %s", step, self._total, shown)
+
+    def close(self) -> None:
+        pass
+
+
+def progress(total: int, initial: int) -> _Bar | _LogLines:
+    """Rank 0's progress: a bar where the terminal can draw one, else periodic log lines."""
+    if sys.stderr.isatty() and shutil.get_terminal_size((0, 0)).columns >= MIN_BAR_COLUMNS:
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            pass
+        else:
+            return _Bar(tqdm, total, initial)
+    return _LogLines(total)

@@ -26,7 +26,7 @@ from deto.topology import Topology
 from deto.train import noise, report
 from deto.train.checkpoint import CHECKPOINTS, load_checkpoint, save_checkpoint
 from deto.train.config import TrainConfig
-from deto.train.console import progress_bar
+from deto.train.console import progress
 from deto.train.models import count_params
 from deto.train.optimizer import RunOptimizer, build_training, full_sync_bytes
 from deto.train.ranks import all_gather, from_rank0
@@ -85,7 +85,7 @@ def run(
     full_sync = full_sync_bytes(params, topo.nodes)
     sinks = open_sinks(out, state.records) if rank == 0 else []
     last = cfg.stop_at or cfg.steps  # stop_at: a prefix, on the schedule of cfg.steps
-    bar = progress_bar(last, state.step) if rank == 0 else None
+    reporter = progress(last, state.step) if rank == 0 else None
     per_step_items = cfg.batch_size * topo.world_size * task.items_per_sample
     clock = time.perf_counter() - state.wall_time_s
 
@@ -131,9 +131,9 @@ def run(
                 state.records.append(record)
                 for sink in sinks:
                     sink.write(record)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(
+            if reporter is not None:
+                reporter.update(
+                    step,
                     loss=f"{state.last_loss:.3f}",
                     **{f"{task.unit}/s": f"{per_step_items / elapsed:,.0f}"},
                     xnode=f"{sent / 1e3:,.1f}kB",
@@ -146,8 +146,8 @@ def run(
                     history=history, config=cfg.to_dict(), rank_state=own,
                 )
     finally:
-        if bar is not None:
-            bar.close()
+        if reporter is not None:
+            reporter.close()
         report.close_all(sinks)
     state.wall_time_s = time.perf_counter() - clock
 

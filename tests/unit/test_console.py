@@ -1,0 +1,24 @@
+import logging
+import os
+
+from deto.train import console
+
+
+def test_without_a_bar_progress_is_a_log_line_at_most_every_interval(caplog):
+    now = [0.0]
+    lines = console._LogLines(total=100, clock=lambda: now[0])
+    with caplog.at_level(logging.INFO, logger="deto.train"):
+        for step in range(1, 101):
+            now[0] = step * 1.0  # one second a step
+            lines.update(step, loss="2.000")
+    shown = [r.getMessage() for r in caplog.records]
+    assert shown[0] == "step 10/100: loss 2.000"
+    assert shown[-1] == "step 100/100: loss 2.000"  # the last step is always shown
+    assert len(shown) == 10
+
+
+def test_a_terminal_without_width_gets_log_lines(monkeypatch):
+    monkeypatch.setattr(console.sys.stderr, "isatty", lambda: True, raising=False)
+    no_width = os.terminal_size((0, 0))
+    monkeypatch.setattr(console.shutil, "get_terminal_size", lambda fallback: no_width)
+    assert isinstance(console.progress(10, 0), console._LogLines)
