@@ -105,26 +105,84 @@ def test_vision_task(tmp_path) -> None:
     assert "unigram_entropy" not in s
 
 
-def test_resume_continues_bitwise(tmp_path) -> None:
-    """8 steps in one go == 4 steps, then resumed from the step-4 checkpoint for 4 more."""
-    common = [
-        "--scheme", "flexdemo-adamw", "--lr-schedule", "constant", "--eval-every", "4",
-        "--log-every", "2", "--steps", "8", *MODEL, *LM,
+RESUMABLE = [
+    "--scheme", "flexdemo-adamw", "--lr-schedule", "constant", "--eval-every", "4",
+    "--log-every", "2", "--steps", "12", "--checkpoint-every", "4", *MODEL, *LM,
+]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """12 steps in one go, a checkpoint every 4: what the resumed runs must equal."""
+    out = tmp_path_factory.mktemp("straight")
+    return out, train(out, *RESUMABLE)
+
+
+def same_run(a: dict, b: dict) -> None:
+    assert a["params_sha256"] == b["params_sha256"]  # model (every rank's shard)
+    assert a["val_loss"] == b["val_loss"]
+    assert a["train_loss"] == b["train_loss"]
+    assert a["steps"] == b["steps"] == 12
+
+
+def test_resume_continues_bitwise(straight, tmp_path) -> None:
+    """12 steps in one go == 4 steps, then resumed from the step-4 checkpoint for 8 more."""
+    out, whole = straight
+    checkpoints = out / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == [
+        "step_00000004", "step_00000008", "step_00000012"
     ]
-    whole = train(tmp_path / "whole", "--checkpoint-every", "4", *common)
-    checkpoints = tmp_path / "whole" / "checkpoints"
-    assert sorted(p.name for p in checkpoints.iterdir()) == ["step_00000004", "step_00000008"]
     for ckpt in checkpoints.iterdir():
         assert (ckpt / "COMPLETE").is_file() and len(list(ckpt.glob("rank*.pt"))) == 4
-    rest = train(tmp_path / "rest", "--resume", str(checkpoints / "step_00000004"), *common)
+    rest = train(tmp_path / "rest", *RESUMABLE, "--resume", str(checkpoints / "step_00000004"))
     assert rest["resumed_from"].endswith("step_00000004")
-    assert rest["params_sha256"] == whole["params_sha256"]  # model (every rank's shard)
-    assert rest["val_loss"] == whole["val_loss"]
-    assert rest["train_loss"] == whole["train_loss"]
-    assert rest["steps"] == 8
+    same_run(rest, whole)
     # a run directory resumes from its latest complete checkpoint: here the end, nothing to do
-    proc = deto("train", "--resume", str(tmp_path / "whole"), *common)
+    proc = deto("train", "--resume", str(out), *RESUMABLE)
     assert proc.returncode == 2 and "nothing to do" in proc.stderr
+
+
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def test_a_rank_killed_with_sigkill_restarts_and_ends_bitwise(straight, tmp_path) -> None:
+    """kill -9 of a rank after the first checkpoint: --max-restarts starts every rank again
+    from the newest whole checkpoint, and the run ends with the straight run's bytes."""
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
+    }
+    env["OMP_NUM_THREADS"] = "1"
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "deto", "train", "--out", str(out), "--max-restarts", "1",
+         *RESUMABLE],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    first = out / "checkpoints" / "step_00000004" / "COMPLETE"
+    deadline = time.monotonic() + TIMEOUT_S
+    while not first.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint was written"
+        time.sleep(0.01)
+    leaves = [p for p in _descendants(proc.pid) if not _descendants(p)]
+    assert leaves, "no rank process found"
+    os.kill(max(leaves), signal.SIGKILL)
+    _, err = proc.communicate(timeout=TIMEOUT_S)
+    assert proc.returncode == 0, err[-4000:]
+    assert "restarted: continuing from" in err
+    same_run(json.loads((out / "summary.json").read_text()), straight[1])
 
 
 def test_bad_input_exits_2_with_one_line() -> None:

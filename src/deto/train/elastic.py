@@ -108,6 +108,10 @@ def launch_local(
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     os.environ["OMP_NUM_THREADS"] = "1"
+    # Restarted workers must not find the first attempt's keys: with the rendezvous store
+    # shared (torch's default) every attempt's workers use the same store without a prefix,
+    # and gloo's start-up then reads the dead ranks' addresses. A fresh store per attempt.
+    os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
     _quiet_elastic_loggers()
     with tempfile.TemporaryDirectory(prefix="deto-launch-") as log_dir:
         config = LaunchConfig(
