@@ -77,32 +77,54 @@ SETTINGS: dict[str, Setting] = {
 
 
 def run_point(out: Path, model: str, setting: Setting, schedule: str, seed: int,
-              steps: int | None, lr: float | None) -> dict[str, Any]:
-    """Run (or read back) one point and return the fields the report needs."""
+              steps: int | None, lr: float | None) -> None:
+    """Run one point, unless its ``summary.json`` exists (a resumed sweep)."""
     lr_tag = f"-lr{lr:g}" if lr is not None else ""
     run_dir = out / "runs" / f"{model}-{setting.label}-{schedule}{lr_tag}-s{seed}"
-    summary_path = run_dir / "summary.json"
-    if not summary_path.exists():
-        argv = [sys.executable, "-m", "deto", "train", "-q", "--scheme", setting.scheme,
-                *MODELS[model], *setting.flags, "--lr-schedule", schedule, "--seed", str(seed),
-                "--out", str(run_dir), "--checkpoint-every", "0"]
-        if steps is not None:
-            argv += ["--steps", str(steps)]
-        if lr is not None and setting.scheme != "hsdp":
-            argv += ["--lr", str(lr)]
-        logger.info("run %s", run_dir.name)
-        done = subprocess.run(argv, capture_output=True, text=True, check=False)
-        if done.returncode != 0:
-            logger.error("%s failed: %s", run_dir.name, done.stderr.strip().splitlines()[-1:])
-            return {}
-    s = json.loads(summary_path.read_text())
+    if (run_dir / "summary.json").exists():
+        return
+    argv = [sys.executable, "-m", "deto", "train", "-q", "--scheme", setting.scheme,
+            *MODELS[model], *setting.flags, "--lr-schedule", schedule, "--seed", str(seed),
+            "--out", str(run_dir), "--checkpoint-every", "0"]
+    if steps is not None:
+        argv += ["--steps", str(steps)]
+    if lr is not None and setting.scheme != "hsdp":
+        argv += ["--lr", str(lr)]
+    logger.info("run %s", run_dir.name)
+    done = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        logger.error("%s failed: %s", run_dir.name, done.stderr.strip().splitlines()[-1:])
+
+
+def point(model: str, setting: str, schedule: str, seed: int, s: dict[str, Any]) -> dict[str, Any]:
+    """The fields of one run's ``summary.json`` that the report needs."""
     return {
-        "model": model, "setting": setting.label, "schedule": schedule, "seed": seed,
+        "model": model, "setting": setting, "schedule": schedule, "seed": seed,
         "lr": s["lr"], "final_val_loss": s["final_val_loss"],
+        "final_val_accuracy": s.get("final_val_accuracy"),
         "bytes_per_step": s["inter_node_bytes_sent_per_step"],
         "full_sync_bytes_per_step": s["full_sync_bytes_per_step"],
         "params": s["params"], "steps": s["steps"], "git_sha": s.get("git_sha"),
     }
+
+
+def recorded_points(out: Path) -> list[dict[str, Any]]:
+    """Every finished run under ``out/runs``, whatever invocation ran it (names are
+    ``<model>-<setting>-<schedule>-s<seed>``)."""
+    points = []
+    for summary in sorted(out.glob("runs/*/summary.json")):
+        name = summary.parent.name
+        model = next((m for m in MODELS if name.startswith(m + "-")), None)
+        rest = name[len(model) + 1:] if model else ""
+        setting = next((t for t in SETTINGS if rest.startswith(t + "-")), None)
+        if model is None or setting is None:
+            continue
+        schedule, _, seed = rest[len(setting) + 1:].rpartition("-s")
+        schedule = schedule.split("-lr")[0]  # a run with --lr: the lr is in its summary
+        if schedule in ("cosine", "constant") and seed.isdigit():
+            points.append(point(model, setting, schedule, int(seed),
+                                json.loads(summary.read_text())))
+    return points
 
 
 def aggregate(points: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -113,11 +135,13 @@ def aggregate(points: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for (model, setting, schedule, lr), ps in sorted(cells.items()):
         losses = [p["final_val_loss"] for p in ps]
+        accuracies = [p["final_val_accuracy"] for p in ps if p.get("final_val_accuracy") is not None]
         rows.append({
             "model": model, "setting": setting, "schedule": schedule, "lr": lr,
             "seeds": sorted(p["seed"] for p in ps),
             "val_loss_mean": statistics.fmean(losses),
             "val_loss_min": min(losses), "val_loss_max": max(losses),
+            "val_accuracy_mean": statistics.fmean(accuracies) if accuracies else None,
             "bytes_per_step": ps[0]["bytes_per_step"],
             "bytes_vs_hsdp": ps[0]["bytes_per_step"] / ps[0]["full_sync_bytes_per_step"],
         })
@@ -134,14 +158,15 @@ def report(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str:
              "- loss vs hsdp: seed mean over seed mean of HSDP + AdamW on the same model and "
              "schedule; spread: min-max over seeds", "",
              "| model | schedule | setting | lr | seeds | val loss (mean, min-max) | vs hsdp "
-             "| bytes/step | 1/x of hsdp |", "|---|---|---|---|---|---|---|---|---|"]
+             "| val acc | bytes/step | 1/x of hsdp |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         vs = "—" if r["loss_vs_hsdp"] is None else f"{100 * r['loss_vs_hsdp']:+.1f}%"
         inv = "1" if r["setting"] == "hsdp" else f"{1 / r['bytes_vs_hsdp']:.0f}"
+        acc = "—" if r["val_accuracy_mean"] is None else f"{r['val_accuracy_mean']:.3f}"
         lines.append(
             f"| {r['model']} | {r['schedule']} | {r['setting']} | {r['lr']:g} | "
             f"{','.join(map(str, r['seeds']))} | {r['val_loss_mean']:.4f} "
-            f"({r['val_loss_min']:.4f}-{r['val_loss_max']:.4f}) | {vs} | "
+            f"({r['val_loss_min']:.4f}-{r['val_loss_max']:.4f}) | {vs} | {acc} | "
             f"{r['bytes_per_step']:,.0f} | {inv} |")
     lines += ["", "## Each setting over every model and schedule", "",
               "The worst and mean loss vs HSDP over the (model, schedule) cells a setting ran in:",
@@ -219,6 +244,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="steps per run (task default)")
     parser.add_argument("--lr", type=float, default=None,
                         help="learning rate of the DeMo settings (default: the preset's)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="run nothing: rebuild the report from every finished run in --out")
     ns = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     models = ns.models.split(",")
@@ -227,28 +254,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         if m not in MODELS:
             parser.error(f"unknown model {m!r} (valid: {', '.join(MODELS)})")
     ns.out.mkdir(parents=True, exist_ok=True)
-    points = []
+    if ns.report_only and not recorded_points(ns.out):
+        parser.error(f"no finished runs in {ns.out / 'runs'}")
+    if ns.report_only:
+        write_report(ns.out, recorded_points(ns.out))
+        return 0
     for schedule in ns.schedules.split(","):  # a schedule's cells complete over seeds first
         for seed in (int(s) for s in ns.seeds.split(",")):
             for model in models:
                 for setting in settings:
-                    p = run_point(ns.out, model, setting, schedule, seed, ns.steps, ns.lr)
-                    if p:
-                        points.append(p)
-    old = ns.out / "results.json"
-    if old.exists():  # keep points of earlier invocations into the same directory
-        seen = {(p["model"], p["setting"], p["schedule"], p["seed"], p["lr"]) for p in points}
-        points += [p for p in json.loads(old.read_text())["points"]
-                   if (p["model"], p["setting"], p["schedule"], p["seed"], p["lr"]) not in seen]
+                    run_point(ns.out, model, setting, schedule, seed, ns.steps, ns.lr)
+    write_report(ns.out, recorded_points(ns.out))  # this invocation's runs and earlier ones
+    return 0
+
+
+def write_report(out: Path, points: list[dict[str, Any]]) -> None:
+    """``results.json``, ``report.md`` and ``frontier.png`` of ``points``."""
     rows = aggregate(points)
     shas = sorted({p["git_sha"] for p in points if p.get("git_sha")})
     meta = {"git_sha": ", ".join(shas) or "unknown", "steps": sorted({p["steps"] for p in points})}
-    (ns.out / "results.json").write_text(json.dumps({"meta": meta, "points": points,
-                                                     "rows": rows}, indent=2))
-    (ns.out / "report.md").write_text(report(rows, meta))
-    plot(rows, ns.out)
-    logger.info("wrote %s", ns.out / "report.md")
-    return 0
+    (out / "results.json").write_text(json.dumps({"meta": meta, "points": points,
+                                                  "rows": rows}, indent=2))
+    (out / "report.md").write_text(report(rows, meta))
+    plot(rows, out)
+    logger.info("wrote %s", out / "report.md")
 
 
 if __name__ == "__main__":
