@@ -135,7 +135,7 @@ def aggregate(points: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for (model, setting, schedule, lr), ps in sorted(cells.items()):
         losses = [p["final_val_loss"] for p in ps]
-        accuracies = [p["final_val_accuracy"] for p in ps if p.get("final_val_accuracy") is not None]
+        accuracies = [a for p in ps if (a := p.get("final_val_accuracy")) is not None]
         rows.append({
             "model": model, "setting": setting, "schedule": schedule, "lr": lr,
             "seeds": sorted(p["seed"] for p in ps),
