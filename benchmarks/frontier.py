@@ -66,6 +66,8 @@ SETTINGS: dict[str, Setting] = {
                 ("--blocks", "1d", "--chunk", "64", "--topk", "4", "--values", "fp32")),
         Setting("1d-64-4-int8", "flexdemo",
                 ("--blocks", "1d", "--chunk", "64", "--topk", "4", "--values", "int8")),
+        Setting("1d-64-4-int2", "flexdemo",
+                ("--blocks", "1d", "--chunk", "64", "--topk", "4", "--values", "int2")),
         Setting("1d-64-4-sign", "flexdemo",
                 ("--blocks", "1d", "--chunk", "64", "--topk", "4", "--values", "sign")),
         Setting("1d-128-4-int8", "flexdemo",
