@@ -16,8 +16,8 @@ from deto.replicators.base import local_tensor
 pytestmark = pytest.mark.dist
 
 REPLICATORS = {
-    "demo": lambda: deto.DeMo(topk=8, chunk=8),
-    "demo-every-2": lambda: deto.DeMo(topk=8, chunk=8, every=2),
+    "demo": lambda: deto.DeMo(blocks="2d", topk=8, chunk=8),
+    "demo-every-2": lambda: deto.DeMo(blocks="2d", topk=8, chunk=8, every=2),
     "full-every-3": lambda: deto.Full(every=3),
 }
 
@@ -64,7 +64,7 @@ def test_resume_through_dcp_alone_is_bitwise(pool, key, tmp_path):
 
 def nan_on_node_1(mode: str) -> str:
     model, opt = deto.prepare(
-        common.make_model(), common.topo(), replicator=deto.DeMo(topk=8, chunk=8), lr=1e-2,
+        common.make_model(), common.topo(), replicator=deto.DeMo(blocks="2d", topk=8, chunk=8), lr=1e-2,
         nonfinite=mode,
     )
     common.train(model, opt, 1)
@@ -105,12 +105,12 @@ def user_sharded(steps: int) -> tuple[list[float], list[float]]:
         fully_shard(block, mesh=mesh["shard"])
     fully_shard(model, mesh=mesh["shard"])
     opt = deto.DecoupledOptimizer.from_model(
-        model, topo, torch.optim.AdamW, replicator="demo", lr=1e-2, topk=8, chunk=8
+        model, topo, torch.optim.AdamW, replicator="demo", lr=1e-2, blocks="2d", topk=8, chunk=8
     )
     got = common.train(model, opt, steps)
     ref_model, ref_opt = deto.prepare(
         common.make_model(), topo, optimizer=torch.optim.AdamW, replicator="demo", lr=1e-2,
-        topk=8, chunk=8,
+        blocks="2d", topk=8, chunk=8,
     )
     return got, common.train(ref_model, ref_opt, steps)
 

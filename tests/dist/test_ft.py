@@ -47,7 +47,7 @@ def _node(
     torch.set_num_threads(1)
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     model, opt = deto.prepare(
-        make_model(), deto.Topology(1, 1, device="cpu"), replicator="demo", topk=4, chunk=4, lr=0.01
+        make_model(), deto.Topology(1, 1, device="cpu"), replicator="demo", blocks="2d", topk=4, chunk=4, lr=0.01
     )
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
     ready.set()

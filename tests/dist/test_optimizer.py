@@ -21,7 +21,7 @@ def is_matrix(name: str, p: torch.Tensor) -> bool:
 
 
 def composed(steps: int) -> dict:
-    demo = deto.DeMo(topk=8, chunk=8, include=is_matrix)
+    demo = deto.DeMo(blocks="2d", topk=8, chunk=8, include=is_matrix)
     full = deto.Full()
     model, opt = deto.prepare(common.make_model(), common.topo(), replicator=[demo, full], lr=1e-2)
     common.train(model, opt, steps)
@@ -49,7 +49,7 @@ def test_first_covering_replicator_owns_each_parameter(pool):
 
 
 def scheduled(every: int, skip_every: int, steps: int) -> dict:
-    rep = deto.DeMo(topk=8, chunk=8, every=every, skip_every=skip_every)
+    rep = deto.DeMo(blocks="2d", topk=8, chunk=8, every=every, skip_every=skip_every)
     model, opt = deto.prepare(common.make_model(), common.topo(), replicator=rep, lr=1e-2)
     sent = []
     for s in range(steps):
@@ -111,7 +111,7 @@ def test_state_dict_round_trip_resumes_identically(pool, key):
 def torch_tools(steps: int) -> list[float]:
     """LR scheduler, clipping, gradient accumulation and bf16 autocast-by-FSDP together."""
     model, opt = deto.prepare(
-        common.make_model(), common.topo(), replicator=deto.DeMo(topk=8, chunk=8),
+        common.make_model(), common.topo(), replicator=deto.DeMo(blocks="2d", topk=8, chunk=8),
         optimizer=torch.optim.AdamW, lr=3e-3, sign=False, mixed_precision="bf16",
     )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))

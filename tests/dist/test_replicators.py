@@ -75,7 +75,9 @@ def demo_vs_full(lr: float, steps: int) -> float:
     t = common.topo()
     chunk = 8
     m1, o1 = deto.prepare(
-        common.make_model(), t, replicator=deto.DeMo(topk=chunk * chunk, chunk=chunk, decay=0.0, dense_fallback=False),
+        common.make_model(), t,
+        replicator=deto.DeMo(blocks="2d", topk=chunk * chunk, chunk=chunk, values="fp32",
+                             decay=0.0, dense_fallback=False),
         lr=lr, sign=False,
     )
     m2, o2 = deto.prepare(common.make_model(), t, replicator="full", lr=lr * lr, sign=False)

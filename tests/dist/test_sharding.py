@@ -21,7 +21,7 @@ def frozen(steps: int) -> dict:
     model = common.make_model()
     model.inp.requires_grad_(False)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    model, opt = deto.prepare(model, common.topo(), replicator=deto.DeMo(topk=8, chunk=8), lr=1e-2)
+    model, opt = deto.prepare(model, common.topo(), replicator=deto.DeMo(blocks="2d", topk=8, chunk=8), lr=1e-2)
     common.train(model, opt, steps)
     after = common.full_params(model)
     return {

@@ -43,7 +43,7 @@ def _rank(rank: int, init_file: str, out: Any) -> None:
         timeout=datetime.timedelta(seconds=START_TIMEOUT_S),
     )
     topo = deto.Topology(2, 2, device="cpu", timeout=TIMEOUT_S)
-    model, opt = deto.prepare(make_model(), topo, replicator="demo", topk=4, chunk=4, lr=0.01)
+    model, opt = deto.prepare(make_model(), topo, replicator="demo", blocks="2d", topk=4, chunk=4, lr=0.01)
     step = 0
     try:
         while True:

@@ -15,7 +15,7 @@ SHAPES = [(24, 16), (16,), (40, 8), (1,)]  # the (1,) one is sent dense
 
 
 def _bound(**options):
-    rep = deto.DeMo(topk=4, chunk=8, **options)
+    rep = deto.DeMo(blocks="2d", topk=4, chunk=8, **options)
     rep.bind([Slot(i, f"p{i}", torch.zeros(s)) for i, s in enumerate(SHAPES)])
     return rep
 

@@ -75,7 +75,9 @@ def test_demo_error_feedback_keeps_on_each_node_what_it_did_not_send():
     # sent, and what each sent is lr * grad minus what stayed in its delta
     def node(comm):
         model = make_model()
-        rep = deto.DeMo(topk=3, chunk=8, decay=0.0, aggregation="all", dense_fallback=False)
+        rep = deto.DeMo(
+            blocks="2d", topk=3, chunk=8, decay=0.0, aggregation="all", dense_fallback=False
+        )
         opt = make_optimizer(model, rep, comm)
         before = params(model)
         backward(model, 0, comm.rank)
@@ -147,7 +149,7 @@ def test_a_nonfinite_gradient_on_one_node_raises_on_every_node(replicator):
 def test_a_nonfinite_gradient_on_one_node_is_skipped_on_every_node():
     def node(comm):
         model = make_model()
-        rep = deto.DeMo(topk=4, chunk=8)
+        rep = deto.DeMo(blocks="2d", topk=4, chunk=8)
         opt = make_optimizer(model, rep, comm, nonfinite="skip")
         for s in range(3):
             backward(model, s, comm.rank)

@@ -26,7 +26,7 @@ def make(replicators=None, base=torch.optim.AdamW, **kw):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3))
     names = {p: n for n, p in model.named_parameters()}
-    reps = replicators if replicators is not None else [deto.DeMo(topk=4, chunk=8)]
+    reps = replicators if replicators is not None else [deto.DeMo(blocks="2d", topk=4, chunk=8)]
     opt = deto.DecoupledOptimizer(
         base(model.parameters(), lr=0.01), reps, Comm(None, 1), param_names=names, **kw
     )
@@ -131,7 +131,7 @@ def test_swa_and_ema_models_follow_the_steps():
 
 # -- state dicts ------------------------------------------------------------------------------
 def test_state_dict_is_torch_format_with_the_base_state_first():
-    model, opt = make([deto.DeMo(topk=4, chunk=8), deto.Full(every=2)])
+    model, opt = make([deto.DeMo(blocks="2d", topk=4, chunk=8), deto.Full(every=2)])
     step(model, opt, 0)
     sd = opt.state_dict()
     assert set(sd) == {"state", "param_groups"}
@@ -163,7 +163,7 @@ def test_a_fresh_optimizer_state_dict_already_has_every_key():
 @pytest.mark.parametrize("replicators", ["demo", "full-every-2", "random+diloco"])
 def test_dcp_state_dict_functions_round_trip_bitwise(replicators, flatten):
     factory = {
-        "demo": lambda: [deto.DeMo(topk=4, chunk=8)],
+        "demo": lambda: [deto.DeMo(blocks="2d", topk=4, chunk=8)],
         "full-every-2": lambda: [deto.Full(every=2)],
         "random+diloco": lambda: [deto.RandomSubset(rate=0.3), deto.DiLoCo(every=2)],
     }[replicators]
@@ -186,7 +186,7 @@ def test_dcp_state_dict_functions_round_trip_bitwise(replicators, flatten):
 
 
 def test_loading_state_of_another_replicator_list_is_a_clear_error():
-    model, opt = make([deto.DeMo(topk=4, chunk=8)])
+    model, opt = make([deto.DeMo(blocks="2d", topk=4, chunk=8)])
     step(model, opt, 0)
     sd = opt.state_dict()
     _, other = make([deto.Full()])

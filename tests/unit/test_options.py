@@ -43,7 +43,8 @@ def test_constructor_knobs_are_the_options():
     [
         (lambda: DeMoOptions(topk=0), ValueError, r"Invalid topk: 0 \(must be an integer >= 1\)"),
         (lambda: DeMoOptions(topk=2.5), TypeError, "topk must be an int, got float"),
-        (lambda: DeMoOptions(chunk=4, topk=17), ValueError, "Invalid topk: 17 .*has 16"),
+        (lambda: DeMoOptions(blocks="2d", chunk=4, topk=17), ValueError,
+         "Invalid topk: 17 .*has 16"),
         (lambda: DeMoOptions(blocks="3d"), ValueError, "expected one of 1d, 2d"),
         (lambda: DeMoOptions(dense_fallback=1), TypeError, "dense_fallback must be a bool"),
         (lambda: SubsetOptions(rate=0.0), ValueError, r"must be a number in \(0.0, 1.0\]"),
@@ -62,9 +63,9 @@ def test_a_wrong_type_is_bad_input_either_way():
 
 
 def test_float_knobs_hold_floats_and_changed_lists_what_differs():
-    options = DeMoOptions(decay=0, topk=32, chunk=32)
+    options = DeMoOptions(decay=0, topk=4, chunk=16)
     assert options.decay == 0.0 and isinstance(options.decay, float)
-    assert options.changed() == {"decay": 0.0, "chunk": 32}  # topk=32 is DeMo's own default
+    assert options.changed() == {"decay": 0.0, "chunk": 16}  # topk=4 is the default
 
 
 def test_choices_derive_from_the_block_modes_and_the_wire_codecs():
@@ -123,7 +124,7 @@ def test_to_dict_is_flat_and_round_trips(scheme):
 
 def test_resolve_nests_the_knobs_of_the_scheme():
     cfg = resolve({"scheme": "flexdemo-adamw", "topk": 8, "aggregation": "all"})
-    assert cfg.replicator == DeMoOptions(chunk=32, topk=8, values="int8", decay=0.0,
+    assert cfg.replicator == DeMoOptions(blocks="2d", chunk=32, topk=8, values="int8", decay=0.0,
                                          aggregation="all")  # fmt: skip
     rep = make_replicator("demo", **cfg.replicator_options())
     assert rep.options == cfg.replicator

@@ -67,7 +67,7 @@ def test_sign_and_weight_decay():
 
 
 def test_demo_error_feedback_keeps_what_was_not_sent():
-    rep = deto.DeMo(topk=4, chunk=8, decay=0.0, dense_fallback=False)
+    rep = deto.DeMo(blocks="2d", topk=4, chunk=8, decay=0.0, dense_fallback=False)
     model, opt = _single_node(rep, sign=False)
     before = [p.detach().clone() for p in model.parameters()]
     model(torch.randn(4, 16)).pow(2).mean().backward()
@@ -116,7 +116,7 @@ def test_random_rows_are_shared_by_seed_and_change_each_replication():
 
 
 def test_parameters_without_gradients_are_skipped():
-    model, opt = _single_node(deto.DeMo(topk=4, chunk=8), sign=True)
+    model, opt = _single_node(deto.DeMo(blocks="2d", topk=4, chunk=8), sign=True)
     frozen, trained = model[1].weight, model[0].weight
     frozen_before, trained_before = frozen.detach().clone(), trained.detach().clone()
     model(torch.randn(4, 16)).pow(2).mean().backward()

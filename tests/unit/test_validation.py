@@ -13,9 +13,9 @@ from deto.replicators import build_replicators
 @pytest.mark.parametrize(
     ("factory", "match"),
     [
-        (lambda: deto.DeMo(topk=0), "Invalid topk: 0"),
+        (lambda: deto.DeMo(blocks="2d", topk=0), "Invalid topk: 0"),
         (lambda: deto.DeMo(chunk=0), "Invalid chunk: 0"),
-        (lambda: deto.DeMo(topk=65, chunk=8), "Invalid topk: 65"),
+        (lambda: deto.DeMo(blocks="2d", topk=65, chunk=8), "Invalid topk: 65"),
         (lambda: deto.DeMo(decay=1.0), "Invalid decay: 1.0"),
         (lambda: deto.DeMo(decay=-0.1), "Invalid decay: -0.1"),
         (lambda: deto.DeMo(blocks="3d"), "Invalid blocks: '3d'"),
@@ -49,8 +49,8 @@ def test_value_errors(factory, match):
 @pytest.mark.parametrize(
     ("factory", "match"),
     [
-        (lambda: deto.DeMo(topk=2.5), "topk must be an int"),
-        (lambda: deto.DeMo(topk=True), "topk must be an int"),
+        (lambda: deto.DeMo(blocks="2d", topk=2.5), "topk must be an int"),
+        (lambda: deto.DeMo(blocks="2d", topk=True), "topk must be an int"),
         (lambda: deto.RandomSubset(rate="0.1"), "rate must be a number"),
         (lambda: deto.Full(every=1.0), "every must be an int"),
         (lambda: deto.Full(include="weight"), "include must be callable"),

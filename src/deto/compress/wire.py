@@ -197,14 +197,19 @@ class WireFormat:
             return [values.to(torch.bfloat16)]
         if self.values == "sign":
             return [pack_bits(torch.signbit(v) & (v != 0), 1), v.abs().mean(dim=-1, keepdim=True)]
+        # A non-finite value makes its block's scale non-finite, which is what carries it to the
+        # receivers (where the optimizer's non-finite check sees it on every node alike); the
+        # codes themselves only need to stay in range, so NaN codes become 0.
         peak = v.abs().amax(dim=-1, keepdim=True)
         if self.values == "int8":
             scale = peak / INT8_MAX
             safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-            return [torch.round(v / safe).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8), scale]
+            codes = torch.round(v / safe).nan_to_num_(0.0).clamp_(-INT8_MAX, INT8_MAX)
+            return [codes.to(torch.int8), scale]
         # int2: level q in 0..3 is (2q - 3) / 3 of the peak; the nearest one
         safe = torch.where(peak > 0, peak, torch.ones_like(peak))
-        return [pack_bits(torch.floor(v / safe * 1.5).add_(2).clamp_(0, 3), 2), peak]
+        codes = torch.floor(v / safe * 1.5).add_(2).nan_to_num_(0.0).clamp_(0, 3)
+        return [pack_bits(codes, 2), peak]
 
     def _decode_values(
         self, parts: list[torch.Tensor], shape: tuple[int, int], dtype: torch.dtype

@@ -87,14 +87,14 @@ class DeMoOptions(MomentumOptions):
     all-reduced in the step. Checkpoints hold the payload in flight.
     """
 
-    topk: int = knob(32, "DCT coefficients kept per chunk", low=1, metavar="K")
+    topk: int = knob(4, "DCT coefficients kept per chunk", low=1, metavar="K")
     chunk: int = knob(64, "chunk edge; 2-D blocks are chunk x chunk", low=1, metavar="C")
     blocks: str = knob(
-        "2d", "DCT over 2-D blocks of the weight, or 1-D chunks of the flat shard",
+        "1d", "DCT over 2-D blocks of the weight, or 1-D chunks of the flat shard",
         choices=get_args(BlockMode),
     )
     values: str = knob(
-        "fp32", "wire format of the sent values; int8, int2 and sign (1 bit) have one fp32 "
+        "int2", "wire format of the sent values; int8, int2 and sign (1 bit) have one fp32 "
         "scale per block",
         choices=VALUE_CODECS,
     )
@@ -123,10 +123,13 @@ class DeMoOptions(MomentumOptions):
 class DeMo(MomentumReplicator):
     """Decoupled momentum with DCT top-k compression.
 
-    Keyword arguments: the knobs of :class:`DeMoOptions` (``topk=32, chunk=64, decay=0.999,
-    blocks="2d", values="fp32", aggregation="selected", dense_fallback=True, overlap=False,
-    every=1``), and
-    the schedule's ``skip_every``, ``offset`` and ``include`` (see :class:`Replicator`).
+    Keyword arguments: the knobs of :class:`DeMoOptions` (``topk=4, chunk=64, decay=0.999,
+    blocks="1d", values="int2", aggregation="selected", dense_fallback=True, overlap=False,
+    every=1``), and the schedule's ``skip_every``, ``offset`` and ``include`` (see
+    :class:`Replicator`). The defaults come from a loss-vs-bytes sweep over four models
+    (docs/benchmarks.md, "Choosing DeMo's defaults"): 4 of the 64 coefficients of each 1-D
+    chunk, 2-bit values, 1/32 of a full all-reduce's bytes, at or below HSDP's loss on every
+    model swept, where 2-D blocks at 1/50 and beyond fell behind on some.
     """
 
     name = "demo"
