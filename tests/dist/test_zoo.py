@@ -34,7 +34,7 @@ pytestmark = pytest.mark.dist
 VOCAB, SEQ, BATCH, WIDTH = 32, 8, 4, 32
 STEPS = 4
 CASE_TIMEOUT_S = 300  # the first case also imports torch and transformers on every rank
-DEMO = {"replicator": "demo", "topk": 4, "chunk": 8, "lr": 3e-3}
+DEMO = {"replicator": "demo", "blocks": "2d", "topk": 4, "chunk": 8, "values": "fp32", "lr": 3e-3}
 MODES = {
     "demo": DEMO,
     "full": {"replicator": "full", "optimizer": torch.optim.AdamW, "lr": 3e-3, "sign": False},
