@@ -42,8 +42,13 @@ def _rank(rank: int, init_file: str, out: Any) -> None:
         "gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
         timeout=datetime.timedelta(seconds=START_TIMEOUT_S),
     )
+    # start the short-timeout part together: on a loaded machine ranks reach this line seconds
+    # apart, and the mesh's first collective (in prepare) would time out for the early ones
+    dist.barrier()
     topo = deto.Topology(2, 2, device="cpu", timeout=TIMEOUT_S)
-    model, opt = deto.prepare(make_model(), topo, replicator="demo", blocks="2d", topk=4, chunk=4, lr=0.01)
+    model, opt = deto.prepare(
+        make_model(), topo, replicator="demo", blocks="2d", topk=4, chunk=4, lr=0.01
+    )
     step = 0
     try:
         while True:
