@@ -256,10 +256,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if m not in MODELS:
             parser.error(f"unknown model {m!r} (valid: {', '.join(MODELS)})")
     ns.out.mkdir(parents=True, exist_ok=True)
-    if ns.report_only and not recorded_points(ns.out):
-        parser.error(f"no finished runs in {ns.out / 'runs'}")
     if ns.report_only:
-        write_report(ns.out, recorded_points(ns.out))
+        points = recorded_points(ns.out)
+        if not points:
+            parser.error(f"no finished runs in {ns.out / 'runs'}")
+        write_report(ns.out, points)
         return 0
     for schedule in ns.schedules.split(","):  # a schedule's cells complete over seeds first
         for seed in (int(s) for s in ns.seeds.split(",")):
