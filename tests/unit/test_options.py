@@ -93,7 +93,8 @@ def test_knobs_are_the_presets_options_and_keys_are_fields_plus_knobs():
 
 def test_knob_help_gives_each_schemes_value():
     text = key_help("topk")
-    assert "flexdemo, flexdemo-adamw: 14" in text and "demo: 32" in text
+    assert "flexdemo, flexdemo-adamw: 4" in text and "flexdemo-lean: 14" in text
+    assert "demo: 32" in text
     assert "diloco: 25" in key_help("every")
 
 
@@ -123,8 +124,8 @@ def test_to_dict_is_flat_and_round_trips(scheme):
 
 
 def test_resolve_nests_the_knobs_of_the_scheme():
-    cfg = resolve({"scheme": "flexdemo-adamw", "topk": 8, "aggregation": "all"})
-    assert cfg.replicator == DeMoOptions(blocks="2d", chunk=32, topk=8, values="int8", decay=0.0,
+    cfg = resolve({"scheme": "flexdemo-lean", "topk": 8, "aggregation": "all"})
+    assert cfg.replicator == DeMoOptions(blocks="2d", chunk=32, topk=8, values="int8",
                                          aggregation="all")  # fmt: skip
     rep = make_replicator("demo", **cfg.replicator_options())
     assert rep.options == cfg.replicator

@@ -19,10 +19,12 @@ def test_defaults_are_flexdemo_on_lm() -> None:
     assert cfg.optimizer == "sgd" and cfg.sign is True
     assert cfg.lr == PRESETS["flexdemo"].lr["lm"]
     assert cfg.steps is not None and cfg.batch_size is not None
-    # tuned for the small default model: 1/112 of hsdp's bytes
+    # DeMo()'s own defaults (chosen from the frontier sweep): nothing differs from them
     opts = cfg.replicator
-    assert (opts.blocks, opts.chunk, opts.topk, opts.values) == ("2d", 32, 14, "int8")
-    assert cfg.replicator_options() == opts.changed()  # what differs from DeMo()'s defaults
+    assert (opts.blocks, opts.chunk, opts.topk, opts.values) == ("1d", 64, 4, "int2")
+    assert cfg.replicator_options() == opts.changed() == {}
+    lean = resolve({"scheme": "flexdemo-lean"}).replicator
+    assert (lean.blocks, lean.chunk, lean.topk, lean.values) == ("2d", 32, 14, "int8")
 
 
 @pytest.mark.parametrize("scheme", sorted(PRESETS))
@@ -45,7 +47,7 @@ def test_overrides_win_and_reach_the_replicator() -> None:
     cfg = resolve({"scheme": "flexdemo", "topk": 8, "chunk": 16, "lr": 0.5, "sign": False})
     assert cfg.lr == 0.5 and cfg.sign is False
     opts = cfg.replicator
-    assert (opts.chunk, opts.topk, opts.values) == (16, 8, "int8")
+    assert (opts.chunk, opts.topk, opts.values) == (16, 8, "int2")
     assert {"chunk": 16, "topk": 8}.items() <= cfg.replicator_options().items()
 
 

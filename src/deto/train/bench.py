@@ -33,6 +33,7 @@ DEFAULT_SCHEMES = (
     "hsdp",
     "full",
     "flexdemo",
+    "flexdemo-lean",
     "flexdemo-adamw",
     "demo",
     "diloco",
@@ -325,51 +326,36 @@ def _range(s: dict[str, Any] | None, spec: str, unit: str = "") -> str:
     return f"{format(s['min'], spec)}–{format(s['max'], spec)}{unit} over {s['n']} seeds"
 
 
-def targets(
-    aggregates: Sequence[dict[str, Any]], scheme: str = "flexdemo"
-) -> list[tuple[str, bool | None, str]]:
+@dataclass(frozen=True)
+class Claim:
+    """What a FlexDeMo preset promises against hsdp: at most ``max_bytes`` of its inter-node
+    bytes per step, a final val loss at most ``max_loss_excess`` above its (on the means over
+    seeds); at 100 Mbit/s also the time-to-target and s/step targets."""
+
+    scheme: str
+    max_bytes: float
+    bytes_label: str
+    max_loss_excess: float
+
+
+CLAIMS = (
+    # DeMo()'s defaults: the frontier sweep's target (1/30, within 2%) on every swept model.
+    Claim("flexdemo", 1 / 30, "1/30", 0.02),
+    # The bandwidth-first setting: the first bench's target, 1/100 within 5%.
+    Claim("flexdemo-lean", 1 / 100, "1/100", 0.05),
+)
+
+
+def targets(aggregates: Sequence[dict[str, Any]]) -> list[tuple[str, bool | None, str]]:
     """The product's targets, judged on the means over seeds: (claim, met, evidence with the
-    spread). A scheme that misses the target loss in any seed has no mean time: a miss."""
+    spread), for every :data:`CLAIMS` scheme that ran. A scheme that misses the target loss in
+    any seed has no mean time: a miss."""
     out = []
     for bw in dict.fromkeys(a["bandwidth"] for a in aggregates):
         group = {a["scheme"]: a for a in aggregates if a["bandwidth"] == bw}
-        a, base = group.get(scheme), group.get(BASELINE)
-        if a is None:
-            continue
-        at = bw or "unshaped"
-        b = a["bytes_vs_hsdp"]
-        out.append(
-            (
-                f"{scheme} inter-node bytes/step <= 1/100 of hsdp ({at})",
-                None if b is None else b <= 0.01,
-                f"{bench_report.fmt(b, '.4f')} of hsdp",
-            )
-        )
-        v = a["val_loss_vs_hsdp"]
-        evidence = f"{bench_report.fmt(None if v is None else 100 * v, '+.1f')}% on the means"
-        if base is not None:
-            evidence += (
-                f" ({scheme}: {_range(a['final_val_loss'], '.4f')}; "
-                f"hsdp: {_range(base['final_val_loss'], '.4f')})"
-            )
-        out.append(
-            (
-                f"{scheme} final val loss within 5% of hsdp ({at})",
-                None if v is None else v <= 0.05,
-                evidence,
-            )
-        )
-        if bw is not None and bw.lower().startswith("100mbit"):
-            out.append(_time_target(group, a, at))
-            n = a["step_time_vs_none"]
-            out.append(
-                (
-                    f"{scheme} s/step within 15% of none ({at})",
-                    None if n is None else n <= 0.15,
-                    f"{bench_report.fmt(None if n is None else 100 * n, '+.1f')}% on the means "
-                    f"({scheme}: {_range(a['step_time_s_median'], '.3f', ' s')})",
-                )
-            )
+        for claim in CLAIMS:
+            if claim.scheme in group:
+                out.extend(_scheme_targets(claim, group, bw))
     promised = [x["replicas_identical_runs"] for x in aggregates if x["replicas_identical_runs"][1]]
     same, total = sum(p[0] for p in promised), sum(p[1] for p in promised)
     out.append(
@@ -379,6 +365,47 @@ def targets(
             f"{same}/{total} runs",
         )
     )
+    return out
+
+
+def _scheme_targets(
+    claim: Claim, group: dict[str, dict[str, Any]], bw: str | None
+) -> list[tuple[str, bool | None, str]]:
+    scheme, a, base = claim.scheme, group[claim.scheme], group.get(BASELINE)
+    at = bw or "unshaped"
+    b = a["bytes_vs_hsdp"]
+    out: list[tuple[str, bool | None, str]] = [
+        (
+            f"{scheme} inter-node bytes/step <= {claim.bytes_label} of hsdp ({at})",
+            None if b is None else b <= claim.max_bytes,
+            f"{bench_report.fmt(b, '.4f')} of hsdp",
+        )
+    ]
+    v = a["val_loss_vs_hsdp"]
+    evidence = f"{bench_report.fmt(None if v is None else 100 * v, '+.1f')}% on the means"
+    if base is not None:
+        evidence += (
+            f" ({scheme}: {_range(a['final_val_loss'], '.4f')}; "
+            f"hsdp: {_range(base['final_val_loss'], '.4f')})"
+        )
+    out.append(
+        (
+            f"{scheme} final val loss within {claim.max_loss_excess:.0%} of hsdp ({at})",
+            None if v is None else v <= claim.max_loss_excess,
+            evidence,
+        )
+    )
+    if bw is not None and bw.lower().startswith("100mbit"):
+        out.append(_time_target(group, a, at))
+        n = a["step_time_vs_none"]
+        out.append(
+            (
+                f"{scheme} s/step within 15% of none ({at})",
+                None if n is None else n <= 0.15,
+                f"{bench_report.fmt(None if n is None else 100 * n, '+.1f')}% on the means "
+                f"({scheme}: {_range(a['step_time_s_median'], '.3f', ' s')})",
+            )
+        )
     return out
 
 
