@@ -91,7 +91,7 @@ def loopback_comm(nodes: int) -> Any:
 
         size, rank = nodes, 0
 
-        def all_reduce_sum(self, flat: torch.Tensor) -> None:
+        def all_reduce_sum(self, flat: torch.Tensor, async_op: bool = False) -> None:
             flat.mul_(self.size)
 
         def all_gather(

@@ -76,8 +76,12 @@ class Transport(Protocol):
     size: int  # number of nodes
     rank: int  # this node's position among them
 
-    def all_reduce_sum(self, flat: torch.Tensor) -> None:
-        """Replace ``flat`` by its sum over the nodes, the same bytes on every node."""
+    def all_reduce_sum(self, flat: torch.Tensor, async_op: bool = False) -> Any:
+        """Replace ``flat`` by its sum over the nodes, the same bytes on every node.
+
+        With ``async_op`` it may return a handle whose ``wait()`` finishes the sum (``None``
+        when it has finished already).
+        """
 
     def all_gather(self, out: torch.Tensor, buffer: torch.Tensor, async_op: bool = False) -> Any:
         """Fill ``out`` (``size`` times ``buffer``'s length) with every node's ``buffer``.
@@ -102,8 +106,8 @@ class DistTransport:
         self.size = size if size is not None else dist.get_world_size(group)
         self.rank = dist.get_rank(group) if group is not None else 0
 
-    def all_reduce_sum(self, flat: torch.Tensor) -> None:
-        dist.all_reduce(flat, group=self.group)
+    def all_reduce_sum(self, flat: torch.Tensor, async_op: bool = False) -> Any:
+        return dist.all_reduce(flat, group=self.group, async_op=async_op)
 
     def all_gather(self, out: torch.Tensor, buffer: torch.Tensor, async_op: bool = False) -> Any:
         return _all_gather_single(out, buffer, group=self.group, async_op=async_op)
@@ -112,22 +116,54 @@ class DistTransport:
         dist.broadcast(buffer, group_src=src, group=self.group)
 
 
-class PendingGather:
-    """An all-gather in flight (:meth:`Comm.all_gather_async`)."""
+class _InFlight:
+    """A collective in flight: :meth:`finish` waits for it once, counting the wait."""
 
-    def __init__(
-        self, comm: Comm, work: Any, gathered: torch.Tensor, specs: list[TensorSpec]
-    ) -> None:
-        self._comm, self._work, self._gathered, self._specs = comm, work, gathered, specs
+    def __init__(self, comm: Comm, work: Any) -> None:
+        self._comm, self._work = comm, work
 
-    def wait(self) -> list[list[torch.Tensor]]:
-        """Every node's tensors, one list per node in replicate-rank order."""
+    def finish(self) -> None:
         if self._work is not None:
             start = time.perf_counter()
             self._work.wait()
             self._work = None
             self._comm._stats.seconds += time.perf_counter() - start
+
+
+class PendingGather(_InFlight):
+    """An all-gather in flight (:meth:`Comm.all_gather_async`)."""
+
+    def __init__(
+        self, comm: Comm, work: Any, gathered: torch.Tensor, specs: list[TensorSpec]
+    ) -> None:
+        super().__init__(comm, work)
+        self._gathered, self._specs = gathered, specs
+
+    def wait(self) -> list[list[torch.Tensor]]:
+        """Every node's tensors, one list per node in replicate-rank order."""
+        self.finish()
         return [unpack(part, self._specs) for part in self._gathered.chunk(self._comm.size)]
+
+
+class PendingMean(_InFlight):
+    """An all-reduce mean in flight (:meth:`Comm.all_reduce_mean_async`)."""
+
+    def __init__(
+        self, comm: Comm, work: Any, flat: torch.Tensor, tensors: list[torch.Tensor]
+    ) -> None:
+        super().__init__(comm, work)
+        self._flat, self._shapes = flat, [t.shape for t in tensors]
+
+    def wait(self) -> list[torch.Tensor]:
+        """The means, new tensors shaped like the ones sent."""
+        self.finish()
+        if not self._shapes:
+            return []
+        if self._comm.size > 1:
+            self._flat.div_(self._comm.size)
+        sizes = [math.prod(shape) for shape in self._shapes]
+        parts = self._flat.split(sizes)
+        return [c.view(shape) for c, shape in zip(parts, self._shapes, strict=True)]
 
 
 class Comm:
@@ -179,18 +215,23 @@ class Comm:
         Sum then divide (``ReduceOp.AVG`` is NCCL-only). Ring all-reduce hands every rank the
         same reduced bytes, so the results are bitwise identical across nodes.
         """
-        if self.size == 1 or not tensors:
-            return [t.clone() for t in tensors]
+        return self.all_reduce_mean_async(tensors).wait()
+
+    def all_reduce_mean_async(self, tensors: list[torch.Tensor]) -> PendingMean:
+        """Start :meth:`all_reduce_mean` and return at once; :meth:`PendingMean.wait` finishes
+        it. The tensors are copied first, so they may change while the sum is in flight."""
+        if not tensors:
+            return PendingMean(self, None, torch.empty(0), [])
         dtype = tensors[0].dtype
         if any(t.dtype != dtype for t in tensors):
             raise TypeError("all_reduce_mean needs tensors of one dtype")
-        start = time.perf_counter()
         flat = torch.cat([t.reshape(-1) for t in tensors])
-        self.transport.all_reduce_sum(flat)
-        flat.div_(self.size)
+        if self.size == 1 or flat.numel() == 0:
+            return PendingMean(self, None, flat, tensors)
+        start = time.perf_counter()
+        work = self.transport.all_reduce_sum(flat, async_op=True)
         self._count(all_reduce_bytes(flat.numel() * flat.element_size(), self.size), start)
-        sizes = [t.numel() for t in tensors]
-        return [c.view_as(t) for c, t in zip(flat.split(sizes), tensors, strict=True)]
+        return PendingMean(self, work, flat, tensors)
 
     def all_gather(self, tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
         """Gather every node's ``tensors`` (same shapes and dtypes on every node), in one call.

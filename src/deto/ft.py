@@ -99,6 +99,11 @@ class FTComm(Comm):
             "FTComm gathers synchronously: DeMo(overlap=True) is not supported on torchft yet"
         )
 
+    def all_reduce_mean_async(self, tensors: list[torch.Tensor]) -> Any:
+        raise NotImplementedError(
+            "FTComm all-reduces synchronously: Full(overlap=True) is not supported on torchft yet"
+        )
+
     def _wait(self, work: Any, what: str) -> None:
         try:
             work.wait()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import weakref
 from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
 from typing import Any
 
@@ -44,7 +45,7 @@ from deto.replicators.base import (
     build_replicators,
     local_tensor,
 )
-from deto.routing import route
+from deto.routing import owner, route
 from deto.topology import Topology
 
 logger = logging.getLogger(__name__)
@@ -143,6 +144,7 @@ class DecoupledOptimizer(torch.optim.Optimizer):
                 for slot in slots:
                     self._coverage[slot.index].append(r)
         self._param_replicators = [r for r in self.replicators if isinstance(r, ParamReplicator)]
+        self._early_hooks = self._install_early_start()
         self._publish_scalars()
 
     @classmethod
@@ -281,6 +283,41 @@ class DecoupledOptimizer(torch.optim.Optimizer):
         self._finish_stats(skipped)
         self._publish_scalars()
         return loss
+
+    def _install_early_start(self) -> list[Any]:
+        """Hooks handing each gradient to a replicator that :attr:`~GradReplicator.starts_early`
+        as soon as the backward pass has made it (FSDP2 runs a sharded parameter's
+        post-accumulate-grad hooks once its unit is reduce-scattered; autograd runs them for
+        plain parameters). The hook holds the optimizer weakly, so it outlives it harmlessly."""
+        early = {r for r, rep in enumerate(self.replicators) if isinstance(rep, GradReplicator)
+                 and rep.starts_early}  # fmt: skip
+        if not early:
+            return []
+        this = weakref.ref(self)
+
+        def grad_ready(param: torch.Tensor) -> None:
+            opt = this()
+            if opt is not None:
+                opt._grad_ready(param)
+
+        return [
+            p.register_post_accumulate_grad_hook(grad_ready)
+            for i, p in enumerate(self.params)
+            if early & set(self._coverage[i])
+        ]
+
+    def _grad_ready(self, param: torch.Tensor) -> None:
+        """Start the exchange of ``param``'s gradient if its replicator on the coming step starts
+        early (the same routing :meth:`step` will do, which depends only on the step)."""
+        i = self._index_of[id(param)]
+        t = self.step_count + 1
+        r = owner(self._coverage[i], [rep.schedule.fires(t) for rep in self.replicators])
+        if r is None:
+            return
+        rep = self._grad_replicator(r)
+        if rep.starts_early and param.grad is not None:
+            with torch.no_grad():
+                rep.start(self._slot_of[r][i], local_tensor(param.grad), self.comm)
 
     def _grad_replicator(self, position: int) -> GradReplicator:
         rep = self.replicators[position]

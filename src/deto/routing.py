@@ -26,6 +26,12 @@ class Routes:
     uncovered: list[int] = field(default_factory=list)
 
 
+def owner(owners: Sequence[int], fires: Sequence[bool]) -> int | None:
+    """The replicator that replicates a parameter covered by ``owners`` (in list order) on a
+    step where ``fires`` says which replicators fire; ``None`` if none of them fires."""
+    return next((r for r in owners if fires[r]), None)
+
+
 def route(
     coverage: Sequence[Sequence[int]], fires: Sequence[bool], present: Iterable[int]
 ) -> Routes:
@@ -43,7 +49,7 @@ def route(
         if not owners:
             routes.uncovered.append(i)
             continue
-        firing = next((r for r in owners if fires[r]), None)
+        firing = owner(owners, fires)
         if firing is None:
             routes.deferred.setdefault(owners[0], []).append(i)
         else:

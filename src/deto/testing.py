@@ -78,7 +78,8 @@ class _MemoryTransport:
         self.size = rendezvous.nodes
         self.rank = rank
 
-    def all_reduce_sum(self, flat: torch.Tensor) -> None:
+    def all_reduce_sum(self, flat: torch.Tensor, async_op: bool = False) -> None:
+        """Always finishes at once (in-memory), so there is never a handle to wait on."""
         parts = self._rv.exchange(self.rank, "all_reduce", flat)
         total = parts[0]
         for part in parts[1:]:

@@ -25,6 +25,7 @@ SYNCING = {
     "demo-sparse": {"topk": 4, "chunk": 4, "dense_fallback": False},
     "demo-overlap": {"overlap": True, "values": "int8"},
     "full": {},
+    "full-overlap": {"overlap": True},
     "random": {"rate": 0.3},
     "striding": {"rate": 0.25},
     "slicing": {"rate": 0.4},
@@ -167,8 +168,16 @@ def expected_rank_bytes(opt: deto.DecoupledOptimizer, rep: deto.Replicator, node
             if v.numel():
                 n += len(rep.rows(s.index, v.shape[0])) * v.shape[1]
         return all_reduce_bytes(4 * n, nodes)
+    if isinstance(rep, deto.Full) and rep.overlap:  # one all-reduce per non-empty gradient
+        return sum(all_reduce_bytes(4 * s.local.numel(), nodes) for s in rep.slots)
     numel = sum(s.local.numel() for s in rep.slots)
     return all_reduce_bytes(4 * numel, nodes)
+
+
+def expected_collectives(rep: deto.Replicator) -> tuple[int, ...]:
+    if isinstance(rep, deto.Full) and rep.overlap:
+        return (sum(1 for s in rep.slots if s.local.numel()),)
+    return (1, 2)  # coalesced: one per step (DeMo: + one for dense tensors)
 
 
 def measured_bytes(key: str) -> tuple[list[tuple[int, int, int, int, int]], int]:
@@ -179,7 +188,7 @@ def measured_bytes(key: str) -> tuple[list[tuple[int, int, int, int, int]], int]
         expected = expected_rank_bytes(opt, rep, 2)  # before the step: rows depend on the count
         common.train(model, opt, 1, start=s)
         st = opt.stats()
-        rows.append((expected, st.bytes_sent, st.bytes_received, st.collectives, st.node_bytes_sent, st.node_bytes_received))
+        rows.append((expected, st.bytes_sent, st.bytes_received, st.collectives, st.node_bytes_sent, st.node_bytes_received, expected_collectives(rep)))
     return rows
 
 
@@ -188,9 +197,9 @@ def test_stats_bytes_equal_analytical_payload(pool, key):
     out = pool.run(measured_bytes, key)
     for rank, rows in enumerate(out):
         peer = out[rank ^ 1]  # the other rank of the same node
-        for step, (expected, sent, received, collectives, node_sent, node_received) in enumerate(rows):
+        for step, (expected, sent, received, collectives, node_sent, node_received, allowed) in enumerate(rows):
             assert sent == received == expected > 0, (rank, step, sent, expected)
-            assert collectives in (1, 2)  # coalesced: one per step (DeMo: + one for dense tensors)
+            assert collectives in allowed, (collectives, allowed)
             assert node_sent == node_received == expected + peer[step][0], (rank, node_sent)
 
 

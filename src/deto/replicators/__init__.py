@@ -15,7 +15,13 @@ from deto.replicators.base import (
 from deto.replicators.demo import DeMo, DeMoOptions
 from deto.replicators.diloco import DiLoCo, DiLoCoOptions
 from deto.replicators.full import Full, NoReplication
-from deto.replicators.options import KnobTypeError, MomentumOptions, Options, ReplicatorOptions
+from deto.replicators.options import (
+    KnobTypeError,
+    MomentumOptions,
+    Options,
+    OverlapOptions,
+    ReplicatorOptions,
+)
 from deto.replicators.subset import (
     RandomSubset,
     Slicing,
@@ -37,6 +43,7 @@ __all__ = [
     "MomentumReplicator",
     "NoReplication",
     "Options",
+    "OverlapOptions",
     "ParamReplicator",
     "RandomSubset",
     "Replicator",

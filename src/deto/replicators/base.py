@@ -134,6 +134,18 @@ class GradReplicator(Replicator):
     def defer(self, positions: list[int], grads: list[torch.Tensor], lrs: list[float]) -> None:
         """Fold a step's gradients into the state on a step the schedule skips; nothing is sent."""
 
+    @property
+    def starts_early(self) -> bool:
+        """Whether :meth:`start` wants each gradient as soon as the backward pass has made it."""
+        return False
+
+    def start(self, position: int, grad: torch.Tensor, comm: Comm) -> None:
+        """Begin the exchange of ``slots[position]``'s gradient during the backward pass, on a
+        step where this replicator will replicate it; :meth:`replicate` finishes it. Called
+        only when :attr:`starts_early`, in the order the backward pass makes the gradients,
+        which is the same on every node."""
+        raise NotImplementedError(f"{type(self).__name__} does not start exchanges early")
+
 
 class ParamReplicator(Replicator):
     """Acts on the covered parameters after the base optimizer's step, on the steps it fires."""

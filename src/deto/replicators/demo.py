@@ -24,7 +24,7 @@ from deto.compress.blockgroup import BlockGroup
 from deto.compress.chunking import BlockLayout, BlockMode, make_layout
 from deto.compress.wire import VALUE_CODECS, WireFormat
 from deto.replicators.base import MomentumReplicator, register
-from deto.replicators.options import MomentumOptions, knob
+from deto.replicators.options import MomentumOptions, OverlapOptions, knob
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ def plan_shard(
 
 
 @dataclass(frozen=True)
-class DeMoOptions(MomentumOptions):
+class DeMoOptions(MomentumOptions, OverlapOptions):
     """DeMo's knobs.
 
     ``topk`` counts coefficients per nominal block (see :func:`plan_shard`), at most its
@@ -104,9 +104,6 @@ class DeMoOptions(MomentumOptions):
     )
     dense_fallback: bool = knob(
         True, "send a tensor dense when its top-k payload would not be smaller"
-    )
-    overlap: bool = knob(
-        False, "apply the previous step's aggregate while this step's exchange is in flight"
     )
 
     def __post_init__(self) -> None:

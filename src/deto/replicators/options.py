@@ -120,6 +120,17 @@ class ReplicatorOptions(Options):
 
 
 @dataclass(frozen=True)
+class OverlapOptions(ReplicatorOptions):
+    """Replicators that can run their exchange under compute (Full, DeMo)."""
+
+    overlap: bool = knob(
+        False,
+        "hide the exchange under compute (full: all-reduce each gradient as the backward pass "
+        "makes it, same numbers; demo: apply the previous step's aggregate, a one-step delay)",
+    )
+
+
+@dataclass(frozen=True)
 class MomentumOptions(ReplicatorOptions):
     """Replicators with a decoupled momentum (see ``MomentumReplicator``)."""
 

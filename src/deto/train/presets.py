@@ -21,7 +21,7 @@ from deto.replicators import (
     DeMoOptions,
     DiLoCoOptions,
     Options,
-    ReplicatorOptions,
+    OverlapOptions,
     SubsetOptions,
 )
 
@@ -108,7 +108,7 @@ PRESETS: Mapping[str, Preset] = _frozen({
             "full",
             "deto's Full replicator (all-reduce of the sharded gradient) + AdamW, sign off",
             "full",
-            ReplicatorOptions(),
+            OverlapOptions(),
             _frozen({"optimizer": "adamw", "sign": False}),
             _ADAMW_LR,
         ),
