@@ -133,11 +133,17 @@ def _csv(text: str | None) -> tuple[str, ...] | None:
 
 def _bench_lists(ns: argparse.Namespace) -> tuple[Any, Any, Any]:
     """--schemes, --bandwidth and --seeds as tuples (``None`` where not given)."""
+    from deto.train import bench
     from deto.train.presets import PRESETS
 
     schemes = _csv(ns.schemes)
-    if schemes is not None and (not schemes or any(s not in PRESETS for s in schemes)):
+    if schemes is not None and not schemes:
         raise UsageError(f"Invalid --schemes: {ns.schemes!r} (valid: {', '.join(PRESETS)})")
+    try:
+        for spec in schemes or ():
+            bench.check_variant(spec)
+    except ValueError as exc:
+        raise UsageError(f"Invalid --schemes: {exc}") from None
     bandwidths = None
     if ns.bandwidth is not None:
         given = (b.strip() for b in ns.bandwidth.split(","))
@@ -334,7 +340,10 @@ def build_parser() -> argparse.ArgumentParser:
         description=BENCH_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     bench_p.add_argument("--schemes", default=None, metavar="A,B,...",
-                         help=f"comma-separated schemes (default: {','.join(_bench_defaults())}; "
+                         help="comma-separated schemes; SCHEME+KNOB[=VALUE]... runs a preset "
+                         "with knobs changed as a scheme of its own, e.g. flexdemo+overlap or "
+                         "flexdemo+topk=8 "
+                         f"(default: {','.join(_bench_defaults())}; "
                          "with --reproduce: every recorded one)")
     bench_p.add_argument("--bandwidth", default=None, metavar="RATE,...",
                          help="comma-separated link rates, 'none' for unshaped (default: none; "

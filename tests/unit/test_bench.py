@@ -134,7 +134,9 @@ def test_node_argv_runs_torchrun_inside_the_namespace():
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["bench", "--schemes", "foo"], "Invalid --schemes: 'foo'"),
+        (["bench", "--schemes", "foo"], "Invalid --schemes: unknown scheme 'foo'"),
+        (["bench", "--schemes", "hsdp+overlap"], "scheme 'hsdp' has no knob 'overlap'"),
+        (["bench", "--schemes", "none,flexdemo+topk"], "topk needs a value (topk=VALUE)"),
         (["bench", "--schemes", "hsdp", "--bandwidth", "10mbps"], "byte units are not accepted"),
     ],
 )
@@ -144,6 +146,19 @@ def test_bench_bad_input_is_one_line_and_status_2(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("deto bench: error:") and message in err[0]
+
+
+def test_a_variant_runs_its_preset_with_the_knobs_changed(tmp_path):
+    assert bench.variant("flexdemo") == ("flexdemo", [])
+    assert bench.variant("flexdemo+overlap+dense_fallback=false+topk=8") == (
+        "flexdemo", ["--overlap", "--no-dense-fallback", "--topk", "8"]
+    )
+    argv = bench.train_argv("full+overlap", "3mbit", 1, tmp_path / "r", ["--steps", "5"])
+    i = argv.index("--scheme")
+    assert argv[i : i + 3] == ["--scheme", "full", "--overlap"]
+    assert argv[-4:] == ["--steps", "5", "--bandwidth", "3mbit"]
+    assert bench.run_name("full+overlap", "3mbit", 1) == "3mbit-full+overlap-seed1"
+    bench.check_variant("flexdemo-lean+overlap+values=fp32")  # no error
 
 
 def test_bench_passes_arguments_after_the_separator_to_every_run(tmp_path, monkeypatch):

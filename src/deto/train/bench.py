@@ -84,6 +84,47 @@ def machine() -> str:
     return f"{platform.machine()}, {cores}, {platform.system()} {platform.release()}"
 
 
+def variant(spec: str) -> tuple[str, list[str]]:
+    """A ``--schemes`` entry as a preset and the flags it adds: ``flexdemo+overlap`` is
+    ``--scheme flexdemo --overlap``, ``flexdemo+topk=8+dense_fallback=false`` adds ``--topk 8
+    --no-dense-fallback``. A variant is its own scheme in the report, so two settings of one
+    preset run side by side (interleaved with the others, seed by seed)."""
+    from deto.train.config import KNOBS
+
+    scheme, *changes = spec.split("+")
+    flags: list[str] = []
+    for change in changes:
+        knob, eq, value = change.partition("=")
+        name = knob.replace("-", "_")
+        flag = "--" + name.replace("_", "-")
+        if name in KNOBS and KNOBS[name].type in ("bool", bool):
+            flags.append(flag if value.lower() in ("", "true") else f"--no-{flag[2:]}")
+        else:
+            flags += [flag, *([value] if eq else [])]
+    return scheme, flags
+
+
+def check_variant(spec: str) -> None:
+    """``ValueError`` (one line) unless ``spec`` names a preset and knobs that preset has."""
+    from deto.train.config import KNOBS
+    from deto.train.presets import PRESETS
+
+    scheme, *changes = spec.split("+")
+    if scheme not in PRESETS:
+        raise ValueError(f"unknown scheme {scheme!r} in {spec!r} (valid: {', '.join(PRESETS)})")
+    options = PRESETS[scheme].options
+    for change in changes:
+        knob, eq, value = change.partition("=")
+        knob = knob.replace("-", "_")
+        if knob not in KNOBS or options is None or knob not in options.knobs():
+            raise ValueError(f"{spec!r}: scheme {scheme!r} has no knob {knob!r}")
+        if KNOBS[knob].type in ("bool", bool):
+            if value.lower() not in ("", "true", "false"):
+                raise ValueError(f"{spec!r}: {knob} is on or off ({knob}, {knob}=false)")
+        elif not value:
+            raise ValueError(f"{spec!r}: {knob} needs a value ({knob}=VALUE)")
+
+
 def run_name(scheme: str, bandwidth: str | None, seed: int) -> str:
     return f"{bandwidth or 'unshaped'}-{scheme}-seed{seed}"
 
@@ -91,13 +132,15 @@ def run_name(scheme: str, bandwidth: str | None, seed: int) -> str:
 def train_argv(
     scheme: str, bandwidth: str | None, seed: int, out: Path, train_args: Sequence[str]
 ) -> list[str]:
+    preset, flags = variant(scheme)
     argv = [
         sys.executable,
         "-m",
         "deto",
         "train",
         "--scheme",
-        scheme,
+        preset,
+        *flags,
         "--seed",
         str(seed),
         "--out",
