@@ -161,6 +161,23 @@ def test_a_variant_runs_its_preset_with_the_knobs_changed(tmp_path):
     bench.check_variant("flexdemo-lean+overlap+values=fp32")  # no error
 
 
+def test_an_overlapped_variant_is_judged_against_max_of_compute_and_exchange():
+    def agg(scheme: str, step: float, mb: float) -> dict:
+        return {
+            "scheme": scheme, "bandwidth": "8mbit", "step_time_s_median": {"mean": step},
+            "inter_node_mb_per_step": {"mean": mb}, "replicas_identical_runs": [1, 1],
+        }  # fmt: skip
+
+    # compute 0.2 s; 0.25 MB per step over 8 Mbit/s is 0.25 s of exchange; their sum is 0.45 s
+    group = [agg("none", 0.2, 0.0), agg("flexdemo+topk=8", 0.45, 0.25)]
+    hidden = bench.targets([*group, agg("flexdemo+topk=8+overlap", 0.27, 0.25)])
+    claim, met, evidence = hidden[0]
+    assert claim == "flexdemo+topk=8+overlap s/step <= 1.1 x max(compute, exchange) (8mbit)"
+    assert met is True and "0.250 s exchange" in evidence and "without overlap: 0.450 s" in evidence
+    exposed = bench.targets([*group, agg("flexdemo+topk=8+overlap", 0.3, 0.25)])
+    assert exposed[0][1] is False  # above 1.1 x 0.25 s
+
+
 def test_bench_passes_arguments_after_the_separator_to_every_run(tmp_path, monkeypatch):
     from deto import cli
 
