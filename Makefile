@@ -26,7 +26,7 @@ test: $(STAMP)
 SEEDS ?= 0,1,2
 RESULTS ?= benchmarks/results/$(shell date +%Y-%m-%d)-cpu-2x2
 results: $(STAMP)
-	$(BIN)/deto bench --bandwidth 100mbit,1gbit --seeds $(SEEDS) --out $(RESULTS)
+	$(BIN)/deto bench --schemes hsdp,full,flexdemo,flexdemo-lean,none --bandwidth 100mbit,1gbit --seeds $(SEEDS) --out $(RESULTS)
 	$(BIN)/deto bench --schemes hsdp,flexdemo,flexdemo-lean,none --bandwidth 25mbit --seeds $(SEEDS) --out $(RESULTS)-25mbit
 
 clean:

@@ -45,7 +45,8 @@ def planned(run: bench.RunResult, train_args: list[str], stop_at: int, out: Path
     from deto.cli import build_parser
     from deto.train.config import KEYS, load_toml, resolve
 
-    argv = ["train", "--scheme", run.scheme, "--seed", str(run.seed), *train_args]
+    preset, flags = bench.variant(run.scheme)
+    argv = ["train", "--scheme", preset, *flags, "--seed", str(run.seed), *train_args]
     ns = build_parser().parse_args(argv)
     values = load_toml(ns.config) if hasattr(ns, "config") else {}
     values.update({k: v for k, v in vars(ns).items() if k in KEYS})
