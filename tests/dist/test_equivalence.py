@@ -12,11 +12,11 @@ import deto
 pytestmark = pytest.mark.dist
 
 
-def full_vs_hsdp(steps: int, overlap: bool) -> float:
+def full_vs_hsdp(steps: int) -> float:
     t = common.topo()
     model, opt = deto.prepare(
-        common.make_model(), t, replicator=deto.Full(overlap=overlap),
-        optimizer=torch.optim.AdamW, lr=1e-2, sign=False, weight_decay=0.1,
+        common.make_model(), t, replicator="full", optimizer=torch.optim.AdamW, lr=1e-2,
+        sign=False, weight_decay=0.1,
     )
     common.train(model, opt, steps)
     ours = common.full_params(model)
@@ -31,9 +31,9 @@ def full_vs_hsdp(steps: int, overlap: bool) -> float:
     return max((ours[n] - theirs[n]).abs().max().item() for n in ours)
 
 
-@pytest.mark.parametrize("overlap", [False, True])
-def test_full_adamw_matches_torch_hsdp(pool, overlap):
-    diffs = pool.run(full_vs_hsdp, 5, overlap)
+def test_full_adamw_matches_torch_hsdp(pool):
+    """(With overlap too: it gives Full's numbers bitwise, below.)"""
+    diffs = pool.run(full_vs_hsdp, 5)
     assert max(diffs) < 1e-6, diffs
 
 

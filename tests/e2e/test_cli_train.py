@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -158,31 +159,71 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
-def test_a_rank_killed_with_sigkill_restarts_and_ends_bitwise(straight, tmp_path) -> None:
-    """kill -9 of a rank after the first checkpoint: --max-restarts starts every rank again
-    from the newest whole checkpoint, and the run ends with the straight run's bytes."""
+def _kill_a_rank_and_finish(out: Path, ready: Callable[[], bool]) -> str:
+    """Run RESUMABLE with --max-restarts 1, kill -9 one rank as soon as ``ready()``; the run
+    must finish. Returns its stderr."""
     env = {
         k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
     }
     env["OMP_NUM_THREADS"] = "1"
-    out = tmp_path / "killed"
     proc = subprocess.Popen(
         [sys.executable, "-m", "deto", "train", "--out", str(out), "--max-restarts", "1",
          *RESUMABLE],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
-    first = out / "checkpoints" / "step_00000004" / "COMPLETE"
     deadline = time.monotonic() + TIMEOUT_S
-    while not first.exists():
-        assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint was written"
-        time.sleep(0.01)
+    while not ready():
+        assert proc.poll() is None and time.monotonic() < deadline, "the moment never came"
+        time.sleep(0.002)
     leaves = [p for p in _descendants(proc.pid) if not _descendants(p)]
     assert leaves, "no rank process found"
     os.kill(max(leaves), signal.SIGKILL)
     _, err = proc.communicate(timeout=TIMEOUT_S)
     assert proc.returncode == 0, err[-4000:]
+    return err
+
+
+def test_a_rank_killed_with_sigkill_restarts_and_ends_bitwise(straight, tmp_path) -> None:
+    """kill -9 of a rank after the first checkpoint: --max-restarts starts every rank again
+    from the newest whole checkpoint, and the run ends with the straight run's bytes."""
+    out = tmp_path / "killed"
+    first = out / "checkpoints" / "step_00000004" / "COMPLETE"
+    err = _kill_a_rank_and_finish(out, first.exists)
     assert "restarted: continuing from" in err
     same_run(json.loads((out / "summary.json").read_text()), straight[1])
+
+
+def test_a_kill_during_a_checkpoint_save_resumes_from_the_one_before(straight, tmp_path):
+    """kill -9 while step 8's checkpoint is being written: the half-written one never counts,
+    the restart continues from step 4, and the run still ends bitwise like the straight one."""
+    out = tmp_path / "killed-in-save"
+    checkpoints = out / "checkpoints"
+    err = _kill_a_rank_and_finish(out, (checkpoints / ".step_00000008.incomplete").is_dir)
+    assert "restarted: continuing from" in err and "step_00000004" in err, err[-3000:]
+    same_run(json.loads((out / "summary.json").read_text()), straight[1])
+    assert sorted(p.name for p in checkpoints.iterdir()) == [
+        "step_00000004", "step_00000008", "step_00000012"
+    ]  # the half-written one was replaced by the restarted run's own
+
+
+def test_a_full_disk_ends_in_one_line(tmp_path) -> None:
+    """--out on a tmpfs too small for the first checkpoint: one line naming the cause."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96k", "tmpfs", str(disk)],
+                             capture_output=True, check=False)  # fmt: skip
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        proc = deto("train", "--out", str(disk / "run"), *RESUMABLE)
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "the disk is full" in last and "free space under --out" in last, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
 
 
 def test_bad_input_exits_2_with_one_line() -> None:
