@@ -206,6 +206,11 @@ def test_a_kill_during_a_checkpoint_save_resumes_from_the_one_before(straight, t
     ]  # the half-written one was replaced by the restarted run's own
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="known defect (issue 12): an ENOSPC inside DCP's save ends in a traceback wall and "
+    "'rank N failed (exit code 1): To enable traceback see ...', not the one-line cause",
+)
 def test_a_full_disk_ends_in_one_line(tmp_path) -> None:
     """--out on a tmpfs too small for the first checkpoint: one line naming the cause."""
     if os.geteuid() != 0:
