@@ -84,41 +84,51 @@ def machine() -> str:
     return f"{platform.machine()}, {cores}, {platform.system()} {platform.release()}"
 
 
+def _parse_variant(spec: str) -> tuple[str, list[tuple[str, bool, str]]]:
+    """``SCHEME+KNOB[=VALUE]...`` as the scheme and its changes: (knob as a Python name,
+    whether a value was given, the value)."""
+    scheme, *changes = spec.split("+")
+    parsed = []
+    for change in changes:
+        knob, eq, value = change.partition("=")
+        parsed.append((knob.replace("-", "_"), bool(eq), value))
+    return scheme, parsed
+
+
+def _is_bool_knob(name: str) -> bool:
+    from deto.train.config import KNOBS
+
+    return name in KNOBS and KNOBS[name].type in ("bool", bool)
+
+
 def variant(spec: str) -> tuple[str, list[str]]:
     """A ``--schemes`` entry as a preset and the flags it adds: ``flexdemo+overlap`` is
     ``--scheme flexdemo --overlap``, ``flexdemo+topk=8+dense_fallback=false`` adds ``--topk 8
     --no-dense-fallback``. A variant is its own scheme in the report, so two settings of one
     preset run side by side (interleaved with the others, seed by seed)."""
-    from deto.train.config import KNOBS
-
-    scheme, *changes = spec.split("+")
+    scheme, changes = _parse_variant(spec)
     flags: list[str] = []
-    for change in changes:
-        knob, eq, value = change.partition("=")
-        name = knob.replace("-", "_")
+    for name, given, value in changes:
         flag = "--" + name.replace("_", "-")
-        if name in KNOBS and KNOBS[name].type in ("bool", bool):
+        if _is_bool_knob(name):
             flags.append(flag if value.lower() in ("", "true") else f"--no-{flag[2:]}")
         else:
-            flags += [flag, *([value] if eq else [])]
+            flags += [flag, *([value] if given else [])]
     return scheme, flags
 
 
 def check_variant(spec: str) -> None:
     """``ValueError`` (one line) unless ``spec`` names a preset and knobs that preset has."""
-    from deto.train.config import KNOBS
     from deto.train.presets import PRESETS
 
-    scheme, *changes = spec.split("+")
+    scheme, changes = _parse_variant(spec)
     if scheme not in PRESETS:
         raise ValueError(f"unknown scheme {scheme!r} in {spec!r} (valid: {', '.join(PRESETS)})")
     options = PRESETS[scheme].options
-    for change in changes:
-        knob, eq, value = change.partition("=")
-        knob = knob.replace("-", "_")
-        if knob not in KNOBS or options is None or knob not in options.knobs():
+    for knob, _, value in changes:
+        if options is None or knob not in options.knobs():
             raise ValueError(f"{spec!r}: scheme {scheme!r} has no knob {knob!r}")
-        if KNOBS[knob].type in ("bool", bool):
+        if _is_bool_knob(knob):
             if value.lower() not in ("", "true", "false"):
                 raise ValueError(f"{spec!r}: {knob} is on or off ({knob}, {knob}=false)")
         elif not value:
@@ -454,9 +464,14 @@ def _scheme_targets(
     return out
 
 
+def _turns_overlap_on(change: tuple[str, bool, str]) -> bool:
+    knob, _, value = change
+    return knob == "overlap" and value.lower() in ("", "true")
+
+
 def _overlaps(spec: str) -> bool:
     """Whether a ``--schemes`` entry is a variant with ``overlap`` on."""
-    return any(c.lower() in ("overlap", "overlap=true") for c in spec.split("+")[1:])
+    return any(_turns_overlap_on(c) for c in _parse_variant(spec)[1])
 
 
 OVERLAP_SLACK = 1.1
@@ -479,7 +494,10 @@ def _overlap_target(
         f"{step:.3f} s against {OVERLAP_SLACK} x max({compute:.3f} s compute ({FLOOR}), "
         f"{exchange:.3f} s exchange) = {bound:.3f} s"
     )
-    plain = group.get("+".join(c for c in spec.split("+") if not _overlaps("+" + c)))
+    scheme, *texts = spec.split("+")
+    changes = _parse_variant(spec)[1]
+    kept = [text for text, c in zip(texts, changes, strict=True) if not _turns_overlap_on(c)]
+    plain = group.get("+".join([scheme, *kept]))
     if plain is not None:
         evidence += f"; without overlap: {plain['step_time_s_median']['mean']:.3f} s"
     claim = f"{spec} s/step <= {OVERLAP_SLACK} x max(compute, exchange) ({bw})"
