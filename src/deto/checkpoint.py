@@ -8,11 +8,15 @@ integrations write their model and optimizer through here.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch.distributed import checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.tensor import DTensor
 from torch.utils._pytree import tree_map
 
@@ -44,10 +48,47 @@ def one_entry_per_node(
     return tree_map(lift, state), originals
 
 
+class CheckpointError(RuntimeError):
+    """A DCP save or load failed on some rank, told by the failure that explains it.
+
+    DCP gathers every rank's failure into a :class:`CheckpointException`, which derives from
+    ``BaseException``: it escapes ``except Exception`` (and torch elastic's error files), and its
+    text is one traceback per rank. This is the same failure as an ordinary exception whose
+    first line is the telling cause, with the original attached as ``__cause__``.
+    """
+
+
+def _telling(failures: dict[int, Any]) -> tuple[int, BaseException]:
+    """The rank and exception that explain a collective failure: an ``OSError`` (a full disk,
+    a missing file) before the errors it causes elsewhere, this rank's before another's."""
+    own = dist.get_rank() if dist.is_initialized() else 0
+    ranked = sorted(failures.items(), key=lambda kv: (not isinstance(kv[1][0], OSError),
+                                                       kv[0] != own, kv[0]))
+    rank, (exc, _trace) = ranked[0]
+    return rank, exc
+
+
+@contextlib.contextmanager
+def _ordinary_errors(action: str, path: str | Path) -> Iterator[None]:
+    try:
+        yield
+    except CheckpointException as exc:
+        rank, cause = _telling(exc.failures)
+        ranks = ", ".join(map(str, sorted(exc.failures)))
+        raise CheckpointError(
+            f"{action} {path} failed: {type(cause).__name__}: {cause} (on rank {rank}; "
+            f"failed on ranks {ranks})"
+        ) from exc
+
+
 def save_state(path: str | Path, state: dict[str, Any], topo: Topology) -> None:
-    """Write ``state`` (as DCP's ``get_state_dict`` returns it) under ``path``; a collective."""
+    """Write ``state`` (as DCP's ``get_state_dict`` returns it) under ``path``; a collective.
+
+    Raises :class:`CheckpointError` if any rank fails to write its part.
+    """
     entries, _ = one_entry_per_node(state, topo)
-    dcp.save(entries, checkpoint_id=str(path))
+    with _ordinary_errors("saving", path):
+        dcp.save(entries, checkpoint_id=str(path))
 
 
 def load_state(path: str | Path, state: dict[str, Any], topo: Topology) -> dict[str, Any]:
@@ -55,8 +96,9 @@ def load_state(path: str | Path, state: dict[str, Any], topo: Topology) -> dict[
 
     ``state`` names what to load (its keys may be a subset of the saved ones) and gives the
     shapes; its tensors are filled in place, other values (counters, settings) come back in the
-    returned dictionary only.
+    returned dictionary only. Raises :class:`CheckpointError` if any rank fails to read.
     """
     entries, originals = one_entry_per_node(state, topo)
-    dcp.load(entries, checkpoint_id=str(path))
+    with _ordinary_errors("loading", path):
+        dcp.load(entries, checkpoint_id=str(path))
     return tree_map(lambda v: originals.get(id(v), v), entries)

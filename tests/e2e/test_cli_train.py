@@ -206,13 +206,9 @@ def test_a_kill_during_a_checkpoint_save_resumes_from_the_one_before(straight, t
     ]  # the half-written one was replaced by the restarted run's own
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known defect (issue 12): an ENOSPC inside DCP's save ends in a traceback wall and "
-    "'rank N failed (exit code 1): To enable traceback see ...', not the one-line cause",
-)
 def test_a_full_disk_ends_in_one_line(tmp_path) -> None:
-    """--out on a tmpfs too small for the first checkpoint: one line naming the cause."""
+    """--out on a tmpfs too small for the first checkpoint: one line naming the cause, the
+    traceback in the run's error.log, and the half-written checkpoint removed."""
     if os.geteuid() != 0:
         pytest.skip("mounting a small tmpfs needs root")
     disk = tmp_path / "disk"
@@ -223,12 +219,16 @@ def test_a_full_disk_ends_in_one_line(tmp_path) -> None:
         pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
     try:
         proc = deto("train", "--out", str(disk / "run"), *RESUMABLE)
+        leftovers = [p.name for p in (disk / "run" / "checkpoints").iterdir()]
+        logged = (disk / "run" / "error.log").read_text()
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=False)
     assert proc.returncode == 1, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert "the disk is full" in last and "free space under --out" in last, proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr
+    assert "error.log" in last
+    assert "Traceback" not in proc.stderr and "No space left on device" in logged
+    assert leftovers == []
 
 
 def test_bad_input_exits_2_with_one_line() -> None:

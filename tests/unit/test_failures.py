@@ -60,3 +60,28 @@ def test_failure_line_names_node_rank_cause_and_advice() -> None:
 def test_failure_line_of_an_unknown_error_keeps_its_first_line() -> None:
     line = failure_line(0, 0, ValueError("bad thing\nmore detail"), 60)
     assert line == "node 0, rank 0: ValueError: bad thing; run with -v for the traceback"
+
+
+def test_a_dcp_failure_becomes_an_ordinary_error_told_by_its_cause() -> None:
+    """DCP's CheckpointException is a BaseException holding one traceback per rank: it must
+    reach the failure line as the full disk on rank 1, not as rank 0's consequent error."""
+    import traceback
+
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from deto.checkpoint import CheckpointError, _ordinary_errors
+
+    none = traceback.StackSummary()
+    failures = {
+        0: (RuntimeError("[enforce fail at inline_container.cc:672] unexpected pos 704"), none),
+        1: (OSError(errno.ENOSPC, "No space left on device"), none),
+    }
+    with pytest.raises(CheckpointError) as caught, _ordinary_errors("saving", "ckpt/step_4"):
+        raise CheckpointException("write", failures)
+    assert isinstance(caught.value, Exception)
+    assert str(caught.value) == (
+        "saving ckpt/step_4 failed: OSError: [Errno 28] No space left on device "
+        "(on rank 1; failed on ranks 0, 1)"
+    )
+    assert cause_of(caught.value) is DISK_FULL
+    assert isinstance(caught.value.__cause__, CheckpointException)

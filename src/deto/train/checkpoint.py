@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from deto.checkpoint import load_state, save_state
+from deto.checkpoint import CheckpointError, load_state, save_state
 from deto.topology import Topology
 from deto.train import report
 from deto.train.config import STRUCTURAL, TrainConfig
@@ -77,7 +77,12 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
-    save_state(tmp, _state(model, opt), topo)
+    try:
+        save_state(tmp, _state(model, opt), topo)
+    except CheckpointError:
+        if rank == 0:  # a collective failure: every rank is done writing; give the space back
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     own = {
         "rank": rank,
         "world_size": dist.get_world_size(),

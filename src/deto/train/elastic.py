@@ -53,6 +53,7 @@ class RankFailure(RuntimeError):
             path.write_text(f"rank {self.rank} (exit code {self.exitcode}):\n{self.traceback}")
         except OSError as exc:
             logger.debug("could not write %s: %s", run_dir / ERROR_LOG, exc)
+            (run_dir / ERROR_LOG).unlink(missing_ok=True)  # no empty log left to mislead
             return
         self.log_file = path
 
