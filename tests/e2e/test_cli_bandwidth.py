@@ -35,15 +35,31 @@ def _namespaces() -> str:
     ).stdout
 
 
-def test_shaped_run_limits_the_link_and_removes_its_namespaces(tmp_path):
+def test_shaped_run_limits_the_link_restarts_a_killed_rank_and_removes_its_namespaces(tmp_path):
+    """One shaped run, three promises: the link is really limited; a rank killed with -9 after
+    the first checkpoint is restarted with every other rank of both nodes in one rendezvous
+    round, all continuing from that checkpoint; and the namespaces are gone at the end."""
     out = tmp_path / "run"
-    proc = subprocess.run(
-        [sys.executable, "-m", "deto", "train", "--bandwidth", "20mbit", "--out", str(out), "-q",
-         *TINY],
-        capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "deto", "train", "--bandwidth", "20mbit", "--out", str(out),
+         *TINY, "--checkpoint-every", "2", "--max-restarts", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    deadline = time.monotonic() + 240
+    while not (out / "checkpoints" / "step_00000002" / "COMPLETE").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint came"
+        time.sleep(0.01)
+    ranks = [pid for pid in _processes_mentioning(str(out / "train.toml"))
+             if b"torch.distributed.run" not in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    assert ranks, "no rank process found"
+    os.kill(max(ranks), signal.SIGKILL)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err[-3000:]
+    assert "restarted: continuing from" in err and "step_00000002" in err, err[-3000:]
+    assert "stopped answering" not in err, err[-3000:]  # no node started afresh alone
     summary = json.loads((out / "summary.json").read_text())
+    assert summary["resumed_from"].endswith("step_00000002") and summary["steps"] == 4
     link = summary["link"]
     assert link["bandwidth_bps"] == 20_000_000 and "tbf" in link["method"]
     measured = link["probe"]["measured_bps"]

@@ -10,7 +10,7 @@ import pytest
 
 from deto.train import bench, bench_report
 from deto.train.netem import EmulatedCluster
-from deto.train.netlaunch import RENDEZVOUS_PORT, node_argv
+from deto.train.netlaunch import RENDEZVOUS_PORT, node_argv, node_failure
 
 
 def test_loss_at_interpolates_between_evaluations():
@@ -123,12 +123,16 @@ def test_node_argv_runs_torchrun_inside_the_namespace():
     assert "GLOO_SOCKET_IFNAME=deto0" in argv and "OMP_NUM_THREADS=1" in argv
     assert "TORCH_CPP_LOG_LEVEL=ERROR" in argv
     i = argv.index("torch.distributed.run")
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in argv  # restarts need a fresh store
     assert argv[i + 1 :] == [
-        "--nnodes=2", "--node-rank=1", "--nproc-per-node=2", "--master-addr=10.213.0.1",
-        f"--master-port={RENDEZVOUS_PORT}", "--max-restarts=0", "-m", "deto", "train",
+        "--nnodes=2", "--nproc-per-node=2", "--rdzv-backend=c10d",
+        f"--rdzv-endpoint=10.213.0.1:{RENDEZVOUS_PORT}", "--rdzv-id=deto-123-abc",
+        "--rdzv-conf=is_host=false", "--local-addr=10.213.0.2", "--max-restarts=0",
+        "-m", "deto", "train",
     ]
     argv = node_argv(cluster, 0, 2, ["-m", "deto"], tmp_dir=Path("/t/x"), max_restarts=3)
     assert "TMPDIR=/t/x" in argv and "--max-restarts=3" in argv
+    assert "--rdzv-conf=is_host=true" in argv and "--local-addr=10.213.0.1" in argv
 
 
 @pytest.mark.parametrize(
@@ -325,3 +329,19 @@ def test_bench_seed_options_refuse_bad_input(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
+
+
+def test_a_failed_shaped_node_is_told_by_its_ranks_cause(tmp_path):
+    (tmp_path / "node1.log").write_text(
+        "W1128 torch noise\n"
+        "deto train: error: node 1, rank 3: a peer closed its connection (RuntimeError: "
+        "Connection closed by peer [10.213.0.1]:1); see that peer's error\n"
+        "deto train: error: node 1, rank 2: the disk is full (OSError: [Errno 28] No space "
+        "left on device); free space under --out or point --out elsewhere\n"
+    )
+    assert node_failure(tmp_path, 1) == (
+        "node 1, rank 2: the disk is full (OSError: [Errno 28] No space left on device); free "
+        f"space under --out or point --out elsewhere (logs of nodes 1 and up: {tmp_path})"
+    )
+    (tmp_path / "node1.log").write_text("Traceback (most recent call last):\n")
+    assert node_failure(tmp_path, 1).startswith("a node exited with status 1 (node 0's output")

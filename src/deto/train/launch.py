@@ -164,10 +164,22 @@ def checkpoint_to_resume(cfg: TrainConfig) -> str | None:
     return str(selection.path)
 
 
+def restarted_anywhere() -> bool:
+    """Whether torch elastic restarted any rank of the world (a collective).
+
+    Each node's agent counts its own restarts (``TORCHELASTIC_RESTART_COUNT``): when one node's
+    ranks fail, the others are restarted for the new rendezvous round without counting it, so
+    one rank's count alone would let some ranks start afresh while others resume.
+    """
+    counts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(counts, int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")))
+    return max(counts) > 0
+
+
 def resume_after_restart(run_dir: str | None, resume: str | None) -> str | None:
-    """What a rank restarted by torch elastic (``TORCHELASTIC_RESTART_COUNT`` > 0) continues
-    from: the newest whole checkpoint of its run, else what the first attempt resumed from."""
-    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0:
+    """What the ranks continue from once torch elastic restarted any of them (a collective):
+    the newest whole checkpoint of the run, else what the first attempt resumed from."""
+    if not restarted_anywhere():
         return resume
     if run_dir is None:
         logger.warning("restarted without --out: no checkpoint to continue from")
@@ -230,6 +242,7 @@ def rank_entry(
         nodes=cfg.nodes, ranks_per_node=cfg.ranks_per_node, device=device, timeout=cfg.timeout
     )
     try:
+        topo.init()
         resume = resume_after_restart(run_dir, resume)
         return loop.run(cfg, topo, run_dir=run_dir, resume=resume)
     except KeyboardInterrupt:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from deto.train import report
+from deto.train.failures import PEER_GONE, TIMEOUT, cause_of
 from deto.train.lifetime import popen_kwargs
 from deto.train.netem import (
     EmulatedCluster,
@@ -78,11 +79,27 @@ def train_over_emulated_links(
         )
         description = cluster.describe()
     if code != 0:
-        raise RuntimeError(f"a node exited with status {code} (other nodes' logs: {out / 'logs'})")
+        raise RuntimeError(node_failure(out / "logs", code))
     summary = json.loads((out / "summary.json").read_text())
     summary["link"] = description
     report.write_json(out / "summary.json", summary)
     logger.debug("summary: %s", report.format_table(summary))
+
+
+ERROR_PREFIX = "deto train: error: "
+
+
+def node_failure(log_dir: Path, code: int) -> str:
+    """One line for a shaped run whose node exited with ``code``: the cause a failing rank told
+    in its node's log (node, rank, what to do), else where to look."""
+    told = []
+    for log in sorted(log_dir.glob("node*.log")):
+        lines = log.read_text(errors="replace").splitlines()
+        told += [ln[len(ERROR_PREFIX):] for ln in lines if ln.startswith(ERROR_PREFIX)]
+    if told:  # a cause before its consequences: the peers that saw a connection close
+        first = min(told, key=lambda line: cause_of(line) in (PEER_GONE, TIMEOUT))
+        return f"{first} (logs of nodes 1 and up: {log_dir})"
+    return f"a node exited with status {code} (node 0's output is above; the others': {log_dir})"
 
 
 def _toml_value(value: Any) -> str:
@@ -111,9 +128,20 @@ def node_argv(
     """
     # TORCH_CPP_LOG_LEVEL: inside a namespace c10d warns on every connection that the peer's
     # hostname does not resolve, which is expected there
-    env = {"OMP_NUM_THREADS": "1", "TORCH_CPP_LOG_LEVEL": "ERROR", **cluster.env(node)}
+    # TORCH_DISABLE_SHARE_RDZV_TCP_STORE: each attempt's ranks get a fresh store, so restarted
+    # ranks never read a dead attempt's gloo addresses (as in deto.train.elastic)
+    env = {
+        "OMP_NUM_THREADS": "1",
+        "TORCH_CPP_LOG_LEVEL": "ERROR",
+        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
+        **cluster.env(node),
+    }
     if tmp_dir is not None:
         env["TMPDIR"] = str(tmp_dir)
+    # c10d rendezvous, not static: when one node's ranks fail, every node's agent joins a new
+    # round and restarts its ranks together. Node 0's agent hosts the store (inside a namespace
+    # torch cannot tell that node 0's address is its own); ranks are given in the order of the
+    # agents' addresses as strings, so node 0 keeps ranks 0.. (and up to 10 nodes keep order)
     return [
         *cluster.exec_prefix(node),
         "env",
@@ -122,10 +150,12 @@ def node_argv(
         "-m",
         "torch.distributed.run",
         f"--nnodes={cluster.nodes}",
-        f"--node-rank={node}",
         f"--nproc-per-node={ranks_per_node}",
-        f"--master-addr={cluster.address(0)}",
-        f"--master-port={RENDEZVOUS_PORT}",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint={cluster.address(0)}:{RENDEZVOUS_PORT}",
+        f"--rdzv-id=deto-{cluster.run_id}",
+        f"--rdzv-conf=is_host={str(node == 0).lower()}",
+        f"--local-addr={cluster.address(node)}",
         f"--max-restarts={max_restarts}",
         *program,
     ]
