@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from deto.train.snapshot import snapshot_dir
+
 pytestmark = pytest.mark.e2e
 
 MODEL = ["--d-model", "32", "--layers", "1", "--heads", "2", "--batch-size", "4", "--warmup", "2"]
@@ -159,16 +161,16 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
-def _kill_a_rank_and_finish(out: Path, ready: Callable[[], bool]) -> str:
-    """Run RESUMABLE with --max-restarts 1, kill -9 one rank as soon as ``ready()``; the run
-    must finish. Returns its stderr."""
+def _kill_a_rank_and_finish(out: Path, ready: Callable[[], bool], *extra: str) -> str:
+    """Run RESUMABLE (then ``extra``) with --max-restarts 1, kill -9 one rank as soon as
+    ``ready()``; the run must finish. Returns its stderr."""
     env = {
         k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
     }
     env["OMP_NUM_THREADS"] = "1"
     proc = subprocess.Popen(
         [sys.executable, "-m", "deto", "train", "--out", str(out), "--max-restarts", "1",
-         *RESUMABLE],
+         *RESUMABLE, *extra],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     deadline = time.monotonic() + TIMEOUT_S
@@ -204,6 +206,23 @@ def test_a_kill_during_a_checkpoint_save_resumes_from_the_one_before(straight, t
     assert sorted(p.name for p in checkpoints.iterdir()) == [
         "step_00000004", "step_00000008", "step_00000012"
     ]  # the half-written one was replaced by the restarted run's own
+
+
+def test_a_restart_continues_from_the_in_memory_snapshot_bitwise(straight, tmp_path) -> None:
+    """No disk checkpoint before the end, a snapshot in shared memory every 2 steps: a rank
+    killed after step 6's snapshot costs at most 2 steps, the run still ends bitwise like the
+    straight one, and the snapshots are gone afterwards."""
+    out = tmp_path / "snapshots"
+    where = snapshot_dir(out)
+    err = _kill_a_rank_and_finish(
+        out, lambda: len(list(where.glob("rank*-step00000006.pt"))) == 4,
+        "--checkpoint-every", "12", "--snapshot-every", "2",
+    )
+    assert "continuing from the in-memory snapshot of step" in err, err[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["resumed_from"] in {f"in-memory snapshot of step {n}" for n in (6, 8, 10)}
+    same_run(summary, straight[1])
+    assert not where.exists()
 
 
 def test_a_full_disk_ends_in_one_line(tmp_path) -> None:

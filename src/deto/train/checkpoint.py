@@ -48,11 +48,23 @@ def _torch_optimizer(opt: Any) -> torch.optim.Optimizer:
     return opt if isinstance(opt, torch.optim.Optimizer) else opt.base
 
 
-def _state(model: nn.Module, opt: Any) -> dict[str, Any]:
+def training_state(model: nn.Module, opt: Any) -> dict[str, Any]:
+    """``{"model": ..., "optim": ...}`` as DCP's ``get_state_dict`` gives them: the tensors are
+    the live ones (a load into them restores the run in place)."""
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     model_sd, optim_sd = get_state_dict(model, _torch_optimizer(opt))
     return {"model": model_sd, "optim": optim_sd}
+
+
+def restore_state(model: nn.Module, opt: Any, state: dict[str, Any]) -> None:
+    """Hand a loaded :func:`training_state` back to the model and the optimizer."""
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    set_state_dict(
+        model, _torch_optimizer(opt),
+        model_state_dict=state["model"], optim_state_dict=state["optim"],
+    )
 
 
 def save_checkpoint(
@@ -78,7 +90,7 @@ def save_checkpoint(
         tmp.mkdir(parents=True)
     dist.barrier()
     try:
-        save_state(tmp, _state(model, opt), topo)
+        save_state(tmp, training_state(model, opt), topo)
     except CheckpointError:
         if rank == 0:  # a collective failure: every rank is done writing; give the space back
             shutil.rmtree(tmp, ignore_errors=True)
@@ -121,13 +133,7 @@ def load_checkpoint(
 
     Returns ``(history, rank_state)`` as given to :func:`save_checkpoint`.
     """
-    from torch.distributed.checkpoint.state_dict import set_state_dict
-
-    state = load_state(path, _state(model, opt), topo)
-    set_state_dict(
-        model, _torch_optimizer(opt),
-        model_state_dict=state["model"], optim_state_dict=state["optim"],
-    )
+    restore_state(model, opt, load_state(path, training_state(model, opt), topo))
     own = torch.load(path / f"rank{dist.get_rank():05d}.pt", weights_only=True)
     torch.set_rng_state(own.pop("rng"))
     for key in ("rank", "world_size"):
@@ -155,6 +161,11 @@ def find_checkpoint(path: str | Path) -> Path:
     if path.name.startswith("step_") or path.name.endswith(".incomplete"):
         raise ValueError(f"Not a complete checkpoint (no {COMPLETE} marker): {path}")
     raise ValueError(f"No complete checkpoint in {path}")
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step of the complete checkpoint ``path``."""
+    return int(json.loads((path / COMPLETE).read_text())["step"])
 
 
 def check_resumable(path: Path, cfg: TrainConfig) -> int:

@@ -105,6 +105,9 @@ class TrainConfig:
     checkpoint_every: int = _f(
         0, "save a checkpoint every N steps and at the end (0: never)", meta="N"
     )
+    snapshot_every: int = _f(0, "also keep an in-memory snapshot every N steps (one file per "
+                             "rank in /dev/shm); a restart continues from it when it is newer "
+                             "than the last checkpoint (0: off)", meta="N")
     resume: str = _f(None, "continue from a checkpoint, or the newest whole one in a run "
                      "directory; auto: the newest in --out if there is one", meta="DIR")
     max_restarts: int = _f(0, "restart the ranks up to N times after a failure, from the newest "
@@ -181,7 +184,8 @@ class TrainConfig:
 _INT_MIN = {
     "nodes": 1, "ranks_per_node": 1, "steps": 1, "batch_size": 1, "seq_len": 1, "d_model": 1,
     "layers": 1, "heads": 1, "warmup": 0, "eval_every": 1,
-    "eval_samples": 1, "log_every": 1, "seed": 0, "checkpoint_every": 0, "stop_at": 1,
+    "eval_samples": 1, "log_every": 1, "seed": 0, "checkpoint_every": 0, "snapshot_every": 0,
+    "stop_at": 1,
     "perturb_init_ulp": 0, "max_restarts": 0, "check_replicas_every": 0,
 }
 # (low, high, low_open, high_open)

@@ -27,7 +27,7 @@ from typing import Any
 import torch.distributed as dist
 
 from deto.topology import Topology
-from deto.train import checkpoint, loop, netem, netlaunch
+from deto.train import checkpoint, loop, netem, netlaunch, snapshot
 from deto.train.config import TrainConfig, load_toml, resolve
 from deto.train.console import configure_logging
 from deto.train.elastic import RankFailure, launch_local
@@ -35,6 +35,7 @@ from deto.train.failures import RankError, failure_line
 from deto.train.integrity import latest_usable, select_checkpoint
 from deto.train.lifetime import die_with_parent
 from deto.train.preflight import check_output_dir
+from deto.train.ranks import all_gather
 
 logger = logging.getLogger(__name__)
 
@@ -171,15 +172,13 @@ def restarted_anywhere() -> bool:
     ranks fail, the others are restarted for the new rendezvous round without counting it, so
     one rank's count alone would let some ranks start afresh while others resume.
     """
-    counts: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(counts, int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")))
-    return max(counts) > 0
+    return max(all_gather(int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")))) > 0
 
 
-def resume_after_restart(run_dir: str | None, resume: str | None) -> str | None:
-    """What the ranks continue from once torch elastic restarted any of them (a collective):
-    the newest whole checkpoint of the run, else what the first attempt resumed from."""
-    if not restarted_anywhere():
+def resume_after_restart(run_dir: str | None, resume: str | None, restarted: bool) -> str | None:
+    """What the ranks continue from once torch elastic restarted any of them: the newest whole
+    checkpoint of the run, else what the first attempt resumed from."""
+    if not restarted:
         return resume
     if run_dir is None:
         logger.warning("restarted without --out: no checkpoint to continue from")
@@ -191,6 +190,24 @@ def resume_after_restart(run_dir: str | None, resume: str | None) -> str | None:
         logger.warning("passing over a damaged checkpoint: %s", skipped)
     logger.warning("restarted: continuing from %s", selection.path)
     return str(selection.path)
+
+
+def snapshot_after_restart(
+    cfg: TrainConfig, run_dir: str | None, resume: str | None, restarted: bool
+) -> int | None:
+    """The step of the in-memory snapshot the restarted ranks continue from, when every rank
+    holds one newer than the checkpoint ``resume`` (a collective). A run that was not restarted
+    drops the snapshots an earlier run of ``run_dir`` may have left."""
+    if not cfg.snapshot_every or run_dir is None:
+        return None
+    if not restarted:
+        snapshot.drop_snapshots(run_dir)
+        return None
+    step = snapshot.newest_common_step(run_dir)
+    if step is None or (resume is not None and step <= checkpoint.checkpoint_step(Path(resume))):
+        return None
+    logger.warning("restarted: continuing from the in-memory snapshot of step %d", step)
+    return step
 
 
 def check_simulated(cfg: TrainConfig) -> None:
@@ -243,8 +260,10 @@ def rank_entry(
     )
     try:
         topo.init()
-        resume = resume_after_restart(run_dir, resume)
-        return loop.run(cfg, topo, run_dir=run_dir, resume=resume)
+        restarted = restarted_anywhere()
+        resume = resume_after_restart(run_dir, resume, restarted)
+        from_snapshot = snapshot_after_restart(cfg, run_dir, resume, restarted)
+        return loop.run(cfg, topo, run_dir=run_dir, resume=resume, snapshot_step=from_snapshot)
     except KeyboardInterrupt:
         # the launcher forwards the terminal's Ctrl-C: leave quietly, once
         signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -30,6 +30,7 @@ from deto.train.console import progress
 from deto.train.models import count_params
 from deto.train.optimizer import RunOptimizer, build_training, full_sync_bytes
 from deto.train.ranks import all_gather, from_rank0
+from deto.train.snapshot import drop_snapshots, load_snapshot, save_snapshot
 from deto.train.summary import (
     History,
     build_summary,
@@ -54,11 +55,13 @@ def run(
     *,
     run_dir: str | None,
     resume: str | None = None,
+    snapshot_step: int | None = None,
 ) -> dict[str, Any] | None:
     """Train ``cfg`` on this rank of ``topo``; return the summary on rank 0, ``None`` elsewhere.
 
     ``run_dir``: where outputs go (``None``: rank 0 picks ``runs/<timestamp>-<scheme>``).
-    ``resume``: a complete checkpoint directory to continue from.
+    ``resume``: a complete checkpoint directory to continue from; ``snapshot_step``: continue
+    from this rank's in-memory snapshot of that step instead (:mod:`deto.train.snapshot`).
     """
     topo.init()
     rank = dist.get_rank()
@@ -79,7 +82,12 @@ def run(
     )
 
     state = History()
-    if resume is not None:
+    resumed_from = resume
+    if snapshot_step is not None:
+        state = History.from_checkpoint(*load_snapshot(out, snapshot_step, model, opt))
+        resumed_from = f"in-memory snapshot of step {state.step}"
+        logger.info("resumed from the %s", resumed_from)
+    elif resume is not None:
         state = History.from_checkpoint(*load_checkpoint(Path(resume), model, opt, topo))
         logger.info("resumed from %s at step %d", resume, state.step)
     full_sync = full_sync_bytes(params, topo.nodes)
@@ -138,18 +146,27 @@ def run(
                     **{f"{task.unit}/s": f"{per_step_items / elapsed:,.0f}"},
                     xnode=f"{sent / 1e3:,.1f}kB",
                 )
-            if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
+            checkpointing = cfg.checkpoint_every and (
+                step % cfg.checkpoint_every == 0 or step == cfg.steps
+            )
+            snapshotting = cfg.snapshot_every and step % cfg.snapshot_every == 0 and step < last
+            if checkpointing or snapshotting:
                 state.wall_time_s = time.perf_counter() - clock
                 history, own = state.to_checkpoint()
-                save_checkpoint(
-                    out / CHECKPOINTS, step, model, opt, topo,
-                    history=history, config=cfg.to_dict(), rank_state=own,
-                )
+                if checkpointing:
+                    save_checkpoint(
+                        out / CHECKPOINTS, step, model, opt, topo,
+                        history=history, config=cfg.to_dict(), rank_state=own,
+                    )
+                else:
+                    save_snapshot(out, step, model, opt, history=history, rank_state=own)
     finally:
         if reporter is not None:
             reporter.close()
         report.close_all(sinks)
     state.wall_time_s = time.perf_counter() - clock
+    if cfg.snapshot_every:
+        drop_snapshots(out)
 
     identical = replicas_identical(model, topo, opt.promises_identical_replicas, cfg.scheme)
     digest = params_digest(model)
@@ -157,7 +174,7 @@ def run(
     if rank != 0:
         return None
     summary = build_summary(cfg, topo, task, params, state, full_sync, identical, digest, rss, out)
-    summary["resumed_from"] = str(resume) if resume is not None else None
+    summary["resumed_from"] = str(resumed_from) if resumed_from is not None else None
     report.write_json(out / "summary.json", summary)
     try:
         entropy = task.info.get("unigram_entropy")
