@@ -85,6 +85,7 @@ def test_changing_the_optimizer_changes_the_default_lr() -> None:
         ({"steps": 10, "stop_at": 11}, "Invalid stop_at: 11 .after the last step, 10"),
         ({"stop_at": 0}, "Invalid stop_at: 0"),
         ({"perturb_init_ulp": -1}, "Invalid perturb_init_ulp: -1"),
+        ({"snapshot_every": -2}, "Invalid snapshot_every: -2"),
     ],
 )
 def test_invalid_values_are_named_in_the_error(values: dict, match: str) -> None:
