@@ -45,3 +45,6 @@ def test_check_resumable(tmp_path) -> None:
         checkpoint.check_resumable(path, resolve({"steps": 40, "scheme": "hsdp"}))
     with pytest.raises(ValueError, match="nothing to do"):
         checkpoint.check_resumable(path, resolve({"steps": 20}))
+    (path / checkpoint.COMPLETE).write_text(json.dumps({"config": cfg.to_dict()}))
+    with pytest.raises(ValueError, match="it has no step"):
+        checkpoint.check_resumable(path, cfg)

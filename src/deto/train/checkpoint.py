@@ -179,7 +179,9 @@ def check_resumable(path: Path, cfg: TrainConfig) -> int:
     wrong = [f"{k}={saved.get(k)!r} (now {now[k]!r})" for k in STRUCTURAL if saved.get(k) != now[k]]
     if wrong:
         raise ValueError(f"Checkpoint {path} does not fit this run: it has {', '.join(wrong)}")
-    step = int(marker["step"])
+    step = marker.get("step")
+    if not isinstance(step, int):
+        raise ValueError(f"Unreadable checkpoint marker in {path}: it has no step")
     if step >= cfg.steps:
         raise ValueError(
             f"Checkpoint {path} is at step {step}: nothing to do for --steps {cfg.steps}"
