@@ -185,16 +185,6 @@ def _kill_a_rank_and_finish(out: Path, ready: Callable[[], bool], *extra: str) -
     return err
 
 
-def test_a_rank_killed_with_sigkill_restarts_and_ends_bitwise(straight, tmp_path) -> None:
-    """kill -9 of a rank after the first checkpoint: --max-restarts starts every rank again
-    from the newest whole checkpoint, and the run ends with the straight run's bytes."""
-    out = tmp_path / "killed"
-    first = out / "checkpoints" / "step_00000004" / "COMPLETE"
-    err = _kill_a_rank_and_finish(out, first.exists)
-    assert "restarted: continuing from" in err
-    same_run(json.loads((out / "summary.json").read_text()), straight[1])
-
-
 def test_a_kill_during_a_checkpoint_save_resumes_from_the_one_before(straight, tmp_path):
     """kill -9 while step 8's checkpoint is being written: the half-written one never counts,
     the restart continues from step 4, and the run still ends bitwise like the straight one."""
