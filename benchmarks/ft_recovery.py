@@ -12,8 +12,9 @@ managed gloo group, :mod:`deto.ft`) against an in-process Lighthouse, twice, one
 It reports the final validation loss of both runs (evaluated by node 0, on the whole
 validation split), the survivor's stall (from its last step committed with the dead node to
 its first committed alone) and the spare's rejoin time (from asking to join to its first
-committed step, recovery included), and writes ``results.json``, ``report.md`` and
-``recovery.png`` (training loss per committed step, participants shaded).
+committed step, recovery included), and writes ``recovery.json``, ``report.md`` and
+``recovery.png`` (training loss per committed step, participants shaded); not
+``results.json``, which names ``deto bench``'s results, whose runs the CI guard re-runs.
 
 Run from the repository root, for example::
 
@@ -244,7 +245,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     provenance = collect()
     meta = {"git_sha": (provenance["git"] or {}).get("sha", "unknown"), "scheme": ns.scheme,
             "steps": ns.steps, "kill_at": ns.kill_at, "alone": ns.alone, "provenance": provenance}
-    (ns.out / "results.json").write_text(
+    (ns.out / "recovery.json").write_text(
         json.dumps({"meta": meta, "rows": rows, "runs": runs}, indent=1))
     (ns.out / "report.md").write_text(report(rows, meta))
     plot(runs, ns.out)
