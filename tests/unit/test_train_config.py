@@ -10,7 +10,7 @@ import dataclasses
 import pytest
 
 from deto.train.config import FIELDS, TrainConfig, load_toml, resolve
-from deto.train.presets import PRESETS, default_lr
+from deto.train.presets import PRESETS, SIGN_LR_WIDTH_EXPONENT, default_lr
 
 
 def test_defaults_are_flexdemo_on_lm() -> None:
@@ -54,6 +54,18 @@ def test_overrides_win_and_reach_the_replicator() -> None:
 def test_changing_the_optimizer_changes_the_default_lr() -> None:
     cfg = resolve({"scheme": "flexdemo", "optimizer": "adamw", "sign": False})
     assert cfg.lr == default_lr("flexdemo", "lm", "adamw", False)
+
+
+def test_sign_sgd_rates_scale_with_the_width_and_nothing_else_does() -> None:
+    tuned = PRESETS["flexdemo"].lr["lm"]
+    assert resolve({}).lr == tuned  # the task's default width: the tuned rate itself
+    assert resolve({"d_model": 512}).lr == pytest.approx(tuned * 4**-SIGN_LR_WIDTH_EXPONENT)
+    assert resolve({"d_model": 512, "lr": 0.01}).lr == 0.01  # a given rate is kept
+    assert resolve({"scheme": "hsdp", "d_model": 512}).lr == PRESETS["hsdp"].lr["lm"]
+    vit = PRESETS["flexdemo"].lr["vision"]
+    assert resolve({"task": "vision", "d_model": 256}).lr == pytest.approx(
+        vit * 4**-SIGN_LR_WIDTH_EXPONENT
+    )
 
 
 @pytest.mark.parametrize(

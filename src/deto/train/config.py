@@ -23,7 +23,13 @@ from pathlib import Path
 from typing import Any
 
 from deto.replicators import Options
-from deto.train.presets import DEFAULT_SCHEME, OPTIMIZERS, PRESETS, default_lr
+from deto.train.presets import (
+    DEFAULT_SCHEME,
+    OPTIMIZERS,
+    PRESETS,
+    SIGN_LR_WIDTH_EXPONENT,
+    default_lr,
+)
 
 TASKS = ("lm", "vision")
 MODEL_TASKS: Mapping[str, str] = {
@@ -87,7 +93,8 @@ class TrainConfig:
     layers: int = _f(None, "transformer layers (2)", meta="N")
     heads: int = _f(None, "attention heads (4)", meta="N")
     optimizer: str = _f(None, "base optimizer (preset's default)", choices=tuple(OPTIMIZERS))
-    lr: float = _f(None, "peak learning rate (preset's tuned default)", meta="LR")
+    lr: float = _f(None, "peak learning rate (preset's tuned default; with sign, scaled by "
+                   f"(default --d-model / --d-model) ** {SIGN_LR_WIDTH_EXPONENT:g})", meta="LR")
     sign: bool = _f(None, "use the sign of the replicated gradient (sign-SGD)")
     weight_decay: float = _f(0.0, "decoupled weight decay", meta="WD")
     warmup: int = _f(20, "linear warm-up steps", meta="N")
@@ -358,12 +365,10 @@ def resolve(overrides: Mapping[str, Any]) -> TrainConfig:
         raise ValueError(f"--sign does not apply to scheme {scheme!r} (no deto optimizer)")
 
     own = {k: v for k, v in overrides.items() if k in FIELDS}
-    values: dict[str, Any] = {
-        **TASK_DEFAULTS[task], **MODEL_DEFAULTS.get(model, {}), **preset.defaults, **own,
-        "task": task, "model": model,
-    }
+    shape = {**TASK_DEFAULTS[task], **MODEL_DEFAULTS.get(model, {})}
+    values: dict[str, Any] = {**shape, **preset.defaults, **own, "task": task, "model": model}
     if "lr" not in overrides:
-        opt, sign = values["optimizer"], values["sign"]
-        if opt in OPTIMIZERS and isinstance(sign, bool):
-            values["lr"] = default_lr(scheme, task, opt, sign)
+        opt, sign, width = values["optimizer"], values["sign"], values["d_model"]
+        if opt in OPTIMIZERS and isinstance(sign, bool) and isinstance(width, int) and width > 0:
+            values["lr"] = default_lr(scheme, task, opt, sign, width / shape["d_model"])
     return TrainConfig(**values, replicator=replicator)

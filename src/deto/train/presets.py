@@ -199,9 +199,22 @@ PRESETS: Mapping[str, Preset] = _frozen({
 DEFAULT_SCHEME = "flexdemo"
 
 
-def default_lr(scheme: str, task: str, optimizer: str, sign: bool) -> float:
-    """The tuned learning rate of ``scheme`` on ``task``, or a generic one for another optimizer."""
+SIGN_LR_WIDTH_EXPONENT = 0.5
+"""A sign-based step moves every weight by the learning rate, so its effect on a layer's output
+grows with the layer's fan-in: the tuned sign-SGD rates hold at each task's default width and
+are scaled by (default width / width) ** this for other widths. Measured on the byte GPT
+(docs/benchmarks.md): at width 256 the width-128 rate, 1.5e-3, ends 8.1% above HSDP's loss and
+1e-3 within 1.5%."""
+
+
+def default_lr(
+    scheme: str, task: str, optimizer: str, sign: bool, width_ratio: float = 1.0
+) -> float:
+    """The tuned learning rate of ``scheme`` on ``task``, or a generic one for another optimizer;
+    ``width_ratio``: the model's width over the task's default width (sign-based steps only)."""
     preset = PRESETS[scheme]
     if (optimizer, sign) == (preset.defaults["optimizer"], preset.defaults["sign"]):
-        return preset.lr[task]
-    return GENERIC_LR[(optimizer, sign)][task]
+        lr = preset.lr[task]
+    else:
+        lr = GENERIC_LR[(optimizer, sign)][task]
+    return lr * width_ratio**-SIGN_LR_WIDTH_EXPONENT if sign else lr
