@@ -72,10 +72,14 @@ def save_snapshot(
     *,
     history: dict[str, Any],
     rank_state: dict[str, Any],
-) -> Path:
-    """Write this rank's snapshot of ``step`` (no collective); keep the newest :data:`KEEP`."""
+) -> Path | None:
+    """Write this rank's snapshot of ``step`` (no collective); keep the newest :data:`KEEP`.
+
+    Returns its file, or ``None`` with a warning when it cannot be written (shared memory is
+    often small in containers): the run goes on, protected by its older snapshots and its
+    checkpoints.
+    """
     where = snapshot_dir(run_dir)
-    where.mkdir(parents=True, exist_ok=True)
     rank = dist.get_rank()
     state = tree_map(
         lambda v: local_tensor(v).detach().clone() if isinstance(v, torch.Tensor) else v,
@@ -83,12 +87,21 @@ def save_snapshot(
     )
     final = _file(where, rank, step)
     tmp = final.with_suffix(".incomplete")
-    torch.save(
-        {"step": step, "state": state, "history": history, "rank_state": rank_state,
-         "rng": torch.get_rng_state()},
-        tmp,
-    )
-    os.replace(tmp, final)
+    try:
+        where.mkdir(parents=True, exist_ok=True)
+        torch.save(
+            {"step": step, "state": state, "history": history, "rank_state": rank_state,
+             "rng": torch.get_rng_state()},
+            tmp,
+        )
+        os.replace(tmp, final)
+    except (OSError, RuntimeError) as exc:  # a full /dev/shm must not end a long run
+        tmp.unlink(missing_ok=True)
+        logger.warning(
+            "could not keep the snapshot of step %d in %s (%s); a restart falls back to an "
+            "older snapshot or the last checkpoint", step, where, exc,
+        )
+        return None
     for old in _own_steps(where, rank)[:-KEEP]:
         _file(where, rank, old).unlink(missing_ok=True)
     return final
