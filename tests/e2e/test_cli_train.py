@@ -185,34 +185,25 @@ def _kill_a_rank_and_finish(out: Path, ready: Callable[[], bool], *extra: str) -
     return err
 
 
-def test_a_kill_during_a_checkpoint_save_resumes_from_the_one_before(straight, tmp_path):
-    """kill -9 while step 8's checkpoint is being written: the half-written one never counts,
-    the restart continues from step 4, and the run still ends bitwise like the straight one."""
+def test_a_kill_during_a_checkpoint_save_resumes_from_the_newest_snapshot(straight, tmp_path):
+    """A checkpoint every 4 steps, an in-memory snapshot at the steps between (2, 6, 10): a rank
+    killed while step 8's checkpoint is being written. The half-written checkpoint never
+    counts; the restart continues from step 6's snapshot, newer than checkpoint 4; the run
+    still ends bitwise like the straight one, and the snapshots are gone afterwards.
+    (Restarting from a disk checkpoint alone: tests/e2e/test_cli_bandwidth.py.)"""
     out = tmp_path / "killed-in-save"
     checkpoints = out / "checkpoints"
-    err = _kill_a_rank_and_finish(out, (checkpoints / ".step_00000008.incomplete").is_dir)
-    assert "restarted: continuing from" in err and "step_00000004" in err, err[-3000:]
-    same_run(json.loads((out / "summary.json").read_text()), straight[1])
+    err = _kill_a_rank_and_finish(
+        out, (checkpoints / ".step_00000008.incomplete").is_dir, "--snapshot-every", "2"
+    )
+    assert "continuing from the in-memory snapshot of step 6" in err, err[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["resumed_from"] == "in-memory snapshot of step 6"
+    same_run(summary, straight[1])
     assert sorted(p.name for p in checkpoints.iterdir()) == [
         "step_00000004", "step_00000008", "step_00000012"
     ]  # the half-written one was replaced by the restarted run's own
-
-
-def test_a_restart_continues_from_the_in_memory_snapshot_bitwise(straight, tmp_path) -> None:
-    """No disk checkpoint before the end, a snapshot in shared memory every 2 steps: a rank
-    killed after step 6's snapshot costs at most 2 steps, the run still ends bitwise like the
-    straight one, and the snapshots are gone afterwards."""
-    out = tmp_path / "snapshots"
-    where = snapshot_dir(out)
-    err = _kill_a_rank_and_finish(
-        out, lambda: len(list(where.glob("rank*-step00000006.pt"))) == 4,
-        "--checkpoint-every", "12", "--snapshot-every", "2",
-    )
-    assert "continuing from the in-memory snapshot of step" in err, err[-3000:]
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["resumed_from"] in {f"in-memory snapshot of step {n}" for n in (6, 8, 10)}
-    same_run(summary, straight[1])
-    assert not where.exists()
+    assert not snapshot_dir(out).exists()
 
 
 def test_a_full_disk_ends_in_one_line(tmp_path) -> None:
