@@ -10,7 +10,7 @@ import dataclasses
 import pytest
 
 from deto.train.config import FIELDS, TrainConfig, load_toml, resolve
-from deto.train.presets import PRESETS, SIGN_LR_WIDTH_EXPONENT, default_lr
+from deto.train.presets import PRESETS, SIGN_LR_PER_DOUBLING, default_lr
 
 
 def test_defaults_are_flexdemo_on_lm() -> None:
@@ -59,12 +59,14 @@ def test_changing_the_optimizer_changes_the_default_lr() -> None:
 def test_sign_sgd_rates_scale_with_the_width_and_nothing_else_does() -> None:
     tuned = PRESETS["flexdemo"].lr["lm"]
     assert resolve({}).lr == tuned  # the task's default width: the tuned rate itself
-    assert resolve({"d_model": 512}).lr == pytest.approx(tuned * 4**-SIGN_LR_WIDTH_EXPONENT)
+    assert resolve({"d_model": 32}).lr == tuned  # narrower: not measured, not scaled
+    assert resolve({"d_model": 256}).lr == pytest.approx(tuned / SIGN_LR_PER_DOUBLING)
+    assert resolve({"d_model": 512}).lr == pytest.approx(tuned / SIGN_LR_PER_DOUBLING**2)
     assert resolve({"d_model": 512, "lr": 0.01}).lr == 0.01  # a given rate is kept
     assert resolve({"scheme": "hsdp", "d_model": 512}).lr == PRESETS["hsdp"].lr["lm"]
     vit = PRESETS["flexdemo"].lr["vision"]
     assert resolve({"task": "vision", "d_model": 256}).lr == pytest.approx(
-        vit * 4**-SIGN_LR_WIDTH_EXPONENT
+        vit / SIGN_LR_PER_DOUBLING**2
     )
 
 

@@ -27,7 +27,7 @@ from deto.train.presets import (
     DEFAULT_SCHEME,
     OPTIMIZERS,
     PRESETS,
-    SIGN_LR_WIDTH_EXPONENT,
+    SIGN_LR_PER_DOUBLING,
     default_lr,
 )
 
@@ -93,8 +93,9 @@ class TrainConfig:
     layers: int = _f(None, "transformer layers (2)", meta="N")
     heads: int = _f(None, "attention heads (4)", meta="N")
     optimizer: str = _f(None, "base optimizer (preset's default)", choices=tuple(OPTIMIZERS))
-    lr: float = _f(None, "peak learning rate (preset's tuned default; with sign, scaled by "
-                   f"(default --d-model / --d-model) ** {SIGN_LR_WIDTH_EXPONENT:g})", meta="LR")
+    lr: float = _f(None, "peak learning rate (preset's tuned default; with sign, divided by "
+                   f"{SIGN_LR_PER_DOUBLING:g} per doubling of --d-model above the task's default)",
+                   meta="LR")
     sign: bool = _f(None, "use the sign of the replicated gradient (sign-SGD)")
     weight_decay: float = _f(0.0, "decoupled weight decay", meta="WD")
     warmup: int = _f(20, "linear warm-up steps", meta="N")
