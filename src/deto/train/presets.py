@@ -203,9 +203,10 @@ DEFAULT_SCHEME = "flexdemo"
 SIGN_LR_PER_DOUBLING = 1.5
 """A sign-based step moves every weight by the learning rate, so its effect on a layer's output
 grows with the layer's fan-in: the tuned sign-SGD rates hold at each task's default width and
-are divided by this for every doubling of the width above it. Measured on the byte GPT at the constant
-schedule (docs/benchmarks.md): at width 256, 1.5e-3 (the width-128 rate) ended 8.1% above
-HSDP's loss and 1e-3 within 1.5%; at width 512, 7e-4 ended below 1e-3, both below HSDP's."""
+are divided by this for every doubling of the width above it. Measured on the byte GPT at the
+constant schedule (docs/benchmarks.md): at width 256, 1.5e-3 (the width-128 rate) ended 8.1%
+above HSDP's loss and 1e-3 within 1.5%; at width 512, 7e-4 ended below 1e-3, both below
+HSDP's."""
 
 
 def default_lr(
