@@ -122,9 +122,10 @@ def recorded_points(out: Path) -> list[dict[str, Any]]:
         if model is None or setting is None:
             continue
         schedule, _, seed = rest[len(setting) + 1:].rpartition("-s")
-        schedule = schedule.split("-lr")[0]  # a run with --lr: the lr is in its summary
+        schedule, _, lr = schedule.partition("-lr")  # a run with --lr: its own setting
+        label = f"{setting} @ lr {lr}" if lr else setting
         if schedule in ("cosine", "constant") and seed.isdigit():
-            points.append(point(model, setting, schedule, int(seed),
+            points.append(point(model, label, schedule, int(seed),
                                 json.loads(summary.read_text())))
     return points
 
