@@ -188,7 +188,6 @@ def resume_after_restart(run_dir: str | None, resume: str | None, restarted: boo
         return resume
     for skipped in selection.skipped:
         logger.warning("passing over a damaged checkpoint: %s", skipped)
-    logger.warning("restarted: continuing from %s", selection.path)
     return str(selection.path)
 
 
@@ -206,7 +205,6 @@ def snapshot_after_restart(
     step = snapshot.newest_common_step(run_dir)
     if step is None or (resume is not None and step <= checkpoint.checkpoint_step(Path(resume))):
         return None
-    logger.warning("restarted: continuing from the in-memory snapshot of step %d", step)
     return step
 
 
@@ -263,6 +261,11 @@ def rank_entry(
         restarted = restarted_anywhere()
         resume = resume_after_restart(run_dir, resume, restarted)
         from_snapshot = snapshot_after_restart(cfg, run_dir, resume, restarted)
+        if restarted:
+            where = resume or "the start (no checkpoint yet)"
+            if from_snapshot is not None:
+                where = f"the in-memory snapshot of step {from_snapshot}"
+            logger.warning("restarted: continuing from %s", where)
         return loop.run(cfg, topo, run_dir=run_dir, resume=resume, snapshot_step=from_snapshot)
     except KeyboardInterrupt:
         # the launcher forwards the terminal's Ctrl-C: leave quietly, once
