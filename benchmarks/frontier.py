@@ -159,7 +159,10 @@ def report(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str:
     lines = ["# DeMo frontier: final validation loss vs inter-node bytes", "",
              f"- git sha: {meta['git_sha']}; steps: {meta['steps']}; nodes x ranks: 2 x 2",
              "- loss vs hsdp: seed mean over seed mean of HSDP + AdamW on the same model and "
-             "schedule; spread: min-max over seeds", "",
+             "schedule; spread: min-max over seeds",
+             "- a setting without '@ lr' ran at the rate `deto train` gives it on that model "
+             "(the preset's, divided by 1.5 per doubling of the width above the task's default); "
+             "'@ lr X': at the rate X given explicitly", "",
              "| model | schedule | setting | lr | seeds | val loss (mean, min-max) | vs hsdp "
              "| val acc | bytes/step | 1/x of hsdp |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
