@@ -269,7 +269,7 @@ class ReplicaAxis:
             state_dict=lambda: replica_state(model, opt),
             min_replica_size=min_replicas,
             use_async_quorum=False,  # heal before the step, so every participant steps alike
-            init_sync=True,
+            init_sync=False,  # every node builds the same seeded model: step 0 needs no sync
             timeout=timeout,
             quorum_timeout=quorum_timeout,
             connect_timeout=timeout,
@@ -298,15 +298,27 @@ class ReplicaAxis:
     def participants(self) -> int:
         return self.comm.size
 
-    def step(self, run: Callable[[int], None]) -> bool:
+    def step(self, run: Callable[[int], None], *, min_nodes: int = 1) -> bool:
         """One attempt at the next step: quorum (and recovery), ``run(step)``, commit.
 
         ``run`` does the forward, backward and ``opt.step()`` for step number ``step`` (the
         committed steps so far). Returns whether the step committed; if not, model and
         optimizer are as before the attempt, and the caller tries the same step again.
+
+        ``min_nodes``: before the first committed step, an attempt whose quorum has fewer nodes
+        does not run ``run`` and is not committed (every participant sees the same quorum and
+        step, so all of them skip it), so that a run starts with every node rather than with
+        the first one the Lighthouse heard from. Once a step is committed (a joining node's
+        recovery included) it no longer applies: the survivors never wait for a late node.
         """
         self.manager.start_quorum()
         self.comm.refresh()
+        if self.comm.size < min_nodes and self.step_number == 0:
+            self.manager.report_error(
+                RuntimeError(f"waiting for {min_nodes} nodes, {self.comm.size} present")
+            )
+            self.manager.should_commit()
+            return False
         before = replica_state(self.model, self.opt)
         try:
             run(self.step_number)
@@ -317,6 +329,12 @@ class ReplicaAxis:
             self.failed += 1
             load_replica_state(self.model, self.opt, before, joining=False)
         return committed
+
+    def identical(self, digest: bytes) -> bool:
+        """Whether every node of the quorum holds ``digest`` (of this rank's shards): a
+        collective over the replicate axis, called by every node after the same step."""
+        mine = torch.frombuffer(bytearray(digest), dtype=torch.uint8)
+        return all(torch.equal(part[0], mine) for part in self.comm.all_gather([mine]))
 
     def shutdown(self) -> None:
         self.manager.shutdown(wait=False)

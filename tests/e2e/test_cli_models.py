@@ -27,3 +27,6 @@ def test_resnet_with_batchnorm_under_torch_hsdp_in_bf16(tmp_path) -> None:
               *SHORT[:6], "--d-model", "8", "--batch-size", "4")
     assert (s["model"], s["task"]) == ("resnet", "vision")
     assert 0 <= s["final_val_accuracy"] <= 1 and s["replicas_identical"] is True
+    # the baseline sends every gradient: what deto counts for it is the full sync
+    assert s["inter_node_bytes_sent_per_step"] == s["full_sync_bytes_per_step"] > 0
+    assert s["compression_ratio"] == 1.0

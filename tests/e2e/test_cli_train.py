@@ -70,21 +70,97 @@ def check_common(s: dict, out: Path, scheme: str, nodes: int, per_node: int) -> 
     assert (out / "loss.png").stat().st_size > 1000
 
 
-def test_flexdemo_lm(tmp_path) -> None:
-    s = train(tmp_path, "--scheme", "flexdemo", *TINY_LM)
-    check_common(s, tmp_path, "flexdemo", 2, 2)
+@pytest.fixture(scope="module")
+def flexdemo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("flexdemo")
+    return out, train(out, "--scheme", "flexdemo", "--ranks-per-node", "1", *TINY_LM)
+
+
+def test_flexdemo_lm(flexdemo) -> None:
+    out, s = flexdemo
+    check_common(s, out, "flexdemo", 2, 1)
     assert s["task"] == "lm" and 0 < s["unigram_entropy"] < math.log(256)
     assert 0 < s["inter_node_bytes_sent_per_step"] < s["full_sync_bytes_per_step"]
     assert s["compression_ratio"] > 1
     assert s["replicas_identical"] is True
 
 
-def test_hsdp_baseline(tmp_path) -> None:
-    s = train(tmp_path, "--scheme", "hsdp", *TINY_LM)
-    check_common(s, tmp_path, "hsdp", 2, 2)
-    assert s["inter_node_bytes_sent_per_step"] == s["full_sync_bytes_per_step"]
-    assert s["compression_ratio"] == 1.0
-    assert s["replicas_identical"] is True
+def test_flexdemo_on_torchft_equals_the_static_run(flexdemo, tmp_path) -> None:
+    """--ft: every node is its own torch world and the replicate axis runs over torchft's
+    managed group, with the same numbers as the static cluster (the training loss is each
+    node's own)."""
+    pytest.importorskip("torchft")
+    proc = deto(
+        "train", "--out", str(tmp_path), "--ft", "--scheme", "flexdemo", "--ranks-per-node", "1",
+        *TINY_LM,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.count("final val loss") == 1  # node 0's table, once
+    nodes = [json.loads((tmp_path / f"node{k}" / "summary.json").read_text()) for k in (0, 1)]
+    static = flexdemo[1]
+    for key in ("val_loss", "inter_node_bytes_sent_per_step", "full_sync_bytes_per_step"):
+        assert nodes[0][key] == nodes[1][key] == static[key], key
+    assert nodes[0]["replicas_identical"] is nodes[1]["replicas_identical"] is True
+    assert (nodes[0]["nodes"], nodes[0]["ranks_per_node"]) == (2, 1)
+    for k, node in enumerate(nodes):
+        seat = {key: node["torchft"][key] for key in
+                ("node_index", "recovered_from_peer", "failed_attempts", "first_step")}  # fmt: skip
+        assert seat == {"node_index": k, "recovered_from_peer": 0, "failed_attempts": 0,
+                        "first_step": 1}  # fmt: skip
+        assert node["torchft"]["slowest_step"][0] in range(1, 7)
+    assert "should_commit" not in proc.stderr  # torchft's per-step logging is off without -v
+    assert "Quorum" not in proc.stderr
+
+
+def _rank_of_node(node: int) -> int | None:
+    """The pid of the rank of a ``deto train --ft`` node (not its torchrun agent)."""
+    for proc in Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if (
+            b"--node-index" in argv
+            and b"torch.distributed.run" not in argv
+            and argv[argv.index(b"--node-index") + 1] == str(node).encode()
+        ):
+            return int(proc.name)
+    return None
+
+
+def test_a_killed_node_rejoins_on_torchft_while_the_other_goes_on(tmp_path) -> None:
+    """--ft --max-restarts 1: node 1's rank is killed at step 20 of 300; node 0 goes on alone,
+    node 1's agent restarts it, it fetches node 0's state and joins at the current step, and
+    both end with identical replicas."""
+    pytest.importorskip("torchft")
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
+    }
+    env["OMP_NUM_THREADS"] = "1"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "deto", "train", "--out", str(tmp_path), "--ft",
+         "--ranks-per-node", "1", "--max-restarts", "1", "--steps", "300", "--eval-every",
+         "300", "--log-every", "10", *MODEL, *LM],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    metrics, deadline = tmp_path / "node1" / "metrics.jsonl", time.monotonic() + TIMEOUT_S
+    while not (metrics.exists() and '"step": 20,' in metrics.read_text()):
+        assert proc.poll() is None and time.monotonic() < deadline, "step 20 never came"
+        time.sleep(0.01)
+    rank = _rank_of_node(1)
+    assert rank is not None, "no rank of node 1 found"
+    os.kill(rank, signal.SIGKILL)
+    out, err = proc.communicate(timeout=TIMEOUT_S)
+    assert proc.returncode == 0, err[-4000:]
+    assert out.count("final val loss") == 1
+    nodes = [json.loads((tmp_path / f"node{k}" / "summary.json").read_text()) for k in (0, 1)]
+    assert nodes[0]["steps"] == nodes[1]["steps"] == 300
+    assert nodes[0]["torchft"]["first_step"] == 1
+    assert nodes[0]["torchft"]["recovered_from_peer"] == 0
+    joined = nodes[1]["torchft"]
+    assert joined["recovered_from_peer"] == 1 and 20 < joined["first_step"] < 300, joined
+    assert nodes[0]["replicas_identical"] is nodes[1]["replicas_identical"] is True
+    assert nodes[0]["val_loss"] == nodes[1]["val_loss"]
 
 
 def test_diloco_and_none_promise_no_identical_replicas(tmp_path) -> None:

@@ -135,6 +135,26 @@ def test_node_argv_runs_torchrun_inside_the_namespace():
     assert "--rdzv-conf=is_host=true" in argv and "--local-addr=10.213.0.1" in argv
 
 
+def test_a_torchft_node_runs_its_own_world_under_a_host_name_of_its_own():
+    from deto.train import ftlaunch
+
+    argv = ftlaunch.node_argv(1, 2, ["-m", "deto", "train"], lighthouse="http://h:1",
+                              max_restarts=2)  # fmt: skip
+    i = argv.index("torch.distributed.run")
+    assert argv[i + 1 :] == [
+        "--standalone", "--nnodes=1", "--nproc-per-node=2", "--max-restarts=2",
+        "-m", "deto", "train", "--node-index", "1", "--lighthouse", "http://h:1",
+    ]  # fmt: skip
+    cluster = EmulatedCluster(2, run_id="123-abc")
+    prefix = ftlaunch._inside(cluster, 1)
+    assert prefix[:4] == ["ip", "netns", "exec", "deto-123-abc-n1"]
+    # torchft advertises the host name: inside the node it is the node's own address
+    shell = prefix.index("sh")
+    assert prefix[4:shell] == ["unshare", "--uts"]
+    assert prefix[shell + 3] == "10.213.0.2" and 'hostname "$0"' in prefix[shell + 2]
+    assert prefix[shell + 4 :] == ["env", "GLOO_SOCKET_IFNAME=deto0", "TORCH_CPP_LOG_LEVEL=ERROR"]
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [

@@ -381,7 +381,7 @@ def test_cluster_accessors() -> None:
     assert cluster.address(0) == "10.213.0.1"
     assert cluster.namespace(2) == f"deto-{RUN_ID}-n2"
     assert cluster.exec_prefix(1) == ["ip", "netns", "exec", f"deto-{RUN_ID}-n1"]
-    assert cluster.env(0) == {"GLOO_SOCKET_IFNAME": "deto0"}
+    assert cluster.env(0) == {"GLOO_SOCKET_IFNAME": "deto0", "TORCH_CPP_LOG_LEVEL": "ERROR"}
     for bad in (-1, 3, True):
         with pytest.raises(ValueError, match=f"node index: {bad!r}"):
             cluster.address(bad)

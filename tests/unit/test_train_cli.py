@@ -34,6 +34,8 @@ def _run(capsys, *argv: str) -> tuple[int, str, str]:
         (["--no-such-flag"], "unrecognized arguments"),
         (["--model", "bert"], "invalid choice: 'bert'"),
         (["--model", "resnet", "--task", "lm"], "Invalid model: 'resnet' does not fit task 'lm'"),
+        (["--ft", "--bandwidth", "100mbit", "--nodes", "1"], "--bandwidth needs at least 2"),
+        (["--ft", "--checkpoint-every", "5"], "--checkpoint-every does not apply with --ft"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(capsys, monkeypatch, argv, message) -> None:
@@ -55,6 +57,34 @@ def test_torchrun_topology_must_agree_with_flags(capsys, monkeypatch) -> None:
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")
     code, _, err = _run(capsys, "train")
     assert code == 2 and "not a multiple" in err
+
+
+def test_torchft_under_torchrun_is_one_world_per_node(capsys, monkeypatch) -> None:
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.delenv("TORCHFT_LIGHTHOUSE", raising=False)
+    code, _, err = _run(capsys, "train", "--ft", "--node-index", "0")
+    assert code == 2 and "start torchrun with --nnodes 1 on every node" in err
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code, _, err = _run(capsys, "train", "--ft", "--ranks-per-node", "1")
+    assert code == 2 and "--ranks-per-node 1 disagrees with torchrun's 2 rank(s)" in err
+    code, _, err = _run(capsys, "train", "--ft", "--lighthouse", "http://lh:1")
+    assert code == 2 and "--ft under torchrun needs --node-index" in err
+    code, _, err = _run(capsys, "train", "--ft", "--node-index", "1")
+    assert code == 2 and "needs --lighthouse or $TORCHFT_LIGHTHOUSE" in err
+    code, _, err = _run(capsys, "train", "--ft", "--node-index", "2")
+    assert code == 2 and "Invalid node_index: 2" in err
+
+
+def test_torchft_topology_takes_the_lighthouse_from_the_environment() -> None:
+    from deto.train.launch import torchft_topology
+
+    env = {"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "TORCHFT_LIGHTHOUSE": "http://lh:29510"}
+    values = torchft_topology({"ft": True, "nodes": 3}, env)
+    assert values == {"ft": True, "nodes": 3, "ranks_per_node": 2, "lighthouse": "http://lh:29510"}
+    given = torchft_topology({"ft": True, "lighthouse": "http://other:1"}, env)
+    assert given["lighthouse"] == "http://other:1"
 
 
 def test_help_lists_every_flag_and_scheme(capsys) -> None:

@@ -100,11 +100,29 @@ def test_sign_sgd_rates_scale_with_the_width_and_nothing_else_does() -> None:
         ({"stop_at": 0}, "Invalid stop_at: 0"),
         ({"perturb_init_ulp": -1}, "Invalid perturb_init_ulp: -1"),
         ({"snapshot_every": -2}, "Invalid snapshot_every: -2"),
+        ({"lighthouse": "http://h:1"}, "--lighthouse applies with --ft only"),
+        ({"node_index": 0}, "--node-index applies with --ft only"),
+        ({"ft": True, "lighthouse": "h:29510"}, "Invalid lighthouse: 'h:29510'"),
+        ({"ft": True, "node_index": 2}, "Invalid node_index: 2 .the nodes are 0 to 1"),
+        ({"ft": True, "node_index": -1}, "Invalid node_index: -1"),
+        ({"ft": True, "scheme": "hsdp"}, "--ft needs a deto replicator"),
+        ({"ft": True, "checkpoint_every": 5}, "--checkpoint-every does not apply with --ft"),
+        ({"ft": True, "snapshot_every": 5}, "--snapshot-every does not apply with --ft"),
+        ({"ft": True, "resume": "auto"}, "--resume does not apply with --ft"),
+        ({"ft": True, "check_replicas_every": 5}, "--check-replicas-every does not apply"),
+        ({"ft": True, "overlap": True}, "--overlap does not apply with --ft"),
+        ({"ft": True, "model": "resnet"}, "--model resnet does not apply with --ft"),
     ],
 )
 def test_invalid_values_are_named_in_the_error(values: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match.replace("(", r"\(").replace("[", r"\[")):
         resolve(values)
+
+
+def test_a_run_on_torchft_takes_its_seat() -> None:
+    cfg = resolve({"ft": True, "nodes": 3, "node_index": 2, "lighthouse": "http://lh:29510"})
+    assert (cfg.ft, cfg.node_index, cfg.lighthouse) == (True, 2, "http://lh:29510")
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
 
 
 def test_config_is_frozen() -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import math
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -48,6 +49,11 @@ HF_MODELS = frozenset({"t5", "llama"})
 MODEL_DEFAULTS: Mapping[str, Mapping[str, Any]] = {"resnet": {"d_model": 16}}
 LM_ONLY = frozenset({"seq_len", "eval_samples"})
 """Keys that only mean something for ``--task lm``."""
+
+FT_ONLY = ("lighthouse", "node_index")
+"""Keys that only mean something with ``--ft``."""
+NOT_WITH_FT = ("checkpoint_every", "snapshot_every", "resume", "check_replicas_every")
+"""Keys a run on torchft does not support yet (:meth:`TrainConfig._check_ft`)."""
 
 STRUCTURAL = (
     "scheme", "task", "model", "nodes", "ranks_per_node", "seq_len", "d_model", "layers", "heads",
@@ -124,6 +130,16 @@ class TrainConfig:
                         "fails", meta="SECONDS")
     check_replicas_every: int = _f(0, "compare the nodes' replicas every N steps and repair "
                                    "divergence (0: never)", meta="N")
+    ft: bool = _f(False, "run the replicate axis on torchft: when a node dies the others go on "
+                  "without it, and a restarted node (--max-restarts) rejoins at the current step "
+                  "with a live peer's state; every node is its own torch world "
+                  "(pip install 'deto[ft]'; see docs/fault-tolerance.md)")
+    lighthouse: str = _f(None, "with --ft under torchrun: the torchft Lighthouse, "
+                         "http://HOST:PORT (default: $TORCHFT_LIGHTHOUSE; the simulated cluster "
+                         "starts its own)", meta="URL")
+    node_index: int = _f(None, "with --ft under torchrun: this node's place on the replicate "
+                         "axis, 0 to --nodes - 1 (it picks the node's data and output folder)",
+                         meta="K")
     precision: str = _f("fp32", "fp32, or bf16 compute with fp32 parameters and reductions",
                         choices=PRECISIONS)
     device: str = _f("auto", "auto: CPU for the simulated cluster, CUDA under torchrun if "
@@ -164,6 +180,36 @@ class TrainConfig:
             )
         if self.stop_at is not None and self.steps is not None and self.stop_at > self.steps:
             raise ValueError(f"Invalid stop_at: {self.stop_at} (after the last step, {self.steps})")
+        if self.ft:
+            self._check_ft()
+        else:
+            for name in FT_ONLY:
+                if getattr(self, name) is not None:
+                    raise ValueError(f"{flag(name)} applies with --ft only")
+
+    def _check_ft(self) -> None:
+        """What a run on torchft cannot do yet, each as one line."""
+        if PRESETS[self.scheme].replicator is None:
+            raise ValueError(
+                f"--ft needs a deto replicator, and scheme {self.scheme!r} is torch's own HSDP "
+                "(--scheme full exchanges the same)"
+            )
+        for name in NOT_WITH_FT:
+            if getattr(self, name):
+                raise ValueError(
+                    f"{flag(name)} does not apply with --ft yet: a node that fails rejoins from "
+                    "a live peer, and disk state per node is not written"
+                )
+        if getattr(self.replicator, "overlap", False):
+            raise ValueError("--overlap does not apply with --ft (torchft's group exchanges "
+                             "synchronously)")
+        if self.model == "resnet":
+            raise ValueError("--model resnet does not apply with --ft yet: its BatchNorm "
+                             "statistics would not be averaged across the nodes")
+        if self.node_index is not None and self.node_index >= self.nodes:
+            raise ValueError(
+                f"Invalid node_index: {self.node_index} (the nodes are 0 to {self.nodes - 1})"
+            )
 
     @property
     def world_size(self) -> int:
@@ -194,7 +240,7 @@ _INT_MIN = {
     "layers": 1, "heads": 1, "warmup": 0, "eval_every": 1,
     "eval_samples": 1, "log_every": 1, "seed": 0, "checkpoint_every": 0, "snapshot_every": 0,
     "stop_at": 1,
-    "perturb_init_ulp": 0, "max_restarts": 0, "check_replicas_every": 0,
+    "perturb_init_ulp": 0, "max_restarts": 0, "check_replicas_every": 0, "node_index": 0,
 }
 # (low, high, low_open, high_open)
 _FLOAT_RANGE = {
@@ -237,6 +283,9 @@ def _check_field(f: dataclasses.Field[Any], value: Any) -> None:
     elif f.type in ("bool", bool):
         if not isinstance(value, bool):
             raise ValueError(f"Invalid {name}: {value!r} (must be true or false)")
+    elif name == "lighthouse":
+        if not isinstance(value, str) or not re.fullmatch(r"https?://[^/:\s]+:\d+/?", value):
+            raise ValueError(f"Invalid lighthouse: {value!r} (must be http://HOST:PORT)")
     elif name in ("out", "resume"):
         if not isinstance(value, str) or not value:
             raise ValueError(f"Invalid {name}: {value!r} (must be a path)")

@@ -16,8 +16,11 @@ Bad input raises :class:`UsageError` before anything starts.
 
 from __future__ import annotations
 
+import datetime
+import importlib.util
 import logging
 import os
+import shutil
 import signal
 import sys
 from collections.abc import Mapping
@@ -27,7 +30,7 @@ from typing import Any
 import torch.distributed as dist
 
 from deto.topology import Topology
-from deto.train import checkpoint, loop, netem, netlaunch, snapshot
+from deto.train import checkpoint, ftlaunch, loop, netem, netlaunch, snapshot
 from deto.train.config import TrainConfig, load_toml, resolve
 from deto.train.console import configure_logging
 from deto.train.elastic import RankFailure, launch_local
@@ -41,6 +44,11 @@ logger = logging.getLogger(__name__)
 
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
 RESUME_AUTO = "auto"
+LIGHTHOUSE_ENV = "TORCHFT_LIGHTHOUSE"  # torchft's own name for the Lighthouse's address
+TORCHFT_LOGGERS = ("torchft", "torchft_quorums", "torchft_commits", "torchft_errors")
+"""torchft logs every quorum and commit at INFO, and warnings about NCCL on CPU; deto says what
+matters (a failed attempt, a recovery) itself, so these show their errors only, or all with
+-v."""
 MAX_SIMULATED_RANKS = 64
 
 
@@ -77,11 +85,15 @@ def train(
     try:
         values = {**(load_toml(config_file) if config_file is not None else {}), **flags}
         if torchrun:
-            values = torchrun_topology(values, os.environ)
+            values = (torchft_topology if values.get("ft") else torchrun_topology)(
+                values, os.environ
+            )
         cfg = resolve(values)
         resume = checkpoint_to_resume(cfg)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    if cfg.ft:
+        check_torchft(cfg, torchrun=torchrun, bandwidth=bandwidth)
 
     if torchrun:
         if cfg.out is not None:
@@ -97,6 +109,10 @@ def train(
         "deto train: %s on %s, %d node(s) x %d rank(s) simulated on this machine; output in %s",
         cfg.scheme, cfg.task, cfg.nodes, cfg.ranks_per_node, run_dir,
     )  # fmt: skip
+    if cfg.ft:
+        return ftlaunch.train_on_torchft(
+            values, cfg.nodes, cfg.ranks_per_node, Path(run_dir), log_level, link
+        )
     if link is not None:
         netlaunch.train_over_emulated_links(
             values, link, cfg.nodes, cfg.ranks_per_node, Path(run_dir), log_level
@@ -133,6 +149,65 @@ def torchrun_topology(values: dict[str, Any], env: Mapping[str, str]) -> dict[st
                 f"torchrun's {given['nodes']} node(s) x {given['ranks_per_node']} rank(s)"
             )
     return {**values, **given}
+
+
+def torchft_topology(values: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
+    """With ``--ft`` each node is its own torchrun world: its ranks are the node's ranks, the
+    nodes come from ``--nodes``, and the Lighthouse from ``$TORCHFT_LIGHTHOUSE`` if not given."""
+    world, per_node = int(env["WORLD_SIZE"]), int(env["LOCAL_WORLD_SIZE"])
+    if world != per_node:
+        raise UsageError(
+            f"Invalid topology: --ft runs every node as its own world, but torchrun's world has "
+            f"{world} ranks over several nodes; start torchrun with --nnodes 1 on every node"
+        )
+    if values.get("ranks_per_node", per_node) != per_node:
+        raise UsageError(
+            f"Invalid topology: --ranks-per-node {values['ranks_per_node']} disagrees with "
+            f"torchrun's {per_node} rank(s)"
+        )
+    given: dict[str, Any] = {"ranks_per_node": per_node}
+    if values.get("lighthouse") is None and env.get(LIGHTHOUSE_ENV):
+        given["lighthouse"] = env[LIGHTHOUSE_ENV]
+    return {**values, **given}
+
+
+def check_torchft(cfg: TrainConfig, *, torchrun: bool, bandwidth: str | None) -> None:
+    """What ``--ft`` needs besides the config: torchft, and under torchrun the node's seat."""
+    if importlib.util.find_spec("torchft") is None:
+        raise UsageError("--ft needs torchft: pip install 'deto[ft]'")
+    if bandwidth is not None and shutil.which("unshare") is None:
+        raise UsageError(
+            "--ft with --bandwidth needs unshare (util-linux): every emulated node gets a host "
+            "name of its own, which torchft advertises"
+        )
+    if torchrun and cfg.node_index is None:
+        raise UsageError("--ft under torchrun needs --node-index (this node's place, 0 to "
+                         f"{cfg.nodes - 1})")
+    if torchrun and cfg.lighthouse is None:
+        raise UsageError(f"--ft under torchrun needs --lighthouse or ${LIGHTHOUSE_ENV}")
+
+
+def torchft_seat(cfg: TrainConfig) -> loop.JoinReplicas:
+    """How a rank of a node on torchft joins the replicate axis (:class:`deto.ft.ReplicaAxis`),
+    once its model and optimizer are built: the node's manager meets its ranks in torchrun's
+    store, and a peer counts as gone after ``--timeout``."""
+
+    def join(model: Any, opt: Any) -> Any:
+        from deto.ft import ReplicaAxis
+
+        if logger.getEffectiveLevel() > logging.DEBUG:  # torchft logs every step
+            for name in TORCHFT_LOGGERS:
+                logging.getLogger(name).setLevel(logging.ERROR)
+
+        timeout = datetime.timedelta(seconds=cfg.timeout)
+        return ReplicaAxis(
+            model, opt, lighthouse=str(cfg.lighthouse), replica_id=f"node{cfg.node_index}",
+            store_addr=os.environ["MASTER_ADDR"], store_port=int(os.environ["MASTER_PORT"]),
+            group_rank=dist.get_rank(), group_world_size=dist.get_world_size(),
+            timeout=timeout, quorum_timeout=timeout,
+        )  # fmt: skip
+
+    return join
 
 
 def _check_out(run_dir: str) -> None:
@@ -251,13 +326,20 @@ def rank_entry(
     """
     die_with_parent()
     rank = int(os.environ.get("RANK", "0"))
-    configure_logging(log_level, rank=rank)
     cfg = TrainConfig.from_dict(cfg_dict)
+    if cfg.ft:  # the node's own world; its place on the replicate axis is --node-index
+        node, rank = cfg.node_index or 0, rank + (cfg.node_index or 0) * cfg.ranks_per_node
+    else:
+        node = rank // cfg.ranks_per_node
+    configure_logging(log_level, rank=rank)
     topo = Topology(
-        nodes=cfg.nodes, ranks_per_node=cfg.ranks_per_node, device=device, timeout=cfg.timeout
-    )
+        nodes=1 if cfg.ft else cfg.nodes, ranks_per_node=cfg.ranks_per_node, device=device,
+        timeout=cfg.timeout,
+    )  # fmt: skip
     try:
         topo.init()
+        if cfg.ft:
+            return loop.run(cfg, topo, run_dir=run_dir, join_replicas=torchft_seat(cfg))
         restarted = restarted_anywhere()
         resume = resume_after_restart(run_dir, resume, restarted)
         from_snapshot = snapshot_after_restart(cfg, run_dir, resume, restarted)
@@ -272,7 +354,7 @@ def rank_entry(
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         sys.exit(128 + signal.SIGINT)
     except Exception as exc:
-        line = failure_line(rank // cfg.ranks_per_node, rank, exc, cfg.timeout)
+        line = failure_line(node, rank, exc, cfg.timeout)
         raise RankError(line) from exc
     finally:
         if dist.is_initialized():

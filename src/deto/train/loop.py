@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ from deto.train.snapshot import drop_snapshots, load_snapshot, save_snapshot
 from deto.train.summary import (
     History,
     build_summary,
+    local_digest,
     params_digest,
     peak_rss_mb,
     replicas_identical,
@@ -56,16 +58,22 @@ def run(
     run_dir: str | None,
     resume: str | None = None,
     snapshot_step: int | None = None,
+    join_replicas: JoinReplicas | None = None,
 ) -> dict[str, Any] | None:
     """Train ``cfg`` on this rank of ``topo``; return the summary on rank 0, ``None`` elsewhere.
 
     ``run_dir``: where outputs go (``None``: rank 0 picks ``runs/<timestamp>-<scheme>``).
     ``resume``: a complete checkpoint directory to continue from; ``snapshot_step``: continue
     from this rank's in-memory snapshot of that step instead (:mod:`deto.train.snapshot`).
+    ``join_replicas``: with ``--ft``, ``topo`` is this node's own world and this callable
+    seats the built model and optimizer on torchft's replicate axis
+    (:class:`deto.ft.ReplicaAxis`), which then drives every step.
     """
     topo.init()
     rank = dist.get_rank()
     out = Path(from_rank0(run_dir or default_run_dir(cfg.scheme)))
+    if cfg.ft:
+        out = out / node_dir(cfg.node_index or 0)  # every node of a run on torchft writes its own
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         report.write_json(out / "config.json", cfg.to_dict())
@@ -78,7 +86,7 @@ def run(
     model, opt = build_training(cfg, topo, task.model)
     logger.info(
         "%s on %s: %s parameters, %d node(s) x %d rank(s), %d steps",
-        cfg.scheme, cfg.task, f"{params:,}", topo.nodes, topo.ranks_per_node, cfg.steps,
+        cfg.scheme, cfg.task, f"{params:,}", cfg.nodes, cfg.ranks_per_node, cfg.steps,
     )
 
     state = History()
@@ -90,29 +98,42 @@ def run(
     elif resume is not None:
         state = History.from_checkpoint(*load_checkpoint(Path(resume), model, opt, topo))
         logger.info("resumed from %s at step %d", resume, state.step)
-    full_sync = full_sync_bytes(params, topo.nodes)
+    axis = join_replicas(model, opt) if join_replicas is not None else None
+    full_sync = full_sync_bytes(params, cfg.nodes)
     sinks = open_sinks(out, state.records) if rank == 0 else []
     last = cfg.stop_at or cfg.steps  # stop_at: a prefix, on the schedule of cfg.steps
     reporter = progress(last, state.step) if rank == 0 else None
-    per_step_items = cfg.batch_size * topo.world_size * task.items_per_sample
+    per_step_items = cfg.batch_size * cfg.world_size * task.items_per_sample
     clock = time.perf_counter() - state.wall_time_s
+    data_rank = rank + (cfg.node_index or 0) * topo.ranks_per_node  # with --ft, a node world
 
+    def train_step(step: int) -> float:
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr * lr_factor(cfg, step)
+        opt.zero_grad(set_to_none=True)  # a failed attempt on torchft leaves its gradient
+        x, y = task.batch(step, data_rank)
+        loss = task.loss(model(x.to(topo.torch_device)), y.to(topo.torch_device))
+        loss.backward()
+        if cfg.grad_clip:
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    steps = (
+        static_steps(state.step, last, train_step)
+        if axis is None
+        else torchft_steps(axis, last, train_step, cfg.nodes, cfg.timeout)
+    )
+    first_unix_s = None  # when this rank's first step of this run ended (--ft: it joined)
     try:
-        for step in range(state.step + 1, last + 1):
-            for group in opt.param_groups:
-                group["lr"] = cfg.lr * lr_factor(cfg, step)
-            start = time.perf_counter()
-            x, y = task.batch(step, rank)
-            loss = task.loss(model(x.to(topo.torch_device)), y.to(topo.torch_device))
-            loss.backward()
-            if cfg.grad_clip:
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        start = time.perf_counter()
+        for step, loss in steps:
+            first_unix_s = first_unix_s or time.time()
             stats = opt.stats()
             sent, received = stats.node_bytes_sent, stats.node_bytes_received
             elapsed = time.perf_counter() - start
-            state.advance(step, elapsed, sent, received, float(loss.detach()))
+            state.advance(step, elapsed, sent, received, loss)
             if cfg.check_replicas_every and step % cfg.check_replicas_every == 0:
                 repair = check_and_repair(model, opt, topo, step)
                 if repair is not None:
@@ -160,6 +181,7 @@ def run(
                     )
                 else:
                     save_snapshot(out, step, model, opt, history=history, rank_state=own)
+            start = time.perf_counter()
     finally:
         if reporter is not None:
             reporter.close()
@@ -168,13 +190,29 @@ def run(
     if cfg.snapshot_every:
         drop_snapshots(out)
 
-    identical = replicas_identical(model, topo, opt.promises_identical_replicas, cfg.scheme)
+    if axis is None:
+        identical = replicas_identical(model, topo, opt.promises_identical_replicas, cfg.scheme)
+    else:
+        identical = nodes_identical(axis, model, opt.promises_identical_replicas)
     digest = params_digest(model)
     rss = all_gather(peak_rss_mb())
+    if axis is not None:
+        axis.shutdown()
     if rank != 0:
         return None
-    summary = build_summary(cfg, topo, task, params, state, full_sync, identical, digest, rss, out)
+    summary = build_summary(cfg, task, params, state, full_sync, identical, digest, rss, out)
     summary["resumed_from"] = str(resumed_from) if resumed_from is not None else None
+    if axis is not None:
+        first = state.step - len(state.step_times) + 1
+        slowest = max(range(len(state.step_times)), key=state.step_times.__getitem__, default=0)
+        summary["torchft"] = {
+            "node_index": cfg.node_index,
+            "recovered_from_peer": axis.healed,
+            "failed_attempts": axis.failed,
+            "first_step": first,
+            "first_step_unix_s": first_unix_s,
+            "slowest_step": [first + slowest, max(state.step_times, default=0.0)],
+        }
     report.write_json(out / "summary.json", summary)
     try:
         entropy = task.info.get("unigram_entropy")
@@ -190,6 +228,61 @@ def run(
 
 # --------------------------------------------------------------------------------------------
 # Details
+
+
+JoinReplicas = Callable[[nn.Module, RunOptimizer], Any]
+"""Seats a rank's model and optimizer on torchft's replicate axis; returns the
+:class:`deto.ft.ReplicaAxis` (``deto.ft`` is imported only by runs that use it)."""
+
+
+def static_steps(
+    done: int, last: int, train_step: Callable[[int], float]
+) -> Iterator[tuple[int, float]]:
+    """Steps ``done + 1`` to ``last`` of a run whose nodes are fixed: ``(step, loss)``."""
+    for step in range(done + 1, last + 1):
+        yield step, train_step(step)
+
+
+def torchft_steps(
+    axis: Any, last: int, train_step: Callable[[int], float], nodes: int, wait_s: float
+) -> Iterator[tuple[int, float]]:
+    """The committed steps of a node on torchft's replicate axis, up to ``last``: ``(step,
+    loss)``.
+
+    Each step is attempted until it commits (a failed attempt leaves no trace, see
+    :meth:`deto.ft.ReplicaAxis.step`). A node that joins late starts after its recovery, at
+    the step its peers are at. The first step waits up to ``wait_s`` seconds for all ``nodes``
+    to be in the quorum, then starts with those present.
+    """
+    deadline = time.monotonic() + wait_s
+    losses: dict[int, float] = {}
+
+    def attempt(done: int) -> None:
+        losses[done + 1] = train_step(done + 1)
+
+    while axis.step_number < last:
+        waiting = time.monotonic() < deadline
+        healed = axis.healed
+        if axis.step(attempt, min_nodes=nodes if waiting else 1):
+            step = axis.step_number
+            if axis.healed > healed:
+                logger.info("joined at step %d with a live peer's state", step - 1)
+            yield step, losses.pop(step)
+            losses.clear()
+        elif waiting and axis.step_number == 0:
+            time.sleep(0.1)
+
+
+def nodes_identical(axis: Any, model: nn.Module, promised: bool) -> bool | None:
+    """:func:`deto.train.summary.replicas_identical` over torchft's replicate axis: every rank
+    compares its shards' digest with the other nodes', and the node agrees on the answer."""
+    mine = axis.identical(local_digest(model).encode())
+    same = all(all_gather(mine))
+    if not promised:
+        return None
+    if not same:
+        logger.error("replicas differ across the nodes on torchft")
+    return same
 
 
 def lr_factor(cfg: TrainConfig, step: int) -> float:
@@ -223,6 +316,11 @@ def check_and_repair(
         "repaired_from": check.source,
         "tensors": check.tensors[:10],
     }
+
+
+def node_dir(node: int) -> str:
+    """The folder of ``--out`` where a node of a run on torchft writes its outputs."""
+    return f"node{node}"
 
 
 def default_run_dir(scheme: str) -> str:

@@ -10,13 +10,14 @@ done, the driver records how the link was emulated in the run's ``summary.json``
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -52,27 +53,11 @@ def train_over_emulated_links(
 
     Raises ``RuntimeError`` when the link is not what was asked for or a node fails.
     """
-    removed = cleanup_stale()
-    if removed:
-        logger.info("removed %d namespace(s) left by earlier runs", len(removed))
-    out.mkdir(parents=True, exist_ok=True)
-    settings = {**values, "out": str(out)}
-    (out / "train.toml").write_text(
-        "".join(f"{k} = {_toml_value(v)}\n" for k, v in settings.items() if v is not None)
-    )
-    verbosity = {logging.DEBUG: ["-v"], logging.WARNING: ["-q"]}.get(log_level, [])
-    program = ["-m", "deto", "train", "--config", str(out / "train.toml"), *verbosity]
+    program = rank_program(values, out, log_level)
     restarts = int(values.get("max_restarts") or 0)
-    with EmulatedCluster(nodes, link) as cluster, tempfile.TemporaryDirectory(
+    with emulated_cluster(nodes, link) as cluster, tempfile.TemporaryDirectory(
         prefix="deto-agents-"
     ) as tmp:
-        check = verify_shaping(cluster)
-        if not check.ok:
-            raise RuntimeError(f"the emulated link is not what was asked for: {check.note}")
-        logger.info(
-            "link %s verified: probe measured %.1f Mbit/s",
-            format_bandwidth(link.bandwidth_bps), check.measured_bps / 1e6,
-        )
         code = run_nodes(
             cluster, ranks_per_node, program, log_dir=out / "logs", tmp_dir=Path(tmp),
             max_restarts=restarts,
@@ -84,6 +69,24 @@ def train_over_emulated_links(
     summary["link"] = description
     report.write_json(out / "summary.json", summary)
     logger.debug("summary: %s", report.format_table(summary))
+
+
+@contextlib.contextmanager
+def emulated_cluster(nodes: int, link: LinkSpec) -> Iterator[EmulatedCluster]:
+    """An :class:`EmulatedCluster` whose link was measured to be ``link`` (``RuntimeError``
+    if not), after removing what earlier runs killed with -9 left behind."""
+    removed = cleanup_stale()
+    if removed:
+        logger.info("removed %d namespace(s) left by earlier runs", len(removed))
+    with EmulatedCluster(nodes, link) as cluster:
+        check = verify_shaping(cluster)
+        if not check.ok:
+            raise RuntimeError(f"the emulated link is not what was asked for: {check.note}")
+        logger.info(
+            "link %s verified: probe measured %.1f Mbit/s",
+            format_bandwidth(link.bandwidth_bps), check.measured_bps / 1e6,
+        )
+        yield cluster
 
 
 ERROR_PREFIX = "deto train: error: "
@@ -100,6 +103,18 @@ def node_failure(log_dir: Path, code: int) -> str:
         first = min(told, key=lambda line: cause_of(line) in (PEER_GONE, TIMEOUT))
         return f"{first} (logs of nodes 1 and up: {log_dir})"
     return f"a node exited with status {code} (node 0's output is above; the others': {log_dir})"
+
+
+def rank_program(values: Mapping[str, Any], out: Path, log_level: int) -> list[str]:
+    """What every rank of a launched node runs: ``-m deto train`` with ``values`` written to
+    ``<out>/train.toml`` (settings too many for a command line, and a record of the run)."""
+    out.mkdir(parents=True, exist_ok=True)
+    settings = {**values, "out": str(out)}
+    (out / "train.toml").write_text(
+        "".join(f"{k} = {_toml_value(v)}\n" for k, v in settings.items() if v is not None)
+    )
+    verbosity = {logging.DEBUG: ["-v"], logging.WARNING: ["-q"]}.get(log_level, [])
+    return ["-m", "deto", "train", "--config", str(out / "train.toml"), *verbosity]
 
 
 def _toml_value(value: Any) -> str:
@@ -126,13 +141,10 @@ def node_argv(
     error files land there, and go with it. ``max_restarts``: torchrun's restarts of the node's
     ranks after a failure.
     """
-    # TORCH_CPP_LOG_LEVEL: inside a namespace c10d warns on every connection that the peer's
-    # hostname does not resolve, which is expected there
     # TORCH_DISABLE_SHARE_RDZV_TCP_STORE: each attempt's ranks get a fresh store, so restarted
     # ranks never read a dead attempt's gloo addresses (as in deto.train.elastic)
     env = {
         "OMP_NUM_THREADS": "1",
-        "TORCH_CPP_LOG_LEVEL": "ERROR",
         "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
         **cluster.env(node),
     }

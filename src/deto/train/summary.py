@@ -83,7 +83,6 @@ class History:
 
 def build_summary(
     cfg: TrainConfig,
-    topo: Topology,
     task: Task,
     params: int,
     state: History,
@@ -101,8 +100,8 @@ def build_summary(
         "scheme": cfg.scheme,
         "task": cfg.task,
         "model": cfg.model,
-        "nodes": topo.nodes,
-        "ranks_per_node": topo.ranks_per_node,
+        "nodes": cfg.nodes,
+        "ranks_per_node": cfg.ranks_per_node,
         "steps": state.step,
         "params": params,
         "final_val_loss": val[-1][1] if val else None,
@@ -142,7 +141,7 @@ def replicas_identical(
 ) -> bool | None:
     """Whether parameters and buffers are bitwise equal across the replicate axis (``None``: the
     scheme does not promise it now, e.g. ``none``, or DiLoCo between synchronisations)."""
-    digests = all_gather(_local_digest(model))
+    digests = all_gather(local_digest(model))
     if not promised:
         return None
     s = topo.ranks_per_node
@@ -154,7 +153,7 @@ def replicas_identical(
     return same
 
 
-def _local_digest(model: nn.Module) -> str:
+def local_digest(model: nn.Module) -> str:
     reshard(model)  # digest the shards, whatever the last forward left registered
     h = hashlib.sha256()
     for name, p in sorted([*model.named_parameters(), *model.named_buffers()]):  # BN statistics
@@ -167,7 +166,7 @@ def _local_digest(model: nn.Module) -> str:
 def params_digest(model: nn.Module) -> str:
     """sha256 over every rank's local shards and buffers, in rank order: equal iff the runs'
     parameters and buffers are."""
-    return hashlib.sha256("".join(all_gather(_local_digest(model))).encode()).hexdigest()
+    return hashlib.sha256("".join(all_gather(local_digest(model))).encode()).hexdigest()
 
 
 def peak_rss_mb() -> float:

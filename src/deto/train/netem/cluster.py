@@ -186,10 +186,11 @@ class EmulatedCluster:
         """Environment for ranks of ``node``: tell gloo which interface carries the traffic.
 
         Inside a namespace the machine's hostname resolves to an address that does not exist
-        there, so gloo must be pointed at the node interface explicitly.
+        there, so gloo must be pointed at the node interface explicitly; and c10d, which warns
+        on every connection whose peer's name does not resolve, logs errors only.
         """
         self._node(node)
-        return {"GLOO_SOCKET_IFNAME": IFACE}
+        return {"GLOO_SOCKET_IFNAME": IFACE, "TORCH_CPP_LOG_LEVEL": "ERROR"}
 
     @property
     def method(self) -> str:
