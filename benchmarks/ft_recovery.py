@@ -1,206 +1,144 @@
-"""A node killed mid-run on torchft: does the run still reach the unfaulted loss, and at what cost?
+"""A node killed mid-run on ``deto train --ft``: does the run still reach the unfaulted loss,
+and at what cost?
 
-Two nodes of one rank each train the embedded LM task (FSDP2 inside a node, DeMo over torchft's
-managed gloo group, :mod:`deto.ft`) against an in-process Lighthouse, twice, one seed at a time:
+For each seed, two runs of ``deto train --ft`` (2 nodes x 1 rank, the embedded LM task,
+``--scheme``), over links shaped to ``--bandwidth`` (as root) or on loopback:
 
 * **unfaulted**: both nodes train ``--steps`` steps together;
-* **faulted**: node 1 kills itself with SIGKILL in the middle of step ``--kill-at``; node 0
-  retries that step alone and goes on; a spare, started beforehand and waiting, joins as node 1
-  once node 0 has committed ``--alone`` steps alone, fetches node 0's state from it (live
-  recovery) and both finish together.
+* **faulted**: node 1's rank is killed with SIGKILL once node 1 has logged step ``--kill-at``.
+  Node 0 goes on alone; node 1's agent restarts its rank (``--max-restarts 1``), which fetches
+  node 0's state (torchft's live recovery) and joins at the step node 0 has reached.
 
-It reports the final validation loss of both runs (evaluated by node 0, on the whole
-validation split), the survivor's stall (from its last step committed with the dead node to
-its first committed alone) and the spare's rejoin time (from asking to join to its first
-committed step, recovery included), and writes ``recovery.json``, ``report.md`` and
-``recovery.png`` (training loss per committed step, participants shaded); not
-``results.json``, which names ``deto bench``'s results, whose runs the CI guard re-runs.
+It reports node 0's final validation loss in both runs; the survivor's stall (node 0's slowest
+step of the faulted run: the wait until the Lighthouse drops the dead node, and the failed
+attempt); the rejoin time (from the kill to node 1's first committed step: restart, start-up
+and recovery); the step node 1 rejoined at; and whether the replicas end identical. It writes
+``recovery.json``, ``report.md`` and ``recovery.png`` (node 0's training loss of both runs, the
+steps it trained alone shaded); not ``results.json``, which names ``deto bench``'s results.
 
 Run from the repository root, for example::
 
-    python -m benchmarks.ft_recovery --out benchmarks/results/ft-recovery-cpu-2x1 --seeds 0,1
+    python -m benchmarks.ft_recovery --out benchmarks/results/ft-recovery --bandwidth 100mbit
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import logging
 import os
 import signal
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch.multiprocessing as mp
-
 logger = logging.getLogger("ft_recovery")
 
 WAIT_S = 1800.0
+LOG_EVERY = 10
 
 
-def _node(
-    name: str, index: int, overrides: dict[str, Any], lighthouse: str, kill_at: int,
-    alone_steps: int, events: dict[str, Any], out: Any,
-) -> None:
-    """One node of one rank: train until ``overrides['steps']`` steps are committed."""
-    os.environ.update(OMP_NUM_THREADS="1", RUST_LOG="error")
-    import torch
-    import torch.distributed as dist
-
-    from deto.ft import ReplicaAxis
-    from deto.topology import Topology
-    from deto.train.config import resolve
-    from deto.train.loop import lr_factor
-    from deto.train.optimizer import build_training
-    from deto.train.summary import params_digest
-    from deto.train.tasks import build_task
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    cfg = resolve(overrides)
-    topo = Topology(1, 1, device="cpu")  # the node's own world: FSDP2 over its one rank
-    topo.init()
-    torch.manual_seed(cfg.seed)  # the same initial model on every node
-    task = build_task(cfg, topo)
-    model, opt = build_training(cfg, topo, task.model)
-    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
-    events["ready"].set()
-    events["start"].wait()
-    asked = time.monotonic()
-    axis = ReplicaAxis(
-        model, opt, lighthouse=lighthouse, replica_id=name, store_addr="127.0.0.1",
-        store_port=store.port, timeout=datetime.timedelta(seconds=30),
-    )
-
-    def run(step: int) -> None:
-        if 0 <= kill_at <= step and axis.participants == 2:  # die in a step shared with node 0
-            os.kill(os.getpid(), signal.SIGKILL)
-        for group in opt.param_groups:
-            group["lr"] = cfg.lr * lr_factor(cfg, step + 1)
-        opt.zero_grad(set_to_none=True)
-        x, y = task.batch(step + 1, index)
-        loss = task.loss(model(x), y)
-        loss.backward()
-        opt.step()
-        losses[step + 1] = float(loss.detach())
-
-    losses: dict[int, float] = {}
-    log: list[dict[str, Any]] = []  # one entry per attempt
-    while axis.step_number < cfg.steps:
-        start = time.monotonic()
-        committed = axis.step(run)
-        log.append({"step": axis.step_number, "participants": axis.participants,
-                    "committed": committed, "end_s": time.monotonic() - asked,
-                    "took_s": time.monotonic() - start})
-        alone = [e for e in log if e["committed"] and e["participants"] == 1]
-        if len(alone) >= alone_steps and log[0]["participants"] == 2:
-            events["alone"].set()
-    result = {"name": name, "log": log, "healed": axis.healed, "digest": params_digest(model),
-              "train_loss": {s: losses[s] for s in sorted(losses)}}
-    if index == 0:
-        result.update(task.evaluate(model, topo))
-    out.put(result)
-    axis.shutdown()
-    dist.destroy_process_group()
+def _rank_of_node(node: int) -> int | None:
+    """The pid of the rank of a ``deto train --ft`` node (not its torchrun agent)."""
+    for proc in Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if (
+            b"--node-index" in argv
+            and b"torch.distributed.run" not in argv
+            and argv[argv.index(b"--node-index") + 1] == str(node).encode()
+        ):
+            return int(proc.name)
+    return None
 
 
-def one_run(overrides: dict[str, Any], kill_at: int, alone_steps: int) -> dict[str, Any]:
-    """Node 0, node 1 (killed at ``kill_at`` if >= 0) and, in a faulted run, the spare."""
-    from deto.ft import start_lighthouse
-
-    lighthouse = start_lighthouse(join_timeout_ms=500, heartbeat_timeout_ms=2000)
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    start, join, alone = ctx.Event(), ctx.Event(), ctx.Event()
-    specs = [("node0", 0, -1, start), ("node1", 1, kill_at, start)]
-    if kill_at >= 0:
-        specs.append(("node1", 1, -1, join))  # the spare
-    procs, readies = [], []
-    for name, index, kill, go in specs:
-        ready = ctx.Event()
-        events = {"ready": ready, "start": go, "alone": alone}
-        procs.append(ctx.Process(
-            target=_node,
-            args=(name, index, overrides, lighthouse.address(), kill, alone_steps, events, out),
-            daemon=True,
-        ))
-        readies.append(ready)
-    try:
-        for p in procs:
-            p.start()
-        for r in readies:
-            if not r.wait(WAIT_S):
-                raise RuntimeError("a node did not start")
-        start.set()
-        if kill_at >= 0:
-            if not alone.wait(WAIT_S):
-                raise RuntimeError("the survivor did not go on alone")
-            join.set()
-        results = [out.get(timeout=WAIT_S) for _ in range(2)]
-        by_name = {r["name"]: r for r in results}
-        return {"node0": by_name["node0"], "node1": by_name["node1"],
-                "killed_exitcode": procs[1].exitcode if kill_at >= 0 else None}
-    finally:
-        for p in procs:
-            p.join(30)
-            if p.is_alive():
-                p.kill()
-        lighthouse.shutdown()
+def one_run(out: Path, flags: list[str], kill_at: int | None) -> dict[str, Any]:
+    """``deto train --ft`` with ``flags``; kill node 1's rank after step ``kill_at`` if given.
+    Returns both nodes' summaries, node 0's metrics and the kill's wall-clock time."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    env["OMP_NUM_THREADS"] = "1"
+    argv = [sys.executable, "-m", "deto", "train", "--ft", "--out", str(out), "-q", *flags]
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)  # fmt: skip
+    killed_at = None
+    if kill_at is not None:
+        metrics, deadline = out / "node1" / "metrics.jsonl", time.monotonic() + WAIT_S
+        while not (metrics.exists() and f'"step": {kill_at},' in metrics.read_text()):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"node 1 never reached step {kill_at}")
+            time.sleep(0.01)
+        rank = _rank_of_node(1)
+        if rank is None:
+            raise RuntimeError("no rank of node 1 found")
+        os.kill(rank, signal.SIGKILL)
+        killed_at = time.time()
+    _, err = proc.communicate(timeout=WAIT_S)
+    if proc.returncode != 0:
+        raise RuntimeError(f"deto train failed: {err.strip().splitlines()[-1:]}")
+    nodes = [json.loads((out / f"node{k}" / "summary.json").read_text()) for k in (0, 1)]
+    metrics = [json.loads(line) for line in (out / "node0" / "metrics.jsonl").open()]
+    return {"nodes": nodes, "metrics": metrics, "killed_unix_s": killed_at}
 
 
-def stall_and_rejoin(run: dict[str, Any]) -> dict[str, float]:
-    """The survivor's stall and the spare's rejoin time, in seconds, from the attempt logs."""
-    log = run["node0"]["log"]
-    first_failed = next(i for i, e in enumerate(log) if not e["committed"])
-    before = log[first_failed - 1]["end_s"] if first_failed else 0.0
-    after = next(e for e in log[first_failed:] if e["committed"])["end_s"]
-    spare = next(e for e in run["node1"]["log"] if e["committed"])
-    return {"survivor_stall_s": after - before, "rejoin_s": spare["end_s"],
-            "failed_attempts": sum(1 for e in log if not e["committed"]),
-            "steps_alone": sum(1 for e in log if e["committed"] and e["participants"] == 1)}
+def measure(unfaulted: dict[str, Any], faulted: dict[str, Any], kill_at: int) -> dict[str, Any]:
+    """One seed's row: losses, the survivor's stall, the rejoin."""
+    u, f = unfaulted["nodes"][0]["final_val_loss"], faulted["nodes"][0]["final_val_loss"]
+    survivor, joiner = faulted["nodes"][0]["torchft"], faulted["nodes"][1]["torchft"]
+    return {
+        "unfaulted_val_loss": u, "faulted_val_loss": f, "faulted_vs_unfaulted": f / u - 1.0,
+        "survivor_stall_s": survivor["slowest_step"][1],
+        "stall_step": survivor["slowest_step"][0],
+        "rejoin_s": joiner["first_step_unix_s"] - faulted["killed_unix_s"],
+        "killed_after_step": kill_at, "rejoined_at_step": joiner["first_step"],
+        "recovered_from_peer": joiner["recovered_from_peer"],
+        "identical": all(n["replicas_identical"] for n in faulted["nodes"]),
+        "unfaulted_step_time_s": unfaulted["nodes"][0]["step_time_s_median"],
+    }  # fmt: skip
 
 
 def report(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str:
-    lines = ["# A node killed mid-run on torchft", "",
-             f"- git sha: {meta['git_sha']}; scheme: {meta['scheme']}; steps: {meta['steps']}; "
-             f"node 1 killed in step {meta['kill_at']}; the spare joins after "
-             f"{meta['alone']} steps alone; 2 nodes x 1 rank, unshaped loopback", "",
-             "| seed | val loss unfaulted | val loss faulted | faulted vs unfaulted | survivor "
-             "stall | spare rejoin | steps alone | replicas identical |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "# A node killed mid-run on `deto train --ft`", "",
+        f"- git sha: {meta['git_sha']}; scheme: {meta['scheme']}; steps: {meta['steps']}; "
+        f"2 nodes x 1 rank; link: {meta['link']}",
+        f"- node 1's rank killed (SIGKILL) once it logged step {meta['kill_at']}; restarted by "
+        "its agent (`--max-restarts 1`); it recovers node 0's state and joins at node 0's step",
+        "- survivor stall: node 0's slowest step of the faulted run; rejoin: from the kill to "
+        "node 1's first committed step (restart, start-up and recovery)", "",
+        "| seed | val loss unfaulted | val loss faulted | faulted vs unfaulted | survivor stall "
+        "| rejoin | rejoined at step | replicas identical |",
+        "|---|---|---|---|---|---|---|---|",
+    ]  # fmt: skip
     for r in rows:
         lines.append(
             f"| {r['seed']} | {r['unfaulted_val_loss']:.4f} | {r['faulted_val_loss']:.4f} | "
             f"{100 * r['faulted_vs_unfaulted']:+.2f}% | {r['survivor_stall_s']:.1f} s | "
-            f"{r['rejoin_s']:.1f} s | {r['steps_alone']} | {r['identical']} |")
+            f"{r['rejoin_s']:.1f} s | {r['rejoined_at_step']} | {r['identical']} |")
     rel = [r["faulted_vs_unfaulted"] for r in rows]
     lines += ["", f"Mean faulted vs unfaulted: {100 * statistics.fmean(rel):+.2f}% "
-              f"(range {100 * min(rel):+.2f}% to {100 * max(rel):+.2f}%)."]
+              f"(range {100 * min(rel):+.2f}% to {100 * max(rel):+.2f}%); the target is 2%."]
     return "\n".join(lines) + "\n"
 
 
-def plot(runs: dict[int, dict[str, Any]], out: Path) -> None:
+def plot(runs: dict[int, dict[str, Any]], rows: Sequence[dict[str, Any]], out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    for seed, pair in sorted(runs.items()):
-        for label, run, style in (("unfaulted", pair["unfaulted"], "-"),
-                                  ("faulted", pair["faulted"], "--")):
-            curve = run["node0"]["train_loss"]
-            steps = sorted(int(s) for s in curve)
-            ax.plot(steps, [curve[s] for s in steps], style, lw=0.8,
-                    label=f"seed {seed}, {label}")
-        alone = [e["step"] for e in pair["faulted"]["node0"]["log"]
-                 if e["committed"] and e["participants"] == 1]
-        if alone:
-            ax.axvspan(min(alone), max(alone), alpha=0.15, color="tab:red")
+    for (seed, pair), row in zip(sorted(runs.items()), rows, strict=True):
+        for label, style in (("unfaulted", "-"), ("faulted", "--")):
+            records = [r for r in pair[label]["metrics"] if "train_loss" in r]
+            ax.plot([r["step"] for r in records], [r["train_loss"] for r in records], style,
+                    lw=0.8, label=f"seed {seed}, {label}")  # fmt: skip
+        ax.axvspan(row["killed_after_step"], row["rejoined_at_step"], alpha=0.15, color="tab:red")
     ax.set_xlabel("step (shaded: node 0 alone)")
     ax.set_ylabel("training loss of node 0")
     ax.legend(fontsize=7)
@@ -211,44 +149,43 @@ def plot(runs: dict[int, dict[str, Any]], out: Path) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="results directory")
-    parser.add_argument("--scheme", default="flexdemo", help="a deto train preset with DeMo")
+    parser.add_argument("--scheme", default="flexdemo", help="a deto train scheme")
     parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--kill-at", type=int, default=100, help="the step node 1 dies in")
-    parser.add_argument("--alone", type=int, default=10,
-                        help="steps node 0 commits alone before the spare may join")
+    parser.add_argument("--kill-at", type=int, default=100,
+                        help=f"kill node 1 once it logged this step (a multiple of {LOG_EVERY})")
+    parser.add_argument("--bandwidth", default=None, help="shape the link (as root), e.g. 100mbit")
     parser.add_argument("--seeds", default="0", help="comma-separated seeds")
     ns = parser.parse_args(argv)
-    if not 0 < ns.kill_at < ns.steps - ns.alone:
-        parser.error(f"--kill-at must leave room for --alone steps before --steps ({ns.steps})")
+    if ns.kill_at % LOG_EVERY or not 0 < ns.kill_at < ns.steps:
+        parser.error(f"--kill-at must be a multiple of {LOG_EVERY} below --steps ({ns.steps})")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    os.environ.setdefault("RUST_LOG", "error")  # the in-process Lighthouse logs every quorum
     from deto.train.provenance import collect
 
     ns.out.mkdir(parents=True, exist_ok=True)
+    flags = ["--scheme", ns.scheme, "--steps", str(ns.steps), "--nodes", "2",
+             "--ranks-per-node", "1", "--log-every", str(LOG_EVERY), "--max-restarts", "1"]
+    if ns.bandwidth is not None:
+        flags += ["--bandwidth", ns.bandwidth]
     runs: dict[int, dict[str, Any]] = {}
     rows = []
     for seed in (int(s) for s in ns.seeds.split(",")):
-        overrides = {"scheme": ns.scheme, "steps": ns.steps, "seed": seed,
-                     "nodes": 1, "ranks_per_node": 1}
+        seeded = [*flags, "--seed", str(seed)]
         logger.info("seed %d: unfaulted", seed)
-        unfaulted = one_run(overrides, -1, ns.alone)
-        logger.info("seed %d: node 1 killed in step %d", seed, ns.kill_at)
-        faulted = one_run(overrides, ns.kill_at, ns.alone)
+        unfaulted = one_run(ns.out / "runs" / f"seed{seed}-unfaulted", seeded, None)
+        logger.info("seed %d: node 1 killed after step %d", seed, ns.kill_at)
+        faulted = one_run(ns.out / "runs" / f"seed{seed}-faulted", seeded, ns.kill_at)
         runs[seed] = {"unfaulted": unfaulted, "faulted": faulted}
-        u, f = unfaulted["node0"]["val_loss"], faulted["node0"]["val_loss"]
-        rows.append({"seed": seed, "unfaulted_val_loss": u, "faulted_val_loss": f,
-                     "faulted_vs_unfaulted": f / u - 1.0,
-                     "identical": faulted["node0"]["digest"] == faulted["node1"]["digest"],
-                     "killed_by_sigkill": faulted["killed_exitcode"] == -signal.SIGKILL,
-                     **stall_and_rejoin(faulted)})
+        rows.append({"seed": seed, **measure(unfaulted, faulted, ns.kill_at)})
         logger.info("seed %d: %s", seed, rows[-1])
     provenance = collect()
+    link = runs[min(runs)]["faulted"]["nodes"][0].get("link")
     meta = {"git_sha": (provenance["git"] or {}).get("sha", "unknown"), "scheme": ns.scheme,
-            "steps": ns.steps, "kill_at": ns.kill_at, "alone": ns.alone, "provenance": provenance}
-    (ns.out / "recovery.json").write_text(
-        json.dumps({"meta": meta, "rows": rows, "runs": runs}, indent=1))
+            "steps": ns.steps, "kill_at": ns.kill_at,
+            "link": f"{link['bandwidth']}, {link['method']}" if link else "loopback, unshaped",
+            "provenance": provenance}  # fmt: skip
+    (ns.out / "recovery.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     (ns.out / "report.md").write_text(report(rows, meta))
-    plot(runs, ns.out)
+    plot(runs, rows, ns.out)
     logger.info("wrote %s", ns.out / "report.md")
     return 0
 
