@@ -36,26 +36,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from deto.train.ftlaunch import rank_pids
+
 logger = logging.getLogger("ft_recovery")
 
 WAIT_S = 1800.0
 LOG_EVERY = 10
-
-
-def _rank_of_node(node: int) -> int | None:
-    """The pid of the rank of a ``deto train --ft`` node (not its torchrun agent)."""
-    for proc in Path("/proc").iterdir():
-        try:
-            argv = (proc / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if (
-            b"--node-index" in argv
-            and b"torch.distributed.run" not in argv
-            and argv[argv.index(b"--node-index") + 1] == str(node).encode()
-        ):
-            return int(proc.name)
-    return None
 
 
 def one_run(out: Path, flags: list[str], kill_at: int | None) -> dict[str, Any]:
@@ -73,10 +59,10 @@ def one_run(out: Path, flags: list[str], kill_at: int | None) -> dict[str, Any]:
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"node 1 never reached step {kill_at}")
             time.sleep(0.01)
-        rank = _rank_of_node(1)
-        if rank is None:
-            raise RuntimeError("no rank of node 1 found")
-        os.kill(rank, signal.SIGKILL)
+        ranks = rank_pids(1)
+        if len(ranks) != 1:
+            raise RuntimeError(f"expected one rank of node 1, found {ranks}")
+        os.kill(ranks[0], signal.SIGKILL)
         killed_at = time.time()
     _, err = proc.communicate(timeout=WAIT_S)
     if proc.returncode != 0:

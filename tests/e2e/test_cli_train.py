@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from deto.train.ftlaunch import rank_pids
 from deto.train.snapshot import snapshot_dir
 
 pytestmark = pytest.mark.e2e
@@ -112,22 +113,6 @@ def test_flexdemo_on_torchft_equals_the_static_run(flexdemo, tmp_path) -> None:
     assert "Quorum" not in proc.stderr
 
 
-def _rank_of_node(node: int) -> int | None:
-    """The pid of the rank of a ``deto train --ft`` node (not its torchrun agent)."""
-    for proc in Path("/proc").iterdir():
-        try:
-            argv = (proc / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if (
-            b"--node-index" in argv
-            and b"torch.distributed.run" not in argv
-            and argv[argv.index(b"--node-index") + 1] == str(node).encode()
-        ):
-            return int(proc.name)
-    return None
-
-
 def test_a_killed_node_rejoins_on_torchft_while_the_other_goes_on(tmp_path) -> None:
     """--ft --max-restarts 1: node 1's rank is killed at step 20 of 300; node 0 goes on alone,
     node 1's agent restarts it, it fetches node 0's state and joins at the current step, and
@@ -147,9 +132,9 @@ def test_a_killed_node_rejoins_on_torchft_while_the_other_goes_on(tmp_path) -> N
     while not (metrics.exists() and '"step": 20,' in metrics.read_text()):
         assert proc.poll() is None and time.monotonic() < deadline, "step 20 never came"
         time.sleep(0.01)
-    rank = _rank_of_node(1)
-    assert rank is not None, "no rank of node 1 found"
-    os.kill(rank, signal.SIGKILL)
+    ranks = rank_pids(1)
+    assert len(ranks) == 1, ranks
+    os.kill(ranks[0], signal.SIGKILL)
     out, err = proc.communicate(timeout=TIMEOUT_S)
     assert proc.returncode == 0, err[-4000:]
     assert out.count("final val loss") == 1

@@ -32,8 +32,14 @@ from deto.train import report
 from deto.train.lifetime import popen_kwargs
 from deto.train.loop import node_dir
 from deto.train.netem import EmulatedCluster, LinkSpec
-from deto.train.netlaunch import GRACE_S, emulated_cluster, node_failure, rank_program
-from deto.train.processes import sigterm_raises, stop_processes
+from deto.train.netlaunch import (
+    GRACE_S,
+    emulated_cluster,
+    node_failure,
+    node_processes,
+    rank_program,
+)
+from deto.train.processes import stop_processes
 
 logger = logging.getLogger(__name__)
 
@@ -173,10 +179,8 @@ def node_argv(
 def run_torchft_nodes(argvs: list[list[str]], *, log_dir: Path, tmp_dir: Path) -> list[int]:
     """Run every node's torchrun (``argvs``, node by node) to its end; return their exit codes.
 
-    Node 0's output goes to this terminal (its rank 0 draws the progress bar), the others' to
-    ``log_dir/node<i>.log``. Unlike a static cluster, a failed node does not stop the others.
-    Ctrl-C and SIGTERM stop every node (SIGTERM as ``SystemExit(143)``); the agents die with
-    this process even when it is killed with -9.
+    Unlike a static cluster, a failed node does not stop the others; output, signals and
+    lifetime as :func:`deto.train.netlaunch.node_processes`.
     """
     # TORCH_DISABLE_SHARE_RDZV_TCP_STORE: each attempt's ranks get a fresh store (as in
     # deto.train.elastic); torchft's manager of the node meets its ranks in that store
@@ -184,25 +188,26 @@ def run_torchft_nodes(argvs: list[list[str]], *, log_dir: Path, tmp_dir: Path) -
         **os.environ, "OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
         "TMPDIR": str(tmp_dir),
     }  # fmt: skip
-    procs: list[subprocess.Popen[bytes]] = []
-    logs = []
-    with sigterm_raises():
+    with node_processes(argvs, log_dir, env) as procs:
+        while any(p.poll() is None for p in procs):
+            time.sleep(0.1)
+        return [int(p.returncode) for p in procs]
+
+
+def rank_pids(node: int) -> list[int]:
+    """The pids of ``node``'s ranks on this machine, not its torchrun agent's (what a fault
+    injection kills, or a monitor watches): the processes whose argv holds ``--node-index
+    <node>`` (:func:`node_argv`) and is not torchrun's."""
+    pids = []
+    for proc in Path("/proc").iterdir():
         try:
-            for node, argv in enumerate(argvs):
-                out = None
-                if node:
-                    out = open(log_dir / f"node{node}.log", "wb")  # noqa: SIM115 - closed below
-                    logs.append(out)
-                procs.append(subprocess.Popen(
-                    argv, stdout=out, stderr=out, env=env, start_new_session=True,
-                    **popen_kwargs(),
-                ))  # fmt: skip
-            while any(p.poll() is None for p in procs):
-                time.sleep(0.1)
-            return [int(p.returncode) for p in procs]
-        except BaseException:
-            stop_processes(procs, GRACE_S, process_group=True)
-            raise
-        finally:
-            for f in logs:
-                f.close()
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:  # not a process, or one that just ended
+            continue
+        if (
+            b"--node-index" in argv
+            and b"torch.distributed.run" not in argv
+            and argv[argv.index(b"--node-index") + 1 :][:1] == [str(node).encode()]
+        ):
+            pids.append(int(proc.name))
+    return pids

@@ -184,44 +184,55 @@ def run_nodes(
 ) -> int:
     """Run ``program`` on every rank of every node; return the first failing exit code or 0.
 
+    When one node fails, the others are stopped; for the rest see :func:`node_processes`.
+    """
+    argvs = [
+        node_argv(cluster, node, ranks_per_node, program, tmp_dir=tmp_dir,
+                  max_restarts=max_restarts)
+        for node in range(cluster.nodes)
+    ]  # fmt: skip
+    with node_processes(argvs, log_dir) as procs:
+        while True:
+            codes = [p.poll() for p in procs]
+            failed = [c for c in codes if c not in (None, 0)]
+            if failed:
+                bad = codes.index(failed[0])
+                logger.error("node %d exited with status %d; stopping the others", bad, failed[0])
+                stop_processes(procs, GRACE_S, process_group=True)
+                return failed[0]
+            if all(c == 0 for c in codes):
+                return 0
+            time.sleep(0.1)
+
+
+@contextlib.contextmanager
+def node_processes(
+    argvs: list[list[str]], log_dir: Path, env: Mapping[str, str] | None = None
+) -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Start one launcher per node (``argvs``, node by node) and yield them.
+
     Node 0's output goes to this terminal (its rank 0 draws the progress bar); the other nodes'
-    go to ``log_dir/node<i>.log``. When one node fails, the others are stopped; Ctrl-C and
-    SIGTERM stop every node before they propagate (SIGTERM as ``SystemExit(143)``), so no rank
-    outlives its namespace. The agents die with this process even when it is killed with -9
-    (:func:`deto.train.lifetime.popen_kwargs`), and their ranks with them.
+    go to ``log_dir/node<i>.log``. Each runs in its own session, so that stopping it stops its
+    ranks. An exception in the block (Ctrl-C, and SIGTERM as ``SystemExit(143)``) stops every
+    node before it propagates, so no rank outlives its namespace; the launchers die with this
+    process even when it is killed with -9 (:func:`deto.train.lifetime.popen_kwargs`), and
+    their ranks with them.
     """
     log_dir.mkdir(parents=True, exist_ok=True)
     procs: list[subprocess.Popen[bytes]] = []
     logs = []
     with sigterm_raises():
         try:
-            for node in range(cluster.nodes):
-                argv = node_argv(
-                    cluster, node, ranks_per_node, program,
-                    tmp_dir=tmp_dir, max_restarts=max_restarts,
-                )
+            for node, argv in enumerate(argvs):
                 out = None
                 if node:
                     out = open(log_dir / f"node{node}.log", "wb")  # noqa: SIM115 - closed below
                     logs.append(out)
-                procs.append(
-                    subprocess.Popen(
-                        argv, stdout=out, stderr=out, start_new_session=True, **popen_kwargs()
-                    )
-                )
-            while True:
-                codes = [p.poll() for p in procs]
-                failed = [c for c in codes if c not in (None, 0)]
-                if failed:
-                    bad = codes.index(failed[0])
-                    logger.error(
-                        "node %d exited with status %d; stopping the others", bad, failed[0]
-                    )
-                    stop_processes(procs, GRACE_S, process_group=True)
-                    return failed[0]
-                if all(c == 0 for c in codes):
-                    return 0
-                time.sleep(0.1)
+                procs.append(subprocess.Popen(
+                    argv, stdout=out, stderr=out, env=env, start_new_session=True,
+                    **popen_kwargs(),
+                ))  # fmt: skip
+            yield procs
         except BaseException:
             stop_processes(procs, GRACE_S, process_group=True)
             raise
