@@ -282,12 +282,19 @@ class ReplicaAxis:
         )
         self.comm = FTComm(self.manager, self.pg)
         opt.comm = self.comm
+        self._start_step = 0  # the step this node started from (start_at)
         self.healed = 0  # times this rank fetched its state from a peer
         self.failed = 0  # step attempts not committed
 
     def _load(self, state: dict[str, Any]) -> None:
         load_replica_state(self.model, self.opt, state, joining=True)
         self.healed += 1
+
+    def start_at(self, step: int) -> None:
+        """Continue from a checkpoint or snapshot of ``step`` (loaded into model and optimizer
+        before). At the first quorum the nodes that resumed older state heal from the newest."""
+        self.manager.load_state_dict({"step": step, "batches_committed": 0})
+        self._start_step = step
 
     @property
     def step_number(self) -> int:
@@ -305,15 +312,17 @@ class ReplicaAxis:
         committed steps so far). Returns whether the step committed; if not, model and
         optimizer are as before the attempt, and the caller tries the same step again.
 
-        ``min_nodes``: before the first committed step, an attempt whose quorum has fewer nodes
-        does not run ``run`` and is not committed (every participant sees the same quorum and
-        step, so all of them skip it), so that a run starts with every node rather than with
-        the first one the Lighthouse heard from. Once a step is committed (a joining node's
-        recovery included) it no longer applies: the survivors never wait for a late node.
+        ``min_nodes``: while this node is still at the step it started from (0, or the one it
+        resumed), an attempt whose quorum has fewer nodes does not run ``run`` and is not
+        committed (the participants are all at that step, see the same quorum and skip it
+        alike), so that a run or a resumed run starts with every node rather than with the
+        first one the Lighthouse heard from. Once a step is committed, or a recovery moved this
+        node to its peers' step, it no longer applies: the survivors never wait for a late
+        node.
         """
         self.manager.start_quorum()
         self.comm.refresh()
-        if self.comm.size < min_nodes and self.step_number == 0:
+        if self.comm.size < min_nodes and self.step_number == self._start_step:
             self.manager.report_error(
                 RuntimeError(f"waiting for {min_nodes} nodes, {self.comm.size} present")
             )

@@ -73,28 +73,32 @@ def check_common(s: dict, out: Path, scheme: str, nodes: int, per_node: int) -> 
 
 @pytest.fixture(scope="module")
 def flexdemo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """FlexDeMo on the vision task (the ViT), 2 x 1; on the LM task: the other runs here."""
     out = tmp_path_factory.mktemp("flexdemo")
-    return out, train(out, "--scheme", "flexdemo", "--ranks-per-node", "1", *TINY_LM)
+    return out, train(out, "--scheme", "flexdemo", "--task", "vision", "--ranks-per-node", "1",
+                      *TINY)  # fmt: skip
 
 
-def test_flexdemo_lm(flexdemo) -> None:
+def test_flexdemo_vision(flexdemo) -> None:
     out, s = flexdemo
     check_common(s, out, "flexdemo", 2, 1)
-    assert s["task"] == "lm" and 0 < s["unigram_entropy"] < math.log(256)
+    assert s["task"] == "vision" and s["model"] == "vit" and 0 <= s["final_val_accuracy"] <= 1
+    assert "unigram_entropy" not in s
     assert 0 < s["inter_node_bytes_sent_per_step"] < s["full_sync_bytes_per_step"]
     assert s["compression_ratio"] > 1
     assert s["replicas_identical"] is True
 
 
-def test_flexdemo_on_torchft_equals_the_static_run(flexdemo, tmp_path) -> None:
+def test_flexdemo_on_torchft_resumes_and_equals_the_static_run(flexdemo, tmp_path) -> None:
     """--ft: every node is its own torch world and the replicate axis runs over torchft's
     managed group, with the same numbers as the static cluster (the training loss is each
-    node's own)."""
+    node's own), also when every node stops after a checkpoint and resumes its own."""
     pytest.importorskip("torchft")
-    proc = deto(
-        "train", "--out", str(tmp_path), "--ft", "--scheme", "flexdemo", "--ranks-per-node", "1",
-        *TINY_LM,
-    )
+    ft = ["train", "--out", str(tmp_path), "--ft", "--scheme", "flexdemo", "--task", "vision",
+          "--ranks-per-node", "1", "--checkpoint-every", "3", *TINY]  # fmt: skip
+    first = deto(*ft, "--stop-at", "3")
+    assert first.returncode == 0, first.stderr[-4000:]
+    proc = deto(*ft, "--resume", "auto")
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stdout.count("final val loss") == 1  # node 0's table, once
     nodes = [json.loads((tmp_path / f"node{k}" / "summary.json").read_text()) for k in (0, 1)]
@@ -103,6 +107,8 @@ def test_flexdemo_on_torchft_equals_the_static_run(flexdemo, tmp_path) -> None:
         assert nodes[0][key] == nodes[1][key] == static[key], key
     assert nodes[0]["replicas_identical"] is nodes[1]["replicas_identical"] is True
     assert (nodes[0]["nodes"], nodes[0]["ranks_per_node"]) == (2, 1)
+    for k, node in enumerate(nodes):
+        assert node["resumed_from"] == str(tmp_path / f"node{k}" / "checkpoints" / "step_00000003")
     for k, node in enumerate(nodes):
         seat = {key: node["torchft"][key] for key in
                 ("node_index", "recovered_from_peer", "failed_attempts", "first_step")}  # fmt: skip
@@ -115,8 +121,8 @@ def test_flexdemo_on_torchft_equals_the_static_run(flexdemo, tmp_path) -> None:
 
 def test_a_killed_node_rejoins_on_torchft_while_the_other_goes_on(tmp_path) -> None:
     """--ft --max-restarts 1: node 1's rank is killed at step 20 of 300; node 0 goes on alone,
-    node 1's agent restarts it, it fetches node 0's state and joins at the current step, and
-    both end with identical replicas."""
+    node 1's agent restarts it, it continues from its own newest checkpoint, fetches node 0's
+    newer state and joins at the current step, and both end with identical replicas."""
     pytest.importorskip("torchft")
     env = {
         k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
@@ -125,7 +131,7 @@ def test_a_killed_node_rejoins_on_torchft_while_the_other_goes_on(tmp_path) -> N
     proc = subprocess.Popen(
         [sys.executable, "-m", "deto", "train", "--out", str(tmp_path), "--ft",
          "--ranks-per-node", "1", "--max-restarts", "1", "--steps", "300", "--eval-every",
-         "300", "--log-every", "10", *MODEL, *LM],
+         "300", "--log-every", "10", "--checkpoint-every", "10", *MODEL, *LM],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     metrics, deadline = tmp_path / "node1" / "metrics.jsonl", time.monotonic() + TIMEOUT_S
@@ -140,8 +146,10 @@ def test_a_killed_node_rejoins_on_torchft_while_the_other_goes_on(tmp_path) -> N
     assert out.count("final val loss") == 1
     nodes = [json.loads((tmp_path / f"node{k}" / "summary.json").read_text()) for k in (0, 1)]
     assert nodes[0]["steps"] == nodes[1]["steps"] == 300
+    assert nodes[0]["task"] == "lm" and 0 < nodes[0]["unigram_entropy"] < math.log(256)
     assert nodes[0]["torchft"]["first_step"] == 1
     assert nodes[0]["torchft"]["recovered_from_peer"] == 0
+    assert Path(nodes[1]["resumed_from"]).name in ("step_00000010", "step_00000020")
     joined = nodes[1]["torchft"]
     assert joined["recovered_from_peer"] == 1 and 20 < joined["first_step"] < 300, joined
     assert nodes[0]["replicas_identical"] is nodes[1]["replicas_identical"] is True
@@ -160,13 +168,6 @@ def test_diloco_and_none_promise_no_identical_replicas(tmp_path) -> None:
     check_common(s, tmp_path / "none", "none", 2, 1)
     assert s["replicas_identical"] is None
     assert s["inter_node_bytes_sent_per_step"] == 0 and s["compression_ratio"] is None
-
-
-def test_vision_task(tmp_path) -> None:
-    s = train(tmp_path, "--task", "vision", *TINY)
-    check_common(s, tmp_path, "flexdemo", 2, 2)
-    assert s["task"] == "vision" and 0 <= s["final_val_accuracy"] <= 1
-    assert "unigram_entropy" not in s
 
 
 RESUMABLE = [

@@ -35,7 +35,8 @@ def _run(capsys, *argv: str) -> tuple[int, str, str]:
         (["--model", "bert"], "invalid choice: 'bert'"),
         (["--model", "resnet", "--task", "lm"], "Invalid model: 'resnet' does not fit task 'lm'"),
         (["--ft", "--bandwidth", "100mbit", "--nodes", "1"], "--bandwidth needs at least 2"),
-        (["--ft", "--checkpoint-every", "5"], "--checkpoint-every does not apply with --ft"),
+        (["--ft", "--check-replicas-every", "5"], "--check-replicas-every does not apply"),
+        (["--ft", "--resume", "/nonexistent/run"], "Checkpoint not found"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(capsys, monkeypatch, argv, message) -> None:

@@ -52,7 +52,7 @@ LM_ONLY = frozenset({"seq_len", "eval_samples"})
 
 FT_ONLY = ("lighthouse", "node_index")
 """Keys that only mean something with ``--ft``."""
-NOT_WITH_FT = ("checkpoint_every", "snapshot_every", "resume", "check_replicas_every")
+NOT_WITH_FT = ("check_replicas_every",)
 """Keys a run on torchft does not support yet (:meth:`TrainConfig._check_ft`)."""
 
 STRUCTURAL = (
@@ -197,8 +197,8 @@ class TrainConfig:
         for name in NOT_WITH_FT:
             if getattr(self, name):
                 raise ValueError(
-                    f"{flag(name)} does not apply with --ft yet: a node that fails rejoins from "
-                    "a live peer, and disk state per node is not written"
+                    f"{flag(name)} does not apply with --ft yet (it compares the replicas "
+                    "over the static mesh)"
                 )
         if getattr(self.replicator, "overlap", False):
             raise ValueError("--overlap does not apply with --ft (torchft's group exchanges "

@@ -89,7 +89,12 @@ def train(
                 values, os.environ
             )
         cfg = resolve(values)
-        resume = checkpoint_to_resume(cfg)
+        if cfg.ft and not torchrun:  # every node resumes its own: check them all before starting
+            for node in range(cfg.nodes):
+                checkpoint_to_resume(cfg, node)
+            resume = None
+        else:
+            resume = checkpoint_to_resume(cfg, cfg.node_index if cfg.ft else None)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     if cfg.ft:
@@ -217,23 +222,27 @@ def _check_out(run_dir: str) -> None:
         raise UsageError(str(exc)) from None
 
 
-def checkpoint_to_resume(cfg: TrainConfig) -> str | None:
+def checkpoint_to_resume(cfg: TrainConfig, node: int | None = None) -> str | None:
     """The checkpoint ``--resume`` names, verified against its manifest and checked against
     ``cfg``; ``ValueError`` (one line) if there is none, none is whole, or it does not fit.
 
     ``--resume auto`` continues from the newest whole checkpoint in ``--out``, or starts
     afresh when there is none yet. Newer checkpoints that fail verification are passed over
-    with a warning.
+    with a warning. With ``--ft`` every node keeps its own checkpoints: ``node``'s are in its
+    folder of the run directory (``--out``, or the one ``--resume`` names).
     """
     if cfg.resume is None:
         return None
+    where = cfg.out if cfg.resume == RESUME_AUTO else cfg.resume
+    if node is not None and where is not None:
+        where = os.path.join(where, loop.node_dir(node))
     if cfg.resume == RESUME_AUTO:
-        selection = latest_usable(cfg.out) if cfg.out is not None else None
+        selection = latest_usable(where) if where is not None else None
         if selection is None:
-            logger.info("--resume auto: no checkpoint in %s yet, starting afresh", cfg.out)
+            logger.info("--resume auto: no checkpoint in %s yet, starting afresh", where)
             return None
     else:
-        selection = select_checkpoint(cfg.resume)
+        selection = select_checkpoint(str(where))
     for skipped in selection.skipped:
         logger.warning("passing over a damaged checkpoint: %s", skipped)
     checkpoint.check_resumable(selection.path, cfg)
@@ -336,19 +345,25 @@ def rank_entry(
         nodes=1 if cfg.ft else cfg.nodes, ranks_per_node=cfg.ranks_per_node, device=device,
         timeout=cfg.timeout,
     )  # fmt: skip
+    own_dir = run_dir  # where this rank's checkpoints and snapshots are
+    if cfg.ft and run_dir is not None:
+        own_dir = os.path.join(run_dir, loop.node_dir(node))
     try:
         topo.init()
-        if cfg.ft:
-            return loop.run(cfg, topo, run_dir=run_dir, join_replicas=torchft_seat(cfg))
-        restarted = restarted_anywhere()
-        resume = resume_after_restart(run_dir, resume, restarted)
-        from_snapshot = snapshot_after_restart(cfg, run_dir, resume, restarted)
+        if cfg.ft:  # a simulated node resolves its own; under torchrun the same again
+            resume = checkpoint_to_resume(cfg, node)
+        restarted = restarted_anywhere()  # with --ft: within the node
+        resume = resume_after_restart(own_dir, resume, restarted)
+        from_snapshot = snapshot_after_restart(cfg, own_dir, resume, restarted)
         if restarted:
             where = resume or "the start (no checkpoint yet)"
             if from_snapshot is not None:
                 where = f"the in-memory snapshot of step {from_snapshot}"
             logger.warning("restarted: continuing from %s", where)
-        return loop.run(cfg, topo, run_dir=run_dir, resume=resume, snapshot_step=from_snapshot)
+        return loop.run(
+            cfg, topo, run_dir=run_dir, resume=resume, snapshot_step=from_snapshot,
+            join_replicas=torchft_seat(cfg) if cfg.ft else None,
+        )  # fmt: skip
     except KeyboardInterrupt:
         # the launcher forwards the terminal's Ctrl-C: leave quietly, once
         signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -99,6 +99,8 @@ def run(
         state = History.from_checkpoint(*load_checkpoint(Path(resume), model, opt, topo))
         logger.info("resumed from %s at step %d", resume, state.step)
     axis = join_replicas(model, opt) if join_replicas is not None else None
+    if axis is not None and state.step:
+        axis.start_at(state.step)
     full_sync = full_sync_bytes(params, cfg.nodes)
     sinks = open_sinks(out, state.records) if rank == 0 else []
     last = cfg.stop_at or cfg.steps  # stop_at: a prefix, on the schedule of cfg.steps
@@ -251,8 +253,8 @@ def torchft_steps(
 
     Each step is attempted until it commits (a failed attempt leaves no trace, see
     :meth:`deto.ft.ReplicaAxis.step`). A node that joins late starts after its recovery, at
-    the step its peers are at. The first step waits up to ``wait_s`` seconds for all ``nodes``
-    to be in the quorum, then starts with those present.
+    the step its peers are at. The first step (of a run, or of a resumed run) waits up to
+    ``wait_s`` seconds for all ``nodes`` to be in the quorum, then starts with those present.
     """
     deadline = time.monotonic() + wait_s
     losses: dict[int, float] = {}
@@ -269,7 +271,7 @@ def torchft_steps(
                 logger.info("joined at step %d with a live peer's state", step - 1)
             yield step, losses.pop(step)
             losses.clear()
-        elif waiting and axis.step_number == 0:
+        elif waiting:  # for the other nodes (or for another attempt)
             time.sleep(0.1)
 
 
