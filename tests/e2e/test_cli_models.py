@@ -15,7 +15,7 @@ LM = ["--seq-len", "32", "--eval-samples", "16"]
 
 def test_t5_span_corruption(tmp_path) -> None:
     pytest.importorskip("transformers")
-    s = train(tmp_path, "--model", "t5", *SHORT, *LM)
+    s = train(tmp_path, "--model", "t5", "--ranks-per-node", "1", *SHORT, *LM)  # sharded: test_zoo
     assert (s["model"], s["task"], s["steps"]) == ("t5", "lm", 5)
     assert s["config"]["model"] == "t5"
     assert math.isfinite(s["final_val_loss"]) and s["replicas_identical"] is True

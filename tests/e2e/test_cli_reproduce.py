@@ -16,6 +16,8 @@ pytestmark = pytest.mark.e2e
 
 # 8 steps, warm-up 2: a prefix of 4 steps runs past the warm-up on the 8-step cosine schedule
 TINY = [
+    "--ranks-per-node",
+    "1",
     "--steps",
     "8",
     "--warmup",
