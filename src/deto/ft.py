@@ -337,6 +337,7 @@ class ReplicaAxis:
         if not committed:
             self.failed += 1
             load_replica_state(self.model, self.opt, before, joining=False)
+            self.model.zero_grad(set_to_none=True)  # an attempt that failed in its step kept them
         return committed
 
     def identical(self, digest: bytes) -> bool:

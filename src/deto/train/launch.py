@@ -350,7 +350,7 @@ def rank_entry(
         own_dir = os.path.join(run_dir, loop.node_dir(node))
     try:
         topo.init()
-        if cfg.ft:  # a simulated node resolves its own; under torchrun the same again
+        if cfg.ft and resume is None:  # a simulated node resolves its own (torchrun: train())
             resume = checkpoint_to_resume(cfg, node)
         restarted = restarted_anywhere()  # with --ft: within the node
         resume = resume_after_restart(own_dir, resume, restarted)

@@ -112,7 +112,6 @@ def run(
     def train_step(step: int) -> float:
         for group in opt.param_groups:
             group["lr"] = cfg.lr * lr_factor(cfg, step)
-        opt.zero_grad(set_to_none=True)  # a failed attempt on torchft leaves its gradient
         x, y = task.batch(step, data_rank)
         loss = task.loss(model(x.to(topo.torch_device)), y.to(topo.torch_device))
         loss.backward()
@@ -207,13 +206,14 @@ def run(
     if axis is not None:
         first = state.step - len(state.step_times) + 1
         slowest = max(range(len(state.step_times)), key=state.step_times.__getitem__, default=0)
+        slowest_s = state.step_times[slowest] if state.step_times else 0.0
         summary["torchft"] = {
             "node_index": cfg.node_index,
             "recovered_from_peer": axis.healed,
             "failed_attempts": axis.failed,
             "first_step": first,
             "first_step_unix_s": first_unix_s,
-            "slowest_step": [first + slowest, max(state.step_times, default=0.0)],
+            "slowest_step": [first + slowest, slowest_s],
         }
     report.write_json(out / "summary.json", summary)
     try:
