@@ -36,7 +36,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from deto.train.ftlaunch import rank_pids
+from deto.launch.ftcluster import rank_pids
 
 logger = logging.getLogger("ft_recovery")
 
@@ -145,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if ns.kill_at % LOG_EVERY or not 0 < ns.kill_at < ns.steps:
         parser.error(f"--kill-at must be a multiple of {LOG_EVERY} below --steps ({ns.steps})")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    from deto.train.provenance import collect
+    from deto.run.provenance import collect
 
     ns.out.mkdir(parents=True, exist_ok=True)
     flags = ["--scheme", ns.scheme, "--steps", str(ns.steps), "--nodes", "2",

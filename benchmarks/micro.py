@@ -62,7 +62,7 @@ def model_shapes(model: str) -> list[tuple[str, tuple[int, ...]]]:
     match = re.fullmatch(r"bytegpt-(\d+)x(\d+)", model)
     if match is None:
         raise ValueError(f"Invalid model: {model!r} (expected bytegpt-LAYERSxWIDTH)")
-    from deto.train.models import ByteGPT, TransformerShape
+    from deto.run.models import ByteGPT, TransformerShape
 
     shape = TransformerShape(d_model=int(match[2]), layers=int(match[1]))
     with torch.device("meta"):

@@ -13,7 +13,7 @@ import torch.distributed as dist
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import deto
-from deto.train.data import lm_batch, load_stdlib_corpus
+from deto.run.data import lm_batch, load_stdlib_corpus
 
 torch.manual_seed(0)
 world = int(os.environ["WORLD_SIZE"])

@@ -1,8 +1,8 @@
 """The ``deto`` command: ``deto train`` (the main job), ``deto bench`` and ``deto info``.
 
 This module parses flags, configures logging and maps what goes wrong to exit statuses; the
-work happens in :mod:`deto.train`. Bad input ends with one line on stderr and exit status 2;
-a failed rank with 1; Ctrl-C with 130; SIGTERM with 143.
+work happens in :mod:`deto.launch` (a run) and :mod:`deto.bench`. Bad input ends with one line
+on stderr and exit status 2; a failed rank with 1; Ctrl-C with 130; SIGTERM with 143.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from deto import extras
-from deto.train.console import configure_logging
-from deto.train.launch import UsageError
+from deto.launch.dispatch import UsageError
+from deto.run.console import configure_logging
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -48,7 +48,7 @@ Values come from: scheme and task defaults < --config FILE.toml < flags."""
 
 
 def _scheme_epilog() -> str:
-    from deto.train.presets import PRESETS
+    from deto.run.presets import PRESETS
 
     width = max(map(len, PRESETS))
     lines = ["schemes (--scheme):"]
@@ -76,9 +76,9 @@ def _int(text: str) -> int:
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per :data:`~deto.train.config.KEYS` entry (the run's settings and the
+    """One flag per :data:`~deto.run.config.KEYS` entry (the run's settings and the
     replicator knobs); unset flags stay unset."""
-    from deto.train.config import KEYS, flag, key_help
+    from deto.run.config import KEYS, flag, key_help
 
     parser.add_argument("--config", metavar="FILE.toml", default=argparse.SUPPRESS,
                         help="read settings from a flat TOML file (flags override it)")
@@ -101,10 +101,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(ns: argparse.Namespace) -> int:
-    from deto.train import launch, report
-    from deto.train.config import KEYS
+    from deto.launch import dispatch
+    from deto.run import report
+    from deto.run.config import KEYS
 
-    summary = launch.train(
+    summary = dispatch.train(
         {k: v for k, v in vars(ns).items() if k in KEYS},
         config_file=getattr(ns, "config", None),
         bandwidth=ns.bandwidth,
@@ -133,15 +134,15 @@ def _csv(text: str | None) -> tuple[str, ...] | None:
 
 def _bench_lists(ns: argparse.Namespace) -> tuple[Any, Any, Any]:
     """--schemes, --bandwidth and --seeds as tuples (``None`` where not given)."""
-    from deto.train import bench
-    from deto.train.presets import PRESETS
+    from deto.bench import sweep
+    from deto.run.presets import PRESETS
 
     schemes = _csv(ns.schemes)
     if schemes is not None and not schemes:
         raise UsageError(f"Invalid --schemes: {ns.schemes!r} (valid: {', '.join(PRESETS)})")
     try:
         for spec in schemes or ():
-            bench.check_variant(spec)
+            sweep.check_variant(spec)
     except ValueError as exc:
         raise UsageError(f"Invalid --schemes: {exc}") from None
     bandwidths = None
@@ -149,8 +150,7 @@ def _bench_lists(ns: argparse.Namespace) -> tuple[Any, Any, Any]:
         given = (b.strip() for b in ns.bandwidth.split(","))
         bandwidths = tuple(None if b in ("none", "") else b for b in given)
     if bandwidths is not None and any(b is not None for b in bandwidths):
-        from deto.train import netem
-
+        from deto import netem
         try:
             for b in bandwidths:
                 if b is not None:
@@ -174,8 +174,8 @@ def cmd_bench(ns: argparse.Namespace) -> int:
     import time
     from pathlib import Path
 
-    from deto.train import bench, provenance
-
+    from deto.bench import sweep
+    from deto.run import provenance
     schemes, bandwidths, seeds = _bench_lists(ns)
 
     def progress(i: int, n: int, name: str) -> None:
@@ -186,13 +186,13 @@ def cmd_bench(ns: argparse.Namespace) -> int:
     if ns.steps_fraction is not None:
         raise UsageError("--steps-fraction applies to --reproduce only")
     out = Path(ns.out or f"bench/{time.strftime('%Y%m%d-%H%M%S')}")
-    cfg = bench.BenchConfig(
-        schemes=schemes or bench.DEFAULT_SCHEMES, bandwidths=bandwidths or (None,),
-        seeds=seeds or bench.DEFAULT_SEEDS, out=out, train_args=tuple(ns.train_args),
+    cfg = sweep.BenchConfig(
+        schemes=schemes or sweep.DEFAULT_SCHEMES, bandwidths=bandwidths or (None,),
+        seeds=seeds or sweep.DEFAULT_SEEDS, out=out, train_args=tuple(ns.train_args),
         allow_dirty=ns.allow_dirty,
     )
     try:
-        results = bench.run_bench(cfg, on_run=progress)
+        results = sweep.run_bench(cfg, on_run=progress)
     except provenance.DirtyTreeError as exc:
         raise UsageError(str(exc)) from None
     except RuntimeError as exc:
@@ -209,8 +209,7 @@ def _reproduce(
     import time
     from pathlib import Path
 
-    from deto.train import reproduce
-
+    from deto.bench import reproduce
     if ns.train_args:
         raise UsageError("--reproduce re-runs the recorded commands: no arguments after --")
     out = Path(ns.out or f"bench/reproduce-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -240,8 +239,8 @@ def info() -> dict[str, Any]:
 
     import deto
     from deto.replicators import REGISTRY
-    from deto.train import report
-    from deto.train.presets import PRESETS
+    from deto.run import report
+    from deto.run.presets import PRESETS
 
     cuda = torch.cuda.is_available()
     return {
@@ -312,7 +311,7 @@ def cmd_info(ns: argparse.Namespace) -> int:
 
 
 def _bench_defaults() -> tuple[str, ...]:
-    from deto.train.bench import DEFAULT_SCHEMES
+    from deto.bench.sweep import DEFAULT_SCHEMES
 
     return DEFAULT_SCHEMES
 
@@ -390,9 +389,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         configure_logging(logging.WARNING)
     else:
         configure_logging(_log_level(ns))
-    from deto.train import provenance
-    from deto.train.elastic import RankFailure
-    from deto.train.launch import under_torchrun
+    from deto.launch.dispatch import under_torchrun
+    from deto.launch.local import RankFailure
+    from deto.run import provenance
 
     typed = ["deto", *(sys.argv[1:] if argv is None else argv)]
     provenance.note_command(typed, inherited=under_torchrun())

@@ -137,7 +137,7 @@ def cli_checkpoint(scheme: str, path: str) -> tuple[list[float], list[float], bo
     differ between synchronisations (DiLoCo, none) resume bitwise too."""
     from pathlib import Path
 
-    from deto.train.checkpoint import load_checkpoint, save_checkpoint
+    from deto.run.checkpoint import load_checkpoint, save_checkpoint
 
     topo = common.topo()
 

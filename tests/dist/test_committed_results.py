@@ -16,8 +16,7 @@ from typing import Any
 
 import pytest
 
-from deto.train import bench, reproduce
-
+from deto.bench import reproduce, sweep
 pytestmark = pytest.mark.dist
 
 RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
@@ -28,8 +27,8 @@ WORLD = 4  # the pool's ranks
 def train_prefix(cfg_dict: dict[str, Any], run_dir: str) -> dict[str, Any] | None:
     """One rank of a `deto train` run, in the pool's process group."""
     from deto.topology import Topology
-    from deto.train import loop
-    from deto.train.config import TrainConfig
+    from deto.run import loop
+    from deto.run.config import TrainConfig
 
     cfg = TrainConfig.from_dict(cfg_dict)
     return loop.run(
@@ -39,13 +38,13 @@ def train_prefix(cfg_dict: dict[str, Any], run_dir: str) -> dict[str, Any] | Non
     )
 
 
-def planned(run: bench.RunResult, train_args: list[str], stop_at: int, out: Path) -> dict[str, Any]:
+def planned(run: sweep.RunResult, train_args: list[str], stop_at: int, out: Path) -> dict[str, Any]:
     """The configuration `deto bench` resolves today for the recorded run's command, stopped
     after ``stop_at`` steps."""
     from deto.cli import build_parser
-    from deto.train.config import KEYS, load_toml, resolve
+    from deto.run.config import KEYS, load_toml, resolve
 
-    preset, flags = bench.variant(run.scheme)
+    preset, flags = sweep.variant(run.scheme)
     argv = ["train", "--scheme", preset, *flags, "--seed", str(run.seed), *train_args]
     ns = build_parser().parse_args(argv)
     values = load_toml(ns.config) if hasattr(ns, "config") else {}
@@ -53,7 +52,7 @@ def planned(run: bench.RunResult, train_args: list[str], stop_at: int, out: Path
     return resolve({**values, "stop_at": stop_at, "out": str(out)}).to_dict()
 
 
-_reruns: dict[str, bench.RunResult] = {}
+_reruns: dict[str, sweep.RunResult] = {}
 
 
 @pytest.mark.parametrize("scheme", GUARDED)
@@ -75,7 +74,7 @@ def test_committed_results_reproduce_their_first_steps(folder, scheme, pool, tmp
     key = json.dumps({k: v for k, v in cfg.items() if k != "out"}, sort_keys=True)
     if key not in _reruns:  # runs at several links compute the same: train once
         pool.run(train_prefix, cfg, str(out), timeout=600)
-        _reruns[key] = bench.load_run(scheme, None, first_seed, out)
+        _reruns[key] = sweep.load_run(scheme, None, first_seed, out)
     checks = [c for r in runs for c in reproduce.compare_run(r, _reruns[key], same_link=False)]
     failed = [c for c in checks if c.status == reproduce.FAIL]
     assert not failed, (

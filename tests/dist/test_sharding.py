@@ -12,7 +12,7 @@ from torch.distributed.fsdp import fully_shard
 import deto
 from deto.comm import all_reduce_bytes
 from deto.replicators.base import local_tensor
-from deto.train.models import ByteGPT, ResNet18, TransformerShape
+from deto.run.models import ByteGPT, ResNet18, TransformerShape
 
 pytestmark = pytest.mark.dist
 

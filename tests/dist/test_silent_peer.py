@@ -33,7 +33,7 @@ def _rank(rank: int, init_file: str, out: Any) -> None:
     from torch import nn
 
     import deto
-    from deto.train.failures import failure_line
+    from deto.launch.failures import failure_line
 
     torch.set_num_threads(1)
     # the world waits for slow starters; the mesh axes, which carry every collective of

@@ -4,7 +4,7 @@ Hugging Face GPT-2 (tied head), Llama, T5 (seq2seq, ``ModuleList``s inside ``Mod
 members, a shared embedding), BERT (masked LM) and ViT; a ResNet-18 with BatchNorm and
 ``nn.Sequential`` stages; a timm ViT. torchvision's ResNet-18 is not used: the only torchvision
 on the package registry here is built against another torch and fails to import with this CPU
-torch, so :class:`deto.train.models.ResNet18` builds the same shape from plain torch modules.
+torch, so :class:`deto.run.models.ResNet18` builds the same shape from plain torch modules.
 timm imports torchvision, so the timm case is skipped where torchvision is missing.
 
 Every model trains a few steps on a fixed batch per rank (so its loss must fall) on 2 nodes x
@@ -27,7 +27,7 @@ from torch import nn
 
 import deto
 from deto.replicators.base import local_tensor
-from deto.train.models import ResNet18
+from deto.run.models import ResNet18
 
 pytestmark = pytest.mark.dist
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from deto.train.netem import parse_netns_list
+from deto.netem import parse_netns_list
 
 pytestmark = [
     pytest.mark.e2e,

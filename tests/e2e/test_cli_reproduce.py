@@ -108,8 +108,7 @@ def test_a_recorded_run_reproduces_bit_for_bit_on_its_machine(recorded, rerun):
 
 def test_a_doctored_record_fails_with_a_clear_table(recorded, rerun, tmp_path, monkeypatch, capsys):
     from deto import cli
-    from deto.train import reproduce
-
+    from deto.bench import reproduce
     results = json.loads((recorded / "results.json").read_text())
     trace = results["runs"][0]["trace"]
     trace["train_loss"][0] *= 1.01

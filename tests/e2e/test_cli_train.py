@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from deto.train.ftlaunch import rank_pids
-from deto.train.snapshot import snapshot_dir
+from deto.launch.ftcluster import rank_pids
+from deto.run.snapshot import snapshot_dir
 
 pytestmark = pytest.mark.e2e
 

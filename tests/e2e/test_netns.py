@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from deto.train.netem import (
+from deto.netem import (
     EmulatedCluster,
     LinkSpec,
     check_requirements,
@@ -93,7 +93,7 @@ def test_exception_inside_with_removes_namespaces() -> None:
 
 _HOLDER = """
 import sys, time
-from deto.train.netem import EmulatedCluster, LinkSpec
+from deto.netem import EmulatedCluster, LinkSpec
 with EmulatedCluster(2, LinkSpec(10**7), prefix=sys.argv[1]) as cluster:
     print(" ".join(cluster.all_namespaces()), flush=True)
     time.sleep(60)

@@ -8,27 +8,28 @@ from pathlib import Path
 
 import pytest
 
-from deto.train import bench, bench_report
-from deto.train.netem import EmulatedCluster
-from deto.train.netlaunch import RENDEZVOUS_PORT, node_argv, node_failure
+from deto.bench import report as bench_report
+from deto.bench import sweep
+from deto.launch.shaped import RENDEZVOUS_PORT, node_argv, node_failure
+from deto.netem import EmulatedCluster
 
 
 def test_loss_at_interpolates_between_evaluations():
     val = [[10, 4.0], [20, 3.0], [30, 2.0]]
-    assert bench.loss_at(val, 15) == pytest.approx(3.5)
-    assert bench.loss_at(val, 5) == 4.0
-    assert bench.loss_at(val, 99) == 2.0
+    assert sweep.loss_at(val, 15) == pytest.approx(3.5)
+    assert sweep.loss_at(val, 5) == 4.0
+    assert sweep.loss_at(val, 99) == 2.0
     with pytest.raises(ValueError, match="no validation loss"):
-        bench.loss_at([], 1)
+        sweep.loss_at([], 1)
 
 
 def test_time_to_target_interpolates_the_crossing_between_evaluations():
     records = [{"step": 1, "wall_time_s": 1.0}, {"step": 2, "val_loss": 3.0, "wall_time_s": 2.0},
                {"step": 3, "val_loss": 2.0, "wall_time_s": 4.0}]
-    assert bench.time_to_target(records, 2.5) == pytest.approx(3.0)
-    assert bench.time_to_target(records, 2.0) == pytest.approx(4.0)
-    assert bench.time_to_target(records, 3.5) == 2.0  # already there at the first evaluation
-    assert bench.time_to_target(records, 1.0) is None
+    assert sweep.time_to_target(records, 2.5) == pytest.approx(3.0)
+    assert sweep.time_to_target(records, 2.0) == pytest.approx(4.0)
+    assert sweep.time_to_target(records, 3.5) == 2.0  # already there at the first evaluation
+    assert sweep.time_to_target(records, 1.0) is None
 
 
 def _fake_run(
@@ -76,9 +77,9 @@ def test_run_bench_writes_results_report_and_plots(tmp_path):
         _fake_run(out, argv[argv.index("--scheme") + 1], **fakes[argv[argv.index("--scheme") + 1]])
         return 0
 
-    cfg = bench.BenchConfig(schemes=("hsdp", "flexdemo-lean", "none"), bandwidths=("100mbit",),
+    cfg = sweep.BenchConfig(schemes=("hsdp", "flexdemo-lean", "none"), bandwidths=("100mbit",),
                             out=tmp_path, train_args=("--steps", "20"))
-    results = bench.run_bench(cfg, runner=runner)
+    results = sweep.run_bench(cfg, runner=runner)
     assert [c[c.index("--scheme") + 1] for c in calls] == ["hsdp", "flexdemo-lean", "none"]
     assert all(c[-2:] == ["--bandwidth", "100mbit"] and "--steps" in c for c in calls)
     rows = {r["scheme"]: r for r in results["rows"]}
@@ -111,9 +112,9 @@ def test_run_bench_writes_results_report_and_plots(tmp_path):
 
 
 def test_a_failed_run_stops_the_bench(tmp_path):
-    cfg = bench.BenchConfig(schemes=("hsdp",), out=tmp_path)
+    cfg = sweep.BenchConfig(schemes=("hsdp",), out=tmp_path)
     with pytest.raises(RuntimeError, match="unshaped-hsdp-seed0 failed with exit status 3"):
-        bench.run_bench(cfg, runner=lambda argv: 3)
+        sweep.run_bench(cfg, runner=lambda argv: 3)
 
 
 def test_node_argv_runs_torchrun_inside_the_namespace():
@@ -136,9 +137,8 @@ def test_node_argv_runs_torchrun_inside_the_namespace():
 
 
 def test_a_torchft_node_runs_its_own_world_under_a_host_name_of_its_own():
-    from deto.train import ftlaunch
-
-    argv = ftlaunch.node_argv(1, 2, ["-m", "deto", "train"], lighthouse="http://h:1",
+    from deto.launch import ftcluster
+    argv = ftcluster.node_argv(1, 2, ["-m", "deto", "train"], lighthouse="http://h:1",
                               max_restarts=2)  # fmt: skip
     i = argv.index("torch.distributed.run")
     assert argv[i + 1 :] == [
@@ -146,7 +146,7 @@ def test_a_torchft_node_runs_its_own_world_under_a_host_name_of_its_own():
         "-m", "deto", "train", "--node-index", "1", "--lighthouse", "http://h:1",
     ]  # fmt: skip
     cluster = EmulatedCluster(2, run_id="123-abc")
-    prefix = ftlaunch._inside(cluster, 1)
+    prefix = ftcluster._inside(cluster, 1)
     assert prefix[:4] == ["ip", "netns", "exec", "deto-123-abc-n1"]
     # torchft advertises the host name: inside the node it is the node's own address
     shell = prefix.index("sh")
@@ -173,16 +173,16 @@ def test_bench_bad_input_is_one_line_and_status_2(argv, message, capsys):
 
 
 def test_a_variant_runs_its_preset_with_the_knobs_changed(tmp_path):
-    assert bench.variant("flexdemo") == ("flexdemo", [])
-    assert bench.variant("flexdemo+overlap+dense_fallback=false+topk=8") == (
+    assert sweep.variant("flexdemo") == ("flexdemo", [])
+    assert sweep.variant("flexdemo+overlap+dense_fallback=false+topk=8") == (
         "flexdemo", ["--overlap", "--no-dense-fallback", "--topk", "8"]
     )
-    argv = bench.train_argv("full+overlap", "3mbit", 1, tmp_path / "r", ["--steps", "5"])
+    argv = sweep.train_argv("full+overlap", "3mbit", 1, tmp_path / "r", ["--steps", "5"])
     i = argv.index("--scheme")
     assert argv[i : i + 3] == ["--scheme", "full", "--overlap"]
     assert argv[-4:] == ["--steps", "5", "--bandwidth", "3mbit"]
-    assert bench.run_name("full+overlap", "3mbit", 1) == "3mbit-full+overlap-seed1"
-    bench.check_variant("flexdemo-lean+overlap+values=fp32")  # no error
+    assert sweep.run_name("full+overlap", "3mbit", 1) == "3mbit-full+overlap-seed1"
+    sweep.check_variant("flexdemo-lean+overlap+values=fp32")  # no error
 
 
 def test_an_overlapped_variant_is_judged_against_max_of_compute_and_exchange():
@@ -194,11 +194,11 @@ def test_an_overlapped_variant_is_judged_against_max_of_compute_and_exchange():
 
     # compute 0.2 s; 0.25 MB per step over 8 Mbit/s is 0.25 s of exchange; their sum is 0.45 s
     group = [agg("none", 0.2, 0.0), agg("flexdemo+topk=8", 0.45, 0.25)]
-    hidden = bench.targets([*group, agg("flexdemo+topk=8+overlap", 0.27, 0.25)])
+    hidden = sweep.targets([*group, agg("flexdemo+topk=8+overlap", 0.27, 0.25)])
     claim, met, evidence = hidden[0]
     assert claim == "flexdemo+topk=8+overlap s/step <= 1.1 x max(compute, exchange) (8mbit)"
     assert met is True and "0.250 s exchange" in evidence and "without overlap: 0.450 s" in evidence
-    exposed = bench.targets([*group, agg("flexdemo+topk=8+overlap", 0.3, 0.25)])
+    exposed = sweep.targets([*group, agg("flexdemo+topk=8+overlap", 0.3, 0.25)])
     assert exposed[0][1] is False  # above 1.1 x 0.25 s
 
 
@@ -213,7 +213,7 @@ def test_bench_passes_arguments_after_the_separator_to_every_run(tmp_path, monke
         (cfg.out / "report.md").write_text("# deto bench\n")
         return {"runs": []}
 
-    monkeypatch.setattr(bench, "run_bench", fake)
+    monkeypatch.setattr(sweep, "run_bench", fake)
     assert cli.main(
         ["bench", "--schemes", "hsdp,none", "--out", str(tmp_path / "b"), "--", "--steps", "5"]
     ) == 0
@@ -256,10 +256,10 @@ def test_seeds_give_means_and_spreads_and_the_targets_are_judged_on_the_means(tm
         fakes[("none", seed)] = dict(
             val=[[10, 3.5], [20, 3.0]], step_time=0.19, sent=0.0, seconds_per_step=0.19
         )
-    cfg = bench.BenchConfig(
+    cfg = sweep.BenchConfig(
         schemes=("hsdp", "flexdemo", "none"), bandwidths=("100mbit",), seeds=(0, 1, 2), out=tmp_path
     )
-    results = bench.run_bench(cfg, runner=_seeded_runner(fakes))
+    results = sweep.run_bench(cfg, runner=_seeded_runner(fakes))
     assert sorted({(r["scheme"], r["seed"]) for r in results["rows"]}) == sorted(fakes)
     agg = {a["scheme"]: a for a in results["aggregates"]}
     flex = agg["flexdemo"]
@@ -300,10 +300,10 @@ def test_a_scheme_that_misses_the_target_in_one_seed_misses_the_time_target(tmp_
         fakes[("flexdemo", seed)] = dict(
             val=[[10, 3.0], [20, flex_end]], step_time=0.2, sent=20.0, seconds_per_step=0.2
         )
-    cfg = bench.BenchConfig(
+    cfg = sweep.BenchConfig(
         schemes=("hsdp", "flexdemo"), bandwidths=("100mbit",), seeds=(0, 1), out=tmp_path
     )
-    results = bench.run_bench(cfg, runner=_seeded_runner(fakes))
+    results = sweep.run_bench(cfg, runner=_seeded_runner(fakes))
     claim = "flexdemo reaches the target in <= 1/3 of hsdp's time (100mbit)"
     ((met, evidence),) = [(ok, ev) for c, ok, ev in results["targets"] if c == claim]
     assert met is False and evidence == "reached the target in 1 of 2 seeds"
@@ -320,7 +320,7 @@ def test_results_written_before_seeds_and_traces_still_load():
             "val_loss": [[20, 4.1]],
         },
     }
-    run = bench.run_from_entry(entry)
+    run = sweep.run_from_entry(entry)
     assert run.seed == 3
     assert run.records == [
         {"step": 10, "train_loss": 4.5},
@@ -330,7 +330,7 @@ def test_results_written_before_seeds_and_traces_still_load():
         {"step": 1, "train_loss": 2.0, "lr": 0.1},
         {"step": 2, "train_loss": 1.5, "val_loss": 1.7},
     ]
-    back = bench.records_from_trace(bench.trace(records))
+    back = sweep.records_from_trace(sweep.trace(records))
     assert back == [{"step": 1, "train_loss": 2.0}, {"step": 2, "train_loss": 1.5, "val_loss": 1.7}]
 
 

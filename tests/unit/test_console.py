@@ -1,13 +1,13 @@
 import logging
 import os
 
-from deto.train import console
+from deto.run import console
 
 
 def test_without_a_bar_progress_is_a_log_line_at_most_every_interval(caplog):
     now = [0.0]
     lines = console._LogLines(total=100, clock=lambda: now[0])
-    with caplog.at_level(logging.INFO, logger="deto.train"):
+    with caplog.at_level(logging.INFO, logger="deto.run"):
         for step in range(1, 101):
             now[0] = step * 1.0  # one second a step
             lines.update(step, loss="2.000")

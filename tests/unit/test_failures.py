@@ -6,7 +6,7 @@ import errno
 
 import pytest
 
-from deto.train.failures import (
+from deto.launch.failures import (
     DISK_FULL,
     NONFINITE,
     OTHER,

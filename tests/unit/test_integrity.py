@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.distributed import checkpoint as dcp
 
-from deto.train.integrity import (
+from deto.run.integrity import (
     COMPLETE,
     MANIFEST,
     CheckpointError,

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(
 # the parent starts a grandchild that dies with it, prints the grandchild's pid, then waits
 PARENT = """
 import subprocess, sys, time
-from deto.train.lifetime import popen_kwargs
+from deto.proc.lifetime import popen_kwargs
 child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], **popen_kwargs())
 print(child.pid, flush=True)
 time.sleep(600)

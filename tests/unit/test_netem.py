@@ -16,8 +16,8 @@ from collections.abc import Callable
 
 import pytest
 
-from deto.train import netem
-from deto.train.netem import (
+from deto import netem
+from deto.netem import (
     EmulatedCluster,
     LinkSpec,
     NetemError,
@@ -555,6 +555,6 @@ def test_probe_peers_measure_a_loopback_connection() -> None:
 
 
 def test_probe_peer_usage() -> None:
-    from deto.train.netem.probe_peer import main
+    from deto.netem.probe_peer import main
 
     assert main(["listen"]) == 2

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from deto.train.noise import perturb_ulps
+from deto.run.noise import perturb_ulps
 
 
 def test_every_weight_moves_up_by_exactly_n_representable_values():

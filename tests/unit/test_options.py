@@ -18,8 +18,8 @@ from deto.replicators import (
     SubsetOptions,
     make_replicator,
 )
-from deto.train.config import FIELDS, KEYS, KNOBS, TrainConfig, key_help, resolve
-from deto.train.presets import PRESETS
+from deto.run.config import FIELDS, KEYS, KNOBS, TrainConfig, key_help, resolve
+from deto.run.presets import PRESETS
 
 
 def test_every_registered_replicator_is_built_from_its_options():

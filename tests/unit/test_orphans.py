@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from deto.train.orphans import is_deto_process, namespace_pids, orphans, read_cmdline, stop_pids
+from deto.netem.orphans import is_deto_process, namespace_pids, orphans, read_cmdline, stop_pids
 
 
 def fake_runner(pids: dict[str, list[int]]):

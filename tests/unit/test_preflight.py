@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from deto.train.preflight import check_output_dir
+from deto.launch.preflight import check_output_dir
 
 
 def test_creates_a_missing_directory(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from deto.train.processes import sigterm_raises
+from deto.proc.processes import sigterm_raises
 
 CHILD = textwrap.dedent(
     """
@@ -30,7 +30,7 @@ CHILD = textwrap.dedent(
 PARENT = textwrap.dedent(
     """
     import sys
-    from deto.train.processes import run_child
+    from deto.proc.processes import run_child
     sys.exit(run_child([sys.executable, "-c", sys.argv[1], sys.argv[2]], grace_s=10))
     """
 )
@@ -55,7 +55,7 @@ def test_sigterm_of_the_parent_stops_its_child_first(tmp_path):
 
 
 def test_run_child_returns_the_exit_status(tmp_path):
-    from deto.train.processes import run_child
+    from deto.proc.processes import run_child
 
     assert run_child([sys.executable, "-c", "import sys; sys.exit(3)"]) == 3
 

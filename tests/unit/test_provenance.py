@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from deto.train import bench, provenance
+from deto.bench import sweep
+from deto.run import provenance
 
 X86 = """processor\t: 0
 model name\t: Some CPU @ 2.0GHz
@@ -168,7 +169,7 @@ def test_deto_bench_refuses_then_with_allow_dirty_says_so_at_the_top(repo, monke
     from deto import cli
 
     monkeypatch.setattr(provenance, "source_dir", lambda: repo / "src" / "pkg")
-    monkeypatch.setattr(bench, "run_child", _fake_runner)
+    monkeypatch.setattr(sweep, "run_child", _fake_runner)
     (repo / "src" / "pkg" / "mod.py").write_text("x = 2\n")
     out = repo / "benchmarks" / "results" / "2030-01-01"
     assert cli.main(["bench", "--schemes", "hsdp", "--out", str(out)]) == 2

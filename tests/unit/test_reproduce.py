@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from deto.train import bench, reproduce
-from deto.train.reproduce import EXPECTED, FAIL, NA, PASS, WARN
+from deto.bench import reproduce, sweep
+from deto.bench.reproduce import EXPECTED, FAIL, NA, PASS, WARN
 
 STEPS = 20
 CONFIG = {
@@ -32,7 +32,7 @@ def _run(
     sent: int = 100,
     step_time: float = 0.2,
     config: dict | None = None,
-) -> bench.RunResult:
+) -> sweep.RunResult:
     records = []
     for s in range(2, steps + 1, 2):
         r = {
@@ -51,7 +51,7 @@ def _run(
         "inter_node_bytes_sent_per_step": float(sent),
         "step_time_s_median": step_time,
     }
-    return bench.RunResult("flexdemo", "100mbit", seed, summary, records)
+    return sweep.RunResult("flexdemo", "100mbit", seed, summary, records)
 
 
 def _status(checks: list[reproduce.Check]) -> dict[str, str]:
@@ -209,8 +209,8 @@ def _fake_train(argv: list[str], *, doctor: float = 0.0) -> int:
 @pytest.fixture
 def recorded(tmp_path: Path) -> Path:
     out = tmp_path / "recorded"
-    bench.run_bench(
-        bench.BenchConfig(schemes=("flexdemo",), bandwidths=("100mbit",), seeds=(0, 1, 2), out=out),
+    sweep.run_bench(
+        sweep.BenchConfig(schemes=("flexdemo",), bandwidths=("100mbit",), seeds=(0, 1, 2), out=out),
         runner=_fake_train,
     )
     return out

@@ -7,7 +7,7 @@ import logging
 import pytest
 import torch
 
-from deto.train import snapshot
+from deto.run import snapshot
 
 
 @pytest.fixture

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from deto.train import checkpoint
-from deto.train.config import resolve
+from deto.run import checkpoint
+from deto.run.config import resolve
 
 
 def _fake_checkpoint(root, step: int, complete: bool, config: dict) -> None:

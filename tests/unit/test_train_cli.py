@@ -7,7 +7,7 @@ import json
 import pytest
 
 from deto import cli
-from deto.train.config import FIELDS
+from deto.run.config import FIELDS
 
 
 def _run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -79,7 +79,7 @@ def test_torchft_under_torchrun_is_one_world_per_node(capsys, monkeypatch) -> No
 
 
 def test_torchft_topology_takes_the_lighthouse_from_the_environment() -> None:
-    from deto.train.launch import torchft_topology
+    from deto.launch.dispatch import torchft_topology
 
     env = {"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "TORCHFT_LIGHTHOUSE": "http://lh:29510"}
     values = torchft_topology({"ft": True, "nodes": 3}, env)
@@ -115,7 +115,7 @@ def test_no_command_prints_help(capsys) -> None:
 def test_a_failed_rank_is_reported_in_one_line() -> None:
     from types import SimpleNamespace
 
-    from deto.train.elastic import _failure_message, _failure_traceback
+    from deto.launch.local import _failure_message, _failure_traceback
 
     raised = SimpleNamespace(
         message={
@@ -135,7 +135,7 @@ def test_a_failed_rank_is_reported_in_one_line() -> None:
 
 
 def test_a_rank_that_told_its_failure_is_reported_as_it_told_it(tmp_path) -> None:
-    from deto.train.elastic import ERROR_LOG, RankFailure
+    from deto.launch.local import ERROR_LOG, RankFailure
 
     told = RankFailure(3, "RankError: node 1, rank 3: the disk is full (...); free space", 1, "Tb")
     assert str(told) == "node 1, rank 3: the disk is full (...); free space"

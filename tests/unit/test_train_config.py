@@ -9,8 +9,8 @@ import dataclasses
 
 import pytest
 
-from deto.train.config import FIELDS, TrainConfig, load_toml, resolve
-from deto.train.presets import PRESETS, SIGN_LR_PER_DOUBLING, default_lr
+from deto.run.config import FIELDS, TrainConfig, load_toml, resolve
+from deto.run.presets import PRESETS, SIGN_LR_PER_DOUBLING, default_lr
 
 
 def test_defaults_are_flexdemo_on_lm() -> None:

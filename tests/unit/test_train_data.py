@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from deto.train import data
+from deto.run import data
 
 
 @pytest.fixture

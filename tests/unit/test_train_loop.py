@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from deto.train import loop
-from deto.train.config import resolve
-from deto.train.models import ByteGPT, TransformerShape, ViT, count_params
+from deto.run import loop
+from deto.run.config import resolve
+from deto.run.models import ByteGPT, TransformerShape, ViT, count_params
 
 
 def test_lr_schedule() -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from deto.train import spans
-from deto.train.config import resolve
+from deto.run import spans
+from deto.run.config import resolve
 
 
 def test_model_defaults_follow_the_task_and_the_task_follows_the_model() -> None:

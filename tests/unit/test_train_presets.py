@@ -8,8 +8,8 @@ import torch
 
 import deto
 from deto.replicators import make_replicator
-from deto.train.config import resolve
-from deto.train.presets import PRESETS
+from deto.run.config import resolve
+from deto.run.presets import PRESETS
 
 
 @pytest.mark.parametrize("scheme", sorted(name for name, p in PRESETS.items() if p.replicator))

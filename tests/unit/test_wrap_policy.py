@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from torch import nn
 
+from deto.run.models import ByteGPT, ResNet18, TransformerShape
 from deto.sharding import default_units, policy_predicate, select_units
-from deto.train.models import ByteGPT, ResNet18, TransformerShape
 
 transformers = pytest.importorskip("transformers")
 

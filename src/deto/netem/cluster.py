@@ -8,8 +8,8 @@ import shutil
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from deto.train.netem.cleanup import delete_namespaces, register, unregister
-from deto.train.netem.commands import (
+from deto.netem.cleanup import delete_namespaces, register, unregister
+from deto.netem.commands import (
     BRIDGE,
     DEFAULT_PREFIX,
     IFACE,
@@ -25,10 +25,10 @@ from deto.train.netem.commands import (
     run_command,
     setup_commands,
 )
-from deto.train.netem.rates import MIN_BURST_BYTES, LinkSpec, format_bandwidth
+from deto.netem.rates import MIN_BURST_BYTES, LinkSpec, format_bandwidth
 
 if TYPE_CHECKING:
-    from deto.train.netem.probe import ShapingCheck
+    from deto.netem.probe import ShapingCheck
 
 log = logging.getLogger(__name__)
 

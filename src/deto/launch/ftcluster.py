@@ -5,7 +5,7 @@ and the nodes meet only through the Lighthouse and the replicate axis's managed 
 driver starts a Lighthouse and one ``torchrun --standalone`` per node, each with its
 ``--node-index`` and ``--max-restarts``: exactly what a user runs on every machine of a real
 cluster, with the Lighthouse on one of them. With ``--bandwidth`` every node runs in its own
-network namespace behind a shaped link (:func:`deto.train.netlaunch.emulated_cluster`), under
+network namespace behind a shaped link (:func:`deto.launch.shaped.emulated_cluster`), under
 a host name of its own, and the Lighthouse in node 0's namespace. When a node's rank dies,
 only that node's agent restarts its ranks; they rejoin at the current step with a live
 peer's state while the other nodes go on. A node that fails for good does not stop the
@@ -28,18 +28,18 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from deto.train import report
-from deto.train.lifetime import popen_kwargs
-from deto.train.loop import node_dir
-from deto.train.netem import EmulatedCluster, LinkSpec
-from deto.train.netlaunch import (
+from deto.launch.shaped import (
     GRACE_S,
     emulated_cluster,
     node_failure,
     node_processes,
     rank_program,
 )
-from deto.train.processes import stop_processes
+from deto.netem import EmulatedCluster, LinkSpec
+from deto.proc.lifetime import popen_kwargs
+from deto.proc.processes import stop_processes
+from deto.run import report
+from deto.run.loop import node_dir
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def train_on_torchft(
 ) -> dict[str, Any] | None:
     """Run ``deto train --ft`` with ``values`` as ``nodes`` torch worlds of ``ranks_per_node``
     ranks on this machine, over links shaped to ``link`` if given (one network namespace per
-    node, as :mod:`deto.train.netlaunch`). Node 0 prints its own summary; when node 0 failed,
+    node, as :mod:`deto.launch.shaped`). Node 0 prints its own summary; when node 0 failed,
     return the summary of the lowest node that finished, to print.
 
     Raises ``RuntimeError`` with the failing rank's line when no node finished.
@@ -180,10 +180,10 @@ def run_torchft_nodes(argvs: list[list[str]], *, log_dir: Path, tmp_dir: Path) -
     """Run every node's torchrun (``argvs``, node by node) to its end; return their exit codes.
 
     Unlike a static cluster, a failed node does not stop the others; output, signals and
-    lifetime as :func:`deto.train.netlaunch.node_processes`.
+    lifetime as :func:`deto.launch.shaped.node_processes`.
     """
     # TORCH_DISABLE_SHARE_RDZV_TCP_STORE: each attempt's ranks get a fresh store (as in
-    # deto.train.elastic); torchft's manager of the node meets its ranks in that store
+    # deto.launch.local); torchft's manager of the node meets its ranks in that store
     env = {
         **os.environ, "OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
         "TMPDIR": str(tmp_dir),

@@ -1,6 +1,6 @@
 """Checkpoint integrity: a manifest of checksums written with a checkpoint, verified before resume.
 
-A checkpoint directory (see :mod:`deto.train.loop`) holds DCP shards (``*.distcp``) and their
+A checkpoint directory (see :mod:`deto.run.loop`) holds DCP shards (``*.distcp``) and their
 ``.metadata``, one ``rank<r>.pt`` per rank, ``trainer.json``, and ``COMPLETE`` written last.
 ``MANIFEST.json``, written just before ``COMPLETE``, lists every other file with its size and
 sha256. A file that was truncated, rewritten or deleted after the save (a full disk, a crash of

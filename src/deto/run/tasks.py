@@ -19,12 +19,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
+from deto.run import data as datalib
+from deto.run import spans
+from deto.run.config import TrainConfig
+from deto.run.models import ByteGPT, ResNet18, TransformerShape, ViT, hf_llama, hf_t5
+from deto.run.ranks import all_gather
 from deto.topology import Topology
-from deto.train import data as datalib
-from deto.train import spans
-from deto.train.config import TrainConfig
-from deto.train.models import ByteGPT, ResNet18, TransformerShape, ViT, hf_llama, hf_t5
-from deto.train.ranks import all_gather
 
 logger = logging.getLogger(__name__)
 

@@ -23,9 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from deto.train import bench_report, provenance, report
-from deto.train.processes import run_child
-from deto.train.stats import ratio_of_means, spread
+from deto.bench import report as bench_report
+
+from deto.run import provenance, report
+from deto.proc.processes import run_child
+from deto.bench.stats import ratio_of_means, spread
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +98,7 @@ def _parse_variant(spec: str) -> tuple[str, list[tuple[str, bool, str]]]:
 
 
 def _is_bool_knob(name: str) -> bool:
-    from deto.train.config import KNOBS
+    from deto.run.config import KNOBS
 
     return name in KNOBS and KNOBS[name].type in ("bool", bool)
 
@@ -119,7 +121,7 @@ def variant(spec: str) -> tuple[str, list[str]]:
 
 def check_variant(spec: str) -> None:
     """``ValueError`` (one line) unless ``spec`` names a preset and knobs that preset has."""
-    from deto.train.presets import PRESETS
+    from deto.run.presets import PRESETS
 
     scheme, changes = _parse_variant(spec)
     if scheme not in PRESETS:
@@ -484,7 +486,7 @@ def _overlap_target(
     """Overlap hides the exchange: s/step <= 1.1 x max(compute, exchange), where compute is
     ``none``'s s/step and exchange the node's bytes per step over the link's rate (the same
     for the variant without overlap, which pays their sum)."""
-    from deto.train.netem import parse_bandwidth
+    from deto.netem import parse_bandwidth
 
     a, floor = group[spec], group[FLOOR]
     step, compute = a["step_time_s_median"]["mean"], floor["step_time_s_median"]["mean"]

@@ -14,7 +14,7 @@ import secrets
 import subprocess
 from collections.abc import Callable, Iterable
 
-from deto.train.netem.rates import LinkSpec
+from deto.netem.rates import LinkSpec
 
 log = logging.getLogger(__name__)
 

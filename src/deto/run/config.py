@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from deto.replicators import Options
-from deto.train.presets import (
+from deto.run.presets import (
     DEFAULT_SCHEME,
     OPTIMIZERS,
     PRESETS,

@@ -1,9 +1,9 @@
 """One rank's run: build the task, prepare the model, train, evaluate, checkpoint, summarise.
 
 :func:`run` is the whole story, top to bottom. The task and its evaluation
-(:mod:`deto.train.tasks`), the optimizer (:mod:`deto.train.optimizer`) and the summary
-(:mod:`deto.train.summary`) are details with their own modules. Every rank of the cluster calls
-it (see :mod:`deto.train.launch`); rank 0 alone writes metrics, plots and the summary, every
+(:mod:`deto.run.tasks`), the optimizer (:mod:`deto.run.optimizer`) and the summary
+(:mod:`deto.run.summary`) are details with their own modules. Every rank of the cluster calls
+it (see :mod:`deto.launch.dispatch`); rank 0 alone writes metrics, plots and the summary, every
 rank writes its part of a checkpoint.
 """
 
@@ -23,16 +23,15 @@ from torch import nn
 
 import deto
 from deto.comm import Comm
-from deto.topology import Topology
-from deto.train import noise, report
-from deto.train.checkpoint import CHECKPOINTS, load_checkpoint, save_checkpoint
-from deto.train.config import TrainConfig
-from deto.train.console import progress
-from deto.train.models import count_params
-from deto.train.optimizer import RunOptimizer, build_training, full_sync_bytes
-from deto.train.ranks import all_gather, from_rank0
-from deto.train.snapshot import drop_snapshots, load_snapshot, save_snapshot
-from deto.train.summary import (
+from deto.run import noise, report
+from deto.run.checkpoint import CHECKPOINTS, load_checkpoint, save_checkpoint
+from deto.run.config import TrainConfig
+from deto.run.console import progress
+from deto.run.models import count_params
+from deto.run.optimizer import RunOptimizer, build_training, full_sync_bytes
+from deto.run.ranks import all_gather, from_rank0
+from deto.run.snapshot import drop_snapshots, load_snapshot, save_snapshot
+from deto.run.summary import (
     History,
     build_summary,
     local_digest,
@@ -40,7 +39,8 @@ from deto.train.summary import (
     peak_rss_mb,
     replicas_identical,
 )
-from deto.train.tasks import build_task, reshard
+from deto.run.tasks import build_task, reshard
+from deto.topology import Topology
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def run(
 
     ``run_dir``: where outputs go (``None``: rank 0 picks ``runs/<timestamp>-<scheme>``).
     ``resume``: a complete checkpoint directory to continue from; ``snapshot_step``: continue
-    from this rank's in-memory snapshot of that step instead (:mod:`deto.train.snapshot`).
+    from this rank's in-memory snapshot of that step instead (:mod:`deto.run.snapshot`).
     ``join_replicas``: with ``--ft``, ``topo`` is this node's own world and this callable
     seats the built model and optimizer on torchft's replicate axis
     (:class:`deto.ft.ReplicaAxis`), which then drives every step.
@@ -276,7 +276,7 @@ def torchft_steps(
 
 
 def nodes_identical(axis: Any, model: nn.Module, promised: bool) -> bool | None:
-    """:func:`deto.train.summary.replicas_identical` over torchft's replicate axis: every rank
+    """:func:`deto.run.summary.replicas_identical` over torchft's replicate axis: every rank
     compares its shards' digest with the other nodes', and the node agrees on the answer."""
     mine = axis.identical(local_digest(model).encode())
     same = all(all_gather(mine))

@@ -1,13 +1,13 @@
 """How ``deto train`` runs: which launch path, and what every rank enters.
 
 Three paths lead to one per-rank entry, :func:`rank_entry`, which runs
-:func:`deto.train.loop.run`:
+:func:`deto.run.loop.run`:
 
 * under torchrun (``RANK``, ``WORLD_SIZE``, ``LOCAL_WORLD_SIZE`` set), this process is one
   rank of a real cluster and enters directly;
-* otherwise :mod:`deto.train.elastic` spawns a simulated cluster on this machine through
+* otherwise :mod:`deto.launch.local` spawns a simulated cluster on this machine through
   torch's elastic launcher;
-* with ``--bandwidth``, the emulated-link driver (:mod:`deto.train.netlaunch`) puts each
+* with ``--bandwidth``, the emulated-link driver (:mod:`deto.launch.shaped`) puts each
   simulated node in its own network namespace and starts torch's launcher there; its ranks
   then take the torchrun path.
 
@@ -29,16 +29,18 @@ from typing import Any
 
 import torch.distributed as dist
 
+from deto import netem
+from deto.launch import ftcluster, shaped
+from deto.launch.failures import RankError, failure_line
+from deto.launch.local import RankFailure, launch_local
+from deto.launch.preflight import check_output_dir
+from deto.proc.lifetime import die_with_parent
+from deto.run import checkpoint, loop, snapshot
+from deto.run.config import TrainConfig, load_toml, resolve
+from deto.run.console import configure_logging
+from deto.run.integrity import latest_usable, select_checkpoint
+from deto.run.ranks import all_gather
 from deto.topology import Topology
-from deto.train import checkpoint, ftlaunch, loop, netem, netlaunch, snapshot
-from deto.train.config import TrainConfig, load_toml, resolve
-from deto.train.console import configure_logging
-from deto.train.elastic import RankFailure, launch_local
-from deto.train.failures import RankError, failure_line
-from deto.train.integrity import latest_usable, select_checkpoint
-from deto.train.lifetime import die_with_parent
-from deto.train.preflight import check_output_dir
-from deto.train.ranks import all_gather
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +76,7 @@ def train(
     Returns the summary when this process holds it (rank 0 under torchrun, the simulated
     cluster's launcher), else ``None``: another rank, or an emulated-link run, whose node 0
     prints the summary itself. Raises :class:`UsageError` for bad input,
-    :class:`deto.train.elastic.RankFailure` when a rank fails and ``RuntimeError`` when a node
+    :class:`deto.launch.local.RankFailure` when a rank fails and ``RuntimeError`` when a node
     of an emulated cluster fails.
     """
     torchrun = under_torchrun()
@@ -115,11 +117,11 @@ def train(
         cfg.scheme, cfg.task, cfg.nodes, cfg.ranks_per_node, run_dir,
     )  # fmt: skip
     if cfg.ft:
-        return ftlaunch.train_on_torchft(
+        return ftcluster.train_on_torchft(
             values, cfg.nodes, cfg.ranks_per_node, Path(run_dir), log_level, link
         )
     if link is not None:
-        netlaunch.train_over_emulated_links(
+        shaped.train_over_emulated_links(
             values, link, cfg.nodes, cfg.ranks_per_node, Path(run_dir), log_level
         )
         return None
@@ -309,7 +311,7 @@ def check_simulated(cfg: TrainConfig) -> None:
 
 
 def emulated_link(bandwidth: str, nodes: int) -> netem.LinkSpec:
-    """The :class:`deto.train.netem.LinkSpec` of ``--bandwidth``, once this machine is known to
+    """The :class:`deto.netem.LinkSpec` of ``--bandwidth``, once this machine is known to
     be able to emulate it for ``nodes`` nodes."""
     try:
         link = netem.LinkSpec.from_text(bandwidth)

@@ -30,8 +30,8 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from deto.replicators.base import local_tensor
-from deto.train.checkpoint import restore_state, training_state
-from deto.train.ranks import all_gather
+from deto.run.checkpoint import restore_state, training_state
+from deto.run.ranks import all_gather
 
 logger = logging.getLogger(__name__)
 

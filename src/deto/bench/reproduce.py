@@ -14,7 +14,7 @@ What must reproduce, and how closely:
   10, 2e-5 at step 20, 4e-4 at step 30), so there a larger difference is expected;
 * the final validation loss (runs taken to the end): bit for bit (to the tolerance) on the
   recording machine; elsewhere inside the range a new seed would fall in, judged from the
-  recorded seeds (:func:`deto.train.stats.prediction_interval`), since a different CPU gives a
+  recorded seeds (:func:`deto.bench.stats.prediction_interval`), since a different CPU gives a
   different draw;
 * timings, as ratios to the recorded ones within a factor: reported, never fatal, because they
   follow the machine and its load.
@@ -32,9 +32,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from deto.train import bench, provenance, report
-from deto.train.processes import run_child
-from deto.train.stats import prediction_interval
+from deto.bench import sweep
+
+from deto.run import provenance, report
+from deto.proc.processes import run_child
+from deto.bench.stats import prediction_interval
 
 logger = logging.getLogger(__name__)
 
@@ -103,13 +105,13 @@ def load_results(path: Path) -> dict[str, Any]:
     return results
 
 
-def recorded_runs(results: Mapping[str, Any]) -> list[bench.RunResult]:
-    return [bench.run_from_entry(e) for e in results["runs"]]
+def recorded_runs(results: Mapping[str, Any]) -> list[sweep.RunResult]:
+    return [sweep.run_from_entry(e) for e in results["runs"]]
 
 
 def select(
-    runs: Sequence[bench.RunResult], schemes: Sequence[str] | None, seeds: Sequence[int] | None
-) -> list[bench.RunResult]:
+    runs: Sequence[sweep.RunResult], schemes: Sequence[str] | None, seeds: Sequence[int] | None
+) -> list[sweep.RunResult]:
     """The recorded runs of ``schemes`` and ``seeds`` (``None``: all); :class:`RecordError` if
     a requested one was not recorded."""
     for name, wanted, have in (
@@ -129,7 +131,7 @@ def select(
     ]
 
 
-def stop_step(recorded: bench.RunResult, fraction: float) -> int | None:
+def stop_step(recorded: sweep.RunResult, fraction: float) -> int | None:
     """The step a ``fraction`` prefix of ``recorded`` stops at (a logged step, so the last
     training loss is recorded), or ``None`` for the whole run."""
     steps = int(recorded.summary["steps"])
@@ -149,7 +151,7 @@ def config_differences(recorded: Mapping[str, Any], now: Mapping[str, Any]) -> l
     resolved per run (``None``: the model, a replicator knob) is not compared, since what the
     old code did there is not on record (a change it makes shows in the losses and bytes).
     """
-    from deto.train.config import FIELDS, KNOBS
+    from deto.run.config import FIELDS, KNOBS
 
     out = []
     for key, value in now.items():
@@ -168,7 +170,7 @@ def config_differences(recorded: Mapping[str, Any], now: Mapping[str, Any]) -> l
     return out
 
 
-def _bytes_at(run: bench.RunResult, step: int) -> float:
+def _bytes_at(run: sweep.RunResult, step: int) -> float:
     """Cumulative inter-node bytes one node sent by ``step``: from the trace when recorded,
     else from the per-step mean (results written before traces were kept)."""
     for r in run.records:
@@ -177,7 +179,7 @@ def _bytes_at(run: bench.RunResult, step: int) -> float:
     return float(run.summary["inter_node_bytes_sent_per_step"]) * step
 
 
-def _losses(run: bench.RunResult, until: int) -> dict[int, float]:
+def _losses(run: sweep.RunResult, until: int) -> dict[int, float]:
     return {
         int(r["step"]): float(r["train_loss"])
         for r in run.records
@@ -224,8 +226,8 @@ def _num(v: float | None, spec: str, unit: str = "") -> str:
 
 
 def compare_run(
-    recorded: bench.RunResult,
-    now: bench.RunResult,
+    recorded: sweep.RunResult,
+    now: sweep.RunResult,
     *,
     seed_values: Sequence[float] = (),
     recorded_row: Mapping[str, Any] | None = None,
@@ -243,7 +245,7 @@ def compare_run(
     machine in everything that changes rounding (``None``: not recorded); only then must the
     losses past the first logged step match too.
     """
-    name = bench.run_name(recorded.scheme, recorded.bandwidth, recorded.seed)
+    name = sweep.run_name(recorded.scheme, recorded.bandwidth, recorded.seed)
     checks = []
     changed = config_differences(recorded.summary.get("config", {}), now.summary.get("config", {}))
     checks.append(
@@ -334,7 +336,7 @@ def compare_run(
     )
     if full and recorded_row is not None:
         target = recorded_row.get("target_val_loss")
-        t_now = bench.time_to_target(now.records, target) if target is not None else None
+        t_now = sweep.time_to_target(now.records, target) if target is not None else None
         checks.append(
             _ratio_check(
                 name,
@@ -380,8 +382,8 @@ def _loss_check(
 
 def _final_check(
     name: str,
-    recorded: bench.RunResult,
-    now: bench.RunResult,
+    recorded: sweep.RunResult,
+    now: sweep.RunResult,
     seed_values: Sequence[float],
     rtol: float,
     full: bool,
@@ -459,21 +461,21 @@ def reproduce(
         (r["scheme"], r["bandwidth"], r.get("seed", meta.get("seed", 0))): r
         for r in results["rows"]
     }
-    done: dict[tuple[str, str | None, int, int | None], bench.RunResult] = {}
+    done: dict[tuple[str, str | None, int, int | None], sweep.RunResult] = {}
     checks: list[Check] = []
-    first_now: bench.RunResult | None = None
+    first_now: sweep.RunResult | None = None
     for i, rec in enumerate(chosen):
         links = cfg.bandwidths if cfg.bandwidths is not None else (rec.bandwidth,)
         stop = stop_step(rec, cfg.steps_fraction)
         for bw in links:
             key = (rec.scheme, bw, rec.seed, stop)
             if key not in done:
-                name = bench.run_name(rec.scheme, bw, rec.seed)
+                name = sweep.run_name(rec.scheme, bw, rec.seed)
                 if on_run is not None:
                     on_run(i, len(chosen), name)
                 extra = ["--stop-at", str(stop)] if stop is not None else []
                 out = cfg.out / "runs" / name
-                argv = bench.train_argv(
+                argv = sweep.train_argv(
                     rec.scheme, bw, rec.seed, out, [*meta.get("train_args", []), *extra]
                 )
                 code = run(argv)
@@ -481,7 +483,7 @@ def reproduce(
                     raise RuntimeError(
                         f"run {name} failed with exit status {code} (its output is above)"
                     )
-                done[key] = bench.load_run(rec.scheme, bw, rec.seed, out)
+                done[key] = sweep.load_run(rec.scheme, bw, rec.seed, out)
             now = done[key]
             first_now = first_now or now
             spread = [
@@ -525,8 +527,7 @@ def _check_links(links: set[str | None]) -> None:
     """Re-running over the recorded emulated links needs what emulating them needs."""
     if not links:
         return
-    from deto.train import netem
-
+    from deto import netem
     try:
         netem.check_requirements()
     except RuntimeError as exc:
@@ -536,7 +537,7 @@ def _check_links(links: set[str | None]) -> None:
         ) from None
 
 
-def same_machine(recorded: bench.RunResult, now: bench.RunResult) -> bool | None:
+def same_machine(recorded: sweep.RunResult, now: sweep.RunResult) -> bool | None:
     """Whether two runs' provenance agrees in everything that changes rounding (``None``: the
     record predates provenance)."""
     was, here = recorded.summary.get("provenance"), now.summary.get("provenance")

@@ -3,7 +3,7 @@
 ``deto train`` without torchrun spawns ``nodes x ranks_per_node`` processes with
 :func:`torch.distributed.launcher.api.elastic_launch` (c10d rendezvous on 127.0.0.1, a free
 port chosen by the OS). Every worker runs the same per-rank entry function that a torchrun
-launch calls directly, so both paths train identically (see :mod:`deto.train.launch`).
+launch calls directly, so both paths train identically (see :mod:`deto.launch.dispatch`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from deto.train.failures import RankError
+from deto.launch.failures import RankError
 
 logger = logging.getLogger(__name__)
 

@@ -19,11 +19,11 @@ from torch import nn
 import deto
 from deto.buffers import BufferSync, synced_buffers
 from deto.comm import Comm, CommStats, all_reduce_bytes
+from deto.run.config import TrainConfig
+from deto.run.models import count_params
+from deto.run.presets import OPTIMIZERS, PRESETS
 from deto.sharding import shard_model
 from deto.topology import Topology
-from deto.train.config import TrainConfig
-from deto.train.models import count_params
-from deto.train.presets import OPTIMIZERS, PRESETS
 
 
 class RunOptimizer(Protocol):

@@ -23,11 +23,11 @@ import torch.distributed as dist
 from torch import nn
 
 from deto.replicators.base import local_tensor
+from deto.run import provenance, report
+from deto.run.config import TrainConfig
+from deto.run.ranks import all_gather
+from deto.run.tasks import Task, reshard
 from deto.topology import Topology
-from deto.train import provenance, report
-from deto.train.config import TrainConfig
-from deto.train.ranks import all_gather
-from deto.train.tasks import Task, reshard
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ def build_summary(
         "replicas_identical": identical,
         "replica_repairs": state.replica_repairs,
         "peak_rss_mb_per_rank": rss,
-        "link": None,  # an emulated-link run's driver fills it in (deto.train.netlaunch)
+        "link": None,  # an emulated-link run's driver fills it in (deto.launch.shaped)
         "versions": report.versions(),
         "git_sha": report.git_sha(),
         "provenance": provenance.collect(),

@@ -1,7 +1,7 @@
 """Leaving no namespace behind: the clusters of this process, and leftovers of killed runs.
 
 Live clusters are registered here and closed at interpreter exit; while one is open, SIGTERM
-raises ``SystemExit`` (the launch path's one SIGTERM strategy, :mod:`deto.train.processes`), so
+raises ``SystemExit`` (the launch path's one SIGTERM strategy, :mod:`deto.proc.processes`), so
 a terminated process exits that way too. A run killed with SIGKILL cannot clean up, so
 :func:`cleanup_stale` removes namespaces whose creating process is gone (the PID is part of
 every name).
@@ -17,18 +17,18 @@ import re
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
-from deto.train.netem.commands import (
+from deto.netem.commands import (
     DEFAULT_PREFIX,
     Runner,
     run_checked,
     run_command,
     teardown_commands,
 )
-from deto.train.orphans import stop_orphans
-from deto.train.processes import sigterm_raises
+from deto.netem.orphans import stop_orphans
+from deto.proc.processes import sigterm_raises
 
 if TYPE_CHECKING:
-    from deto.train.netem.cluster import EmulatedCluster
+    from deto.netem.cluster import EmulatedCluster
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ atexit.register(_close_all)
 
 def register(cluster: EmulatedCluster) -> None:
     """Close ``cluster`` at interpreter exit if nothing else does; while it is open, SIGTERM
-    raises ``SystemExit`` (:func:`deto.train.processes.sigterm_raises`), so the way out of a
+    raises ``SystemExit`` (:func:`deto.proc.processes.sigterm_raises`), so the way out of a
     terminated process closes it too."""
     if not _LIVE:
         _exit.enter_context(sigterm_raises())
@@ -127,7 +127,7 @@ def cleanup_stale(
     A run killed with SIGKILL (or a crashed machine-level OOM kill) cannot clean up after
     itself; its namespaces would keep addresses and veths around forever, and the processes
     inside them (node agents, ranks) would keep training: deto's are stopped first
-    (:func:`deto.train.orphans.stop_orphans`). Returns the names deleted (those that failed to
+    (:func:`deto.netem.orphans.stop_orphans`). Returns the names deleted (those that failed to
     delete are logged and omitted).
     """
     run = runner or run_command

@@ -82,7 +82,7 @@ class _LogLines:
             return
         self._last = now
         shown = " ".join(f"{k} {v}" for k, v in fields.items())
-        logging.getLogger("deto.train").info("step %d/%d: %s", step, self._total, shown)
+        logging.getLogger("deto.run").info("step %d/%d: %s", step, self._total, shown)
 
     def close(self) -> None:
         pass

@@ -21,17 +21,17 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from deto.train import report
-from deto.train.failures import PEER_GONE, TIMEOUT, cause_of
-from deto.train.lifetime import popen_kwargs
-from deto.train.netem import (
+from deto.launch.failures import PEER_GONE, TIMEOUT, cause_of
+from deto.netem import (
     EmulatedCluster,
     LinkSpec,
     cleanup_stale,
     format_bandwidth,
     verify_shaping,
 )
-from deto.train.processes import sigterm_raises, stop_processes
+from deto.proc.lifetime import popen_kwargs
+from deto.proc.processes import sigterm_raises, stop_processes
+from deto.run import report
 
 logger = logging.getLogger(__name__)
 
@@ -142,7 +142,7 @@ def node_argv(
     ranks after a failure.
     """
     # TORCH_DISABLE_SHARE_RDZV_TCP_STORE: each attempt's ranks get a fresh store, so restarted
-    # ranks never read a dead attempt's gloo addresses (as in deto.train.elastic)
+    # ranks never read a dead attempt's gloo addresses (as in deto.launch.local)
     env = {
         "OMP_NUM_THREADS": "1",
         "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
@@ -215,7 +215,7 @@ def node_processes(
     go to ``log_dir/node<i>.log``. Each runs in its own session, so that stopping it stops its
     ranks. An exception in the block (Ctrl-C, and SIGTERM as ``SystemExit(143)``) stops every
     node before it propagates, so no rank outlives its namespace; the launchers die with this
-    process even when it is killed with -9 (:func:`deto.train.lifetime.popen_kwargs`), and
+    process even when it is killed with -9 (:func:`deto.proc.lifetime.popen_kwargs`), and
     their ranks with them.
     """
     log_dir.mkdir(parents=True, exist_ok=True)

@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from deto.train.netem.cluster import EmulatedCluster
-from deto.train.netem.commands import NetemError
+from deto.netem.cluster import EmulatedCluster
+from deto.netem.commands import NetemError
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ class ShapingCheck:
 PROBE_MAX_BYTES = 4 * 1024**3
 PROBE_WAIT_S = 10.0
 PEER = str(Path(__file__).with_name("probe_peer.py"))
-"""The probe's two ends, run as a script (see :mod:`deto.train.netem.probe_peer`)."""
+"""The probe's two ends, run as a script (see :mod:`deto.netem.probe_peer`)."""
 
 
 def _kill(proc: subprocess.Popen[str]) -> None:

@@ -28,10 +28,10 @@ import torch.distributed as dist
 from torch import nn
 
 from deto.checkpoint import CheckpointError, load_state, save_state
+from deto.run import report
+from deto.run.config import STRUCTURAL, TrainConfig
+from deto.run.integrity import write_manifest
 from deto.topology import Topology
-from deto.train import report
-from deto.train.config import STRUCTURAL, TrainConfig
-from deto.train.integrity import write_manifest
 
 logger = logging.getLogger(__name__)
 

@@ -29,11 +29,11 @@ addresses and every ``ip``/``tc`` command, and running them), :mod:`.cluster`
 at exit, leftovers of killed runs) and :mod:`.probe` (measuring a link).
 """
 
-from deto.train.netem.cleanup import cleanup_stale, parse_netns_list, stale_namespaces
-from deto.train.netem.cluster import EmulatedCluster, check_requirements
-from deto.train.netem.commands import NetemError, setup_commands, teardown_commands
-from deto.train.netem.probe import ShapingCheck, judge_rate, probe_throughput, verify_shaping
-from deto.train.netem.rates import LinkSpec, default_burst_bytes, format_bandwidth, parse_bandwidth
+from deto.netem.cleanup import cleanup_stale, parse_netns_list, stale_namespaces
+from deto.netem.cluster import EmulatedCluster, check_requirements
+from deto.netem.commands import NetemError, setup_commands, teardown_commands
+from deto.netem.probe import ShapingCheck, judge_rate, probe_throughput, verify_shaping
+from deto.netem.rates import LinkSpec, default_burst_bytes, format_bandwidth, parse_bandwidth
 
 __all__ = [
     "EmulatedCluster",
