@@ -126,14 +126,19 @@ def run(
         if axis is None
         else torchft_steps(axis, last, train_step, cfg.nodes, cfg.timeout)
     )
-    first_unix_s = None  # when this rank's first step of this run ended (--ft: it joined)
+    # This process's first step (--ft: where it joined) and when it ended. Not derived from the
+    # history's step times: those a resumed run restores are not contiguous with a joined node's.
+    first_step, first_unix_s = None, None
+    slowest = [0, 0.0]  # this process's slowest step and its seconds
     try:
         start = time.perf_counter()
         for step, loss in steps:
-            first_unix_s = first_unix_s or time.time()
+            if first_step is None:
+                first_step, first_unix_s = step, time.time()
             stats = opt.stats()
             sent, received = stats.node_bytes_sent, stats.node_bytes_received
             elapsed = time.perf_counter() - start
+            slowest = max(slowest, [step, elapsed], key=lambda s: s[1])
             state.advance(step, elapsed, sent, received, loss)
             if cfg.check_replicas_every and step % cfg.check_replicas_every == 0:
                 repair = check_and_repair(model, opt, topo, step)
@@ -204,16 +209,13 @@ def run(
     summary = build_summary(cfg, task, params, state, full_sync, identical, digest, rss, out)
     summary["resumed_from"] = str(resumed_from) if resumed_from is not None else None
     if axis is not None:
-        first = state.step - len(state.step_times) + 1
-        slowest = max(range(len(state.step_times)), key=state.step_times.__getitem__, default=0)
-        slowest_s = state.step_times[slowest] if state.step_times else 0.0
         summary["torchft"] = {
             "node_index": cfg.node_index,
             "recovered_from_peer": axis.healed,
             "failed_attempts": axis.failed,
-            "first_step": first,
+            "first_step": first_step,
             "first_step_unix_s": first_unix_s,
-            "slowest_step": [first + slowest, slowest_s],
+            "slowest_step": slowest,
         }
     report.write_json(out / "summary.json", summary)
     try:
