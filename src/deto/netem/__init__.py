@@ -32,8 +32,9 @@ at exit, leftovers of killed runs) and :mod:`.probe` (measuring a link).
 from deto.netem.cleanup import cleanup_stale, parse_netns_list, stale_namespaces
 from deto.netem.cluster import EmulatedCluster, check_requirements
 from deto.netem.commands import NetemError, setup_commands, teardown_commands
-from deto.netem.probe import ShapingCheck, judge_rate, probe_throughput, verify_shaping
+from deto.netem.probe import probe_throughput, verify_shaping
 from deto.netem.rates import LinkSpec, default_burst_bytes, format_bandwidth, parse_bandwidth
+from deto.netem.shaping import ShapingCheck, judge_rate
 
 __all__ = [
     "EmulatedCluster",

@@ -15,7 +15,7 @@ import logging
 import os
 import re
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from deto.netem.commands import (
     DEFAULT_PREFIX,
@@ -26,9 +26,6 @@ from deto.netem.commands import (
 )
 from deto.netem.orphans import stop_orphans
 from deto.proc.processes import sigterm_raises
-
-if TYPE_CHECKING:
-    from deto.netem.cluster import EmulatedCluster
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +87,16 @@ def delete_namespaces(runner: Runner, namespaces: Iterable[str]) -> list[str]:
 # --------------------------------------------------------------------------------------------
 # The clusters of this process
 
-_LIVE: dict[str, EmulatedCluster] = {}
+class LiveCluster(Protocol):
+    """What this module needs of a cluster (an :class:`~deto.netem.cluster.EmulatedCluster`,
+    which imports this module to register itself)."""
+
+    run_id: str
+
+    def close(self) -> None: ...
+
+
+_LIVE: dict[str, LiveCluster] = {}
 _exit = contextlib.ExitStack()  # holds SIGTERM as an exception while any cluster is open
 
 
@@ -102,7 +108,7 @@ def _close_all() -> None:
 atexit.register(_close_all)
 
 
-def register(cluster: EmulatedCluster) -> None:
+def register(cluster: LiveCluster) -> None:
     """Close ``cluster`` at interpreter exit if nothing else does; while it is open, SIGTERM
     raises ``SystemExit`` (:func:`deto.proc.processes.sigterm_raises`), so the way out of a
     terminated process closes it too."""
@@ -111,7 +117,7 @@ def register(cluster: EmulatedCluster) -> None:
     _LIVE[cluster.run_id] = cluster
 
 
-def unregister(cluster: EmulatedCluster) -> None:
+def unregister(cluster: LiveCluster) -> None:
     _LIVE.pop(cluster.run_id, None)
     if not _LIVE:
         _exit.close()

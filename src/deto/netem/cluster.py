@@ -28,7 +28,7 @@ from deto.netem.commands import (
 from deto.netem.rates import MIN_BURST_BYTES, LinkSpec, format_bandwidth
 
 if TYPE_CHECKING:
-    from deto.netem.probe import ShapingCheck
+    from deto.netem.shaping import ShapingCheck
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 
 Runner = Callable[[list[str]], subprocess.CompletedProcess[str]]
 GRACE_S = 5.0
-_DETO_MARKERS = ("torch.distributed.run", "-m deto", "deto train", "deto.train")
+_DETO_MARKERS = ("torch.distributed.run", "-m deto", "deto train", "deto/netem/probe_peer.py")
 
 
 def read_cmdline(pid: int) -> str | None:
