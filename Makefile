@@ -1,11 +1,13 @@
 # Two entry points: `make demo` (the main job on its embedded default) and `make test`.
 # Both create/reuse the local virtualenv .venv and install what they need.
+# `make test` is the fast tier (lint, types, unit and multi-rank tests); `make test-slow` runs
+# the cases marked slow (end to end, shaped links, fault injection); `make test-all` both, as CI.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test results lint typecheck clean
+.PHONY: demo test test-slow test-all results clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -20,7 +22,12 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks examples
 	$(BIN)/mypy
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m "not slow"
+
+test-slow: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m slow
+
+test-all: test test-slow
 
 # The committed benchmark results (docs/benchmarks.md): as root, at a clean commit.
 SEEDS ?= 0,1,2

@@ -1,9 +1,10 @@
-"""A pool of real gloo ranks, spawned once per test module, that runs many cases.
+"""A pool of real gloo ranks, spawned once per test session, that runs many cases.
 
 Cases are module-level functions ``fn(*args)`` run on every rank; their return values come
 back as a list in rank order. A worker's exception is re-raised in the parent with the
 worker's traceback; a case that does not finish within the timeout, or whose worker dies,
-fails instead of hanging.
+fails instead of hanging. Each case starts from the environment variables the worker started
+with, so what one case sets (torchrun's variables for an integration) cannot reach the next.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ def _worker(rank: int, world: int, init_file: str, path: list[str], tasks: Any, 
         world_size=world,
         timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S),
     )
+    environ = dict(os.environ)
     while True:
         task = tasks.get()
         if task is None:
@@ -48,6 +50,8 @@ def _worker(rank: int, world: int, init_file: str, path: list[str], tasks: Any, 
             results.put((rank, True, fn(*args)))
         except BaseException:  # noqa: BLE001 - reported to the parent, which re-raises
             results.put((rank, False, traceback.format_exc()))
+        os.environ.clear()
+        os.environ.update(environ)
     dist.destroy_process_group()
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from deto.bench import reproduce, sweep
-pytestmark = pytest.mark.dist
+pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
 RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 GUARDED = ("hsdp", "flexdemo")

@@ -20,7 +20,7 @@ import torch.multiprocessing as mp
 
 pytest.importorskip("torchft")
 
-pytestmark = pytest.mark.dist
+pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
 STEPS = 12
 KILL_AT = 4

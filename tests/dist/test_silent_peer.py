@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import torch.multiprocessing as mp
 
-pytestmark = pytest.mark.dist
+pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
 WORLD = 4
 SILENT = 3

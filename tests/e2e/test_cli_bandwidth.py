@@ -16,6 +16,7 @@ import pytest
 from deto.netem import parse_netns_list
 
 pytestmark = [
+    pytest.mark.slow,
     pytest.mark.e2e,
     pytest.mark.netns,
     pytest.mark.skipif(

@@ -7,7 +7,7 @@ import math
 import pytest
 from test_cli_train import MODEL, train
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 SHORT = ["--steps", "5", "--eval-every", "5", "--log-every", "5", *MODEL]
 LM = ["--seq-len", "32", "--eval-samples", "16"]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 # 8 steps, warm-up 2: a prefix of 4 steps runs past the warm-up on the 8-step cosine schedule
 TINY = [

@@ -17,7 +17,7 @@ import pytest
 from deto.launch.ftcluster import rank_pids
 from deto.run.snapshot import snapshot_dir
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 MODEL = ["--d-model", "32", "--layers", "1", "--heads", "2", "--batch-size", "4", "--warmup", "2"]
 TINY = ["--steps", "6", "--eval-every", "3", "--log-every", "2", *MODEL]

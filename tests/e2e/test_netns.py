@@ -26,6 +26,7 @@ from deto.netem import (
 )
 
 pytestmark = [
+    pytest.mark.slow,
     pytest.mark.netns,
     pytest.mark.skipif(
         not hasattr(os, "geteuid")
