@@ -21,7 +21,7 @@ def fake_runner(pids: dict[str, list[int]]):
 def test_deto_processes_are_told_from_others() -> None:
     assert is_deto_process("/usr/bin/python3 -m torch.distributed.run --nnodes=2 -m deto train")
     assert is_deto_process("/venv/bin/python -m deto train --config runs/x/train.toml -q")
-    assert is_deto_process("/venv/bin/python -I /src/deto/netem/probe_peer.py receive 10.0.0.1 1 9 5")
+    assert is_deto_process("python -I /src/deto/netem/probe_peer.py receive 10.0.0.1 1 9 5")
     assert not is_deto_process("/usr/sbin/sshd -D")
     assert not is_deto_process("python -m http.server")
 
