@@ -58,8 +58,7 @@ def build_trainer(out: str | Path, steps: int, topology: deto.Topology) -> DetoT
         max_grad_norm=1.0,
         logging_steps=2,
         save_steps=steps // 2,
-        report_to=[],
-        use_cpu=topology.device_type == "cpu",
+        report_to=[],  # on CPU, DetoTrainer sets use_cpu=True (else the Trainer runs unsharded)
         seed=0,
     )
     return DetoTrainer(

@@ -36,6 +36,32 @@ def run(out: str, resume: str | None) -> dict:
     }
 
 
+class Indices(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 16
+
+    def __getitem__(self, i: int) -> dict:
+        return {"input_ids": torch.tensor([i]), "labels": torch.tensor([i])}
+
+
+def first_epoch(out: str) -> dict:
+    """The example's Trainer (no use_cpu given) on CPU: the samples this rank reads."""
+    integration.torchrun_env()
+    trainer = integration.load_example("hf_trainer").build_trainer(out, STEPS, common.topo())
+    trainer.train_dataset = Indices()
+    seen = [int(i) for b in trainer.get_train_dataloader() for i in b["input_ids"].view(-1)]
+    return {"use_cpu": trainer.args.use_cpu, "world": trainer.args.world_size, "seen": seen}
+
+
+def test_every_rank_reads_its_own_samples_without_use_cpu(pool, tmp_path):
+    """On CPU the Trainer (through Accelerate) takes a process without use_cpu=True for a world
+    of one, where every rank would read the same batches; DetoTrainer sets it."""
+    ranks = pool.run(first_epoch, str(tmp_path))
+    assert all(r["use_cpu"] and r["world"] == 4 for r in ranks)
+    seen = [i for r in ranks for i in r["seen"]]
+    assert sorted(seen) == list(range(16))  # disjoint, and together the whole set
+
+
 def without_timing(log: dict) -> dict:
     return {k: v for k, v in log.items() if k != "inter_node_seconds"}
 

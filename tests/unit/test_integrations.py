@@ -27,3 +27,26 @@ def test_trainer_without_a_replaced_method_fails_clearly(monkeypatch):
     monkeypatch.delattr(hf.Trainer, "_load_best_model")
     with pytest.raises(RuntimeError, match="without _load_best_model"):
         hf.check_transformers()
+
+
+def test_a_trainer_world_other_than_the_topology_stops_with_the_fix():
+    hf = pytest.importorskip("deto.integrations.hf", reason="transformers is not installed")
+    from types import SimpleNamespace
+
+    topo = SimpleNamespace(world_size=4, rank=2, nodes=2, ranks_per_node=2, device_type="cpu")
+    same = SimpleNamespace(world_size=4, process_index=2, device=torch.device("cpu"))
+    hf.check_world(same, topo)
+    alone = SimpleNamespace(world_size=1, process_index=0, device=torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"sees 1 process\(es\), .* 2 node\(s\) x 2 .* torchrun"):
+        hf.check_world(alone, topo)
+
+
+def test_cpu_topologies_get_use_cpu():
+    hf = pytest.importorskip("deto.integrations.hf", reason="transformers is not installed")
+    from types import SimpleNamespace
+
+    from transformers import TrainingArguments
+
+    args = TrainingArguments(output_dir="unused", report_to=[])
+    assert hf.cpu_args(args, SimpleNamespace(device_type="cpu")).use_cpu is True
+    assert hf.cpu_args(args, SimpleNamespace(device_type="cuda")) is args

@@ -18,6 +18,7 @@ private methods, so the versions are checked (:data:`TRANSFORMERS_VERSIONS`).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from pathlib import Path
@@ -110,6 +111,32 @@ class InterNodeTrafficCallback(TrainerCallback):
         self._total = CommStats()
 
 
+def cpu_args(args: TrainingArguments, topology: Topology) -> TrainingArguments:
+    """``args`` with ``use_cpu=True`` when the topology runs on CPU.
+
+    Without it the Trainer (through Accelerate) treats a CPU process as a world of one, even
+    under torchrun: every rank would read the same batches and write the same checkpoint.
+    """
+    if topology.device_type != "cpu" or args.use_cpu:
+        return args
+    return dataclasses.replace(args, use_cpu=True)
+
+
+def check_world(args: TrainingArguments, topology: Topology) -> None:
+    """``ValueError`` (one line, naming the fix) unless the Trainer's process world is the
+    topology's: same size, same rank, the same device type, so its data sampler gives each rank
+    its own batches."""
+    seen = (args.world_size, args.process_index, args.device.type)
+    wanted = (topology.world_size, topology.rank, topology.device_type)
+    if seen != wanted:
+        raise ValueError(
+            f"DetoTrainer: the Trainer sees {seen[0]} process(es), this one rank {seen[1]} on "
+            f"{seen[2]}, but the Topology has {topology.nodes} node(s) x "
+            f"{topology.ranks_per_node} rank(s), this one rank {wanted[1]} on {wanted[2]}: "
+            "launch with torchrun and build the Topology with Topology.from_env()"
+        )
+
+
 class DetoTrainer(Trainer):
     """A ``transformers.Trainer`` training a deto-sharded model with a deto optimizer.
 
@@ -158,6 +185,7 @@ class DetoTrainer(Trainer):
         if optimizer is not None:
             find_decoupled(optimizer)  # TypeError for any other optimizer
         self.topology = topology if topology is not None else Topology.from_env()
+        args = cpu_args(args, self.topology)
         if is_sharded(model):
             if mixed_precision is not None:
                 raise ValueError("mixed_precision applies only when DetoTrainer shards the model")
@@ -167,6 +195,7 @@ class DetoTrainer(Trainer):
             replicator=replicator, sign=sign, nonfinite=nonfinite, **(replicator_options or {})
         )
         super().__init__(model=model, args=args, **trainer_kwargs)
+        check_world(self.args, self.topology)
         # The model owns its placement and gradient reduction: no DDP wrap, FSDP2-aware no_sync.
         self.is_distributed_loading_by_transformers = True
         self.callback_handler.callbacks.insert(0, InterNodeTrafficCallback())
