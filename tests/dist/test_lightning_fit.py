@@ -54,3 +54,30 @@ def test_resume_from_checkpoint_matches_straight_run(pool, straight):
         assert got["model"] == want["model"]
         assert got["optimizer"] == want["optimizer"]  # base state, replicators, step count
         assert got["step"] == want["step"]
+
+
+def mismatched(out: str) -> str:
+    """Lightning on 4 processes, DetoStrategy given a Topology of 2 ranks: each rank's error."""
+    import deto
+    import lightning.pytorch as pl
+
+    from deto.integrations.lightning import DetoStrategy
+
+    integration.torchrun_env()
+    _, module, loader = integration.load_example("lightning_fit").build(out, STEPS, common.topo())
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=4, strategy=DetoStrategy(deto.Topology(1, 2, device="cpu")),
+        max_steps=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+        enable_checkpointing=False, default_root_dir=out,
+    )  # fmt: skip
+    try:
+        trainer.fit(module, loader)
+    except ValueError as exc:
+        return str(exc)
+    return "no error"
+
+
+def test_a_topology_that_is_not_lightnings_world_stops_before_sharding(pool, tmp_path):
+    errors = pool.run(mismatched, str(tmp_path))
+    assert all(e.startswith("DetoStrategy: Lightning sees 4 process(es)") for e in errors), errors
+    assert all("1 node(s) x 2 rank(s)" in e and "\n" not in e for e in errors)

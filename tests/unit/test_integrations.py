@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from deto.integrations._compat import find_decoupled
+from deto.integrations._compat import check_world, find_decoupled
 
 
 def test_find_decoupled_names_what_it_got():
@@ -29,16 +29,14 @@ def test_trainer_without_a_replaced_method_fails_clearly(monkeypatch):
         hf.check_transformers()
 
 
-def test_a_trainer_world_other_than_the_topology_stops_with_the_fix():
-    hf = pytest.importorskip("deto.integrations.hf", reason="transformers is not installed")
+def test_a_framework_world_other_than_the_topology_stops_with_the_fix():
     from types import SimpleNamespace
 
     topo = SimpleNamespace(world_size=4, rank=2, nodes=2, ranks_per_node=2, device_type="cpu")
-    same = SimpleNamespace(world_size=4, process_index=2, device=torch.device("cpu"))
-    hf.check_world(same, topo)
-    alone = SimpleNamespace(world_size=1, process_index=0, device=torch.device("cpu"))
-    with pytest.raises(ValueError, match=r"sees 1 process\(es\), .* 2 node\(s\) x 2 .* torchrun"):
-        hf.check_world(alone, topo)
+    check_world("X", 4, 2, "cpu", topo, "do Y")  # type: ignore[arg-type]
+    for world, rank, device in ((1, 0, "cpu"), (4, 1, "cpu"), (4, 2, "cuda")):
+        with pytest.raises(ValueError, match=r"^X sees .* 2 node\(s\) x 2 rank\(s\).*: do Y$"):
+            check_world("X", world, rank, device, topo, "do Y")  # type: ignore[arg-type]
 
 
 def test_cpu_topologies_get_use_cpu():

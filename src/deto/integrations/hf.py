@@ -33,7 +33,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from deto.comm import CommStats
 from deto.integrations import _checkpoint
-from deto.integrations._compat import find_decoupled, is_sharded
+from deto.integrations._compat import check_world, find_decoupled, is_sharded
 from deto.optim import DecoupledOptimizer
 from deto.prepare import ReplicatorSpec
 from deto.sharding import shard
@@ -122,21 +122,6 @@ def cpu_args(args: TrainingArguments, topology: Topology) -> TrainingArguments:
     return dataclasses.replace(args, use_cpu=True)
 
 
-def check_world(args: TrainingArguments, topology: Topology) -> None:
-    """``ValueError`` (one line, naming the fix) unless the Trainer's process world is the
-    topology's: same size, same rank, the same device type, so its data sampler gives each rank
-    its own batches."""
-    seen = (args.world_size, args.process_index, args.device.type)
-    wanted = (topology.world_size, topology.rank, topology.device_type)
-    if seen != wanted:
-        raise ValueError(
-            f"DetoTrainer: the Trainer sees {seen[0]} process(es), this one rank {seen[1]} on "
-            f"{seen[2]}, but the Topology has {topology.nodes} node(s) x "
-            f"{topology.ranks_per_node} rank(s), this one rank {wanted[1]} on {wanted[2]}: "
-            "launch with torchrun and build the Topology with Topology.from_env()"
-        )
-
-
 class DetoTrainer(Trainer):
     """A ``transformers.Trainer`` training a deto-sharded model with a deto optimizer.
 
@@ -195,7 +180,11 @@ class DetoTrainer(Trainer):
             replicator=replicator, sign=sign, nonfinite=nonfinite, **(replicator_options or {})
         )
         super().__init__(model=model, args=args, **trainer_kwargs)
-        check_world(self.args, self.topology)
+        check_world(
+            "DetoTrainer: the Trainer", self.args.world_size, self.args.process_index,
+            self.args.device.type, self.topology,
+            "launch with torchrun and build the Topology with Topology.from_env()",
+        )  # fmt: skip
         # The model owns its placement and gradient reduction: no DDP wrap, FSDP2-aware no_sync.
         self.is_distributed_loading_by_transformers = True
         self.callback_handler.callbacks.insert(0, InterNodeTrafficCallback())

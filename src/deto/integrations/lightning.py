@@ -23,7 +23,7 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.strategies import ModelParallelStrategy
 
-from deto.integrations._compat import is_sharded
+from deto.integrations._compat import check_world, is_sharded
 from deto.optim import DecoupledOptimizer
 from deto.prepare import ReplicatorSpec
 from deto.topology import Topology
@@ -74,6 +74,16 @@ class DetoStrategy(ModelParallelStrategy):
     def distributed_sampler_kwargs(self) -> dict[str, Any]:
         # every rank trains on its own batches: FSDP2 inside a node is data parallel too
         return {"num_replicas": self.world_size, "rank": self.global_rank}
+
+    def setup_environment(self) -> None:
+        """Lightning's process group, then the check that its world is the topology's, before
+        ``configure_model`` shards anything over the topology's mesh."""
+        super().setup_environment()
+        check_world(
+            "DetoStrategy: Lightning", self.world_size, self.global_rank, self.root_device.type,
+            self.topology,
+            "give DetoStrategy a Topology of num_nodes x devices, or none to take Lightning's",
+        )
 
     def setup_optimizers(self, trainer: pl.Trainer) -> None:
         super().setup_optimizers(trainer)
