@@ -226,3 +226,31 @@ def empty_shards(key: str) -> str:
 def test_empty_local_shards_are_fine(pool, key):
     digests = pool.run(empty_shards, key)
     assert all(len(s) == 1 for s in _replicas(digests))
+
+
+def sparse_diloco(compress: str, every: int, steps: int) -> list[tuple[str, int, int]]:
+    """Per step on FSDP2 shards: the shard digest, the bytes this rank sent and the bytes the
+    compressed pseudo-gradient's wire format says it sends on a sync."""
+    rep = deto.DiLoCo(every=every, compress=compress, topk=4, chunk=4)
+    model, opt = deto.prepare(
+        common.make_model(), common.topo(), replicator=rep, lr=1e-2, sign=False,
+        optimizer=torch.optim.AdamW,
+    )  # fmt: skip
+    rows = []
+    for s in range(steps):
+        common.train(model, opt, 1, start=s)
+        rows.append((common.shard_digest(model), opt.stats().bytes_sent,
+                     expected_rank_bytes(opt, rep.coder, 2)))  # fmt: skip
+    return rows
+
+
+@pytest.mark.parametrize("compress", ["topk", "demo"])
+def test_compressed_diloco_on_fsdp2_meets_on_syncs_and_sends_its_wire_format(pool, compress):
+    out = pool.run(sparse_diloco, compress, 3, 6)
+    for step in range(6):
+        synced = (step + 1) % 3 == 0
+        groups = _replicas([o[step][0] for o in out])
+        assert all((len(g) == 1) == synced for g in groups), (step, groups)
+        for rows in out:
+            _, sent, expected = rows[step]
+            assert sent == (expected if synced else 0) and expected > 0

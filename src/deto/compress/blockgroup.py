@@ -17,6 +17,11 @@ Coefficients live in a blocked row-major layout: a shard of ``rows x cols`` padd
 and column ``j * b1 + v``. Both transforms then run on the shard's own layout, as one matrix
 product per dimension, with no blocking copies. Workspaces are allocated once; the aggregate
 buffer is kept all-zero between steps by clearing only the entries written.
+
+With ``transform="none"`` the transform matrices are the identity: the same code then keeps
+the momentum (or a pseudo-gradient's error feedback) as the tensor's own values and selects
+the top-k of each block of them (SparseLoCo's chunked top-k), at the cost of products with an
+identity matrix.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from deto.compress.chunking import BlockLayout, from_blocks, to_blocks
-from deto.compress.dct import dct_matrix, idct_blocks
+from deto.compress.dct import Transform, transform_matrix
 from deto.compress.topk import Aggregation, topk_indices
 from deto.compress.wire import WireFormat
 
@@ -89,9 +94,16 @@ class BlockGroup:
         layouts: the members' block layouts (same block shape, at least one block each).
         k: coefficients kept per block.
         device: where the buffers live.
+        transform: each block's transform before its top-k (the DCT, or none).
     """
 
-    def __init__(self, layouts: list[BlockLayout], k: int, device: torch.device) -> None:
+    def __init__(
+        self,
+        layouts: list[BlockLayout],
+        k: int,
+        device: torch.device,
+        transform: Transform = "dct",
+    ) -> None:
         shapes = {(lay.block_rows, lay.block_cols) for lay in layouts}
         if len(shapes) != 1 or any(lay.num_blocks == 0 for lay in layouts):
             raise ValueError(
@@ -107,8 +119,8 @@ class BlockGroup:
             offset += member.padded_numel
             first += lay.num_blocks
         self.numel, self.num_blocks = offset, first
-        self.dr = dct_matrix(self.b0, device, torch.float32)
-        self.dc = dct_matrix(self.b1, device, torch.float32)
+        self.dr = transform_matrix(transform, self.b0, device, torch.float32)
+        self.dc = transform_matrix(transform, self.b1, device, torch.float32)
         # the momentum (state) and the reused workspaces
         self.coeffs = torch.zeros(self.numel, device=device)
         self._scratch = torch.empty(self.numel, device=device)  # column products, magnitudes
@@ -285,11 +297,14 @@ class BlockGroup:
         return v.result if not m.has_padding else v.result.reshape(m.layout.shape)
 
     def momentum(self, i: int) -> torch.Tensor:
-        """Member ``i``'s momentum in parameter space (an inverse DCT; for inspection)."""
+        """Member ``i``'s momentum in parameter space (an inverse transform; for inspection)."""
         m = self.members[i]
         (r, c), lay = m.padded, m.layout
         padded = BlockLayout((r, c), r, c, self.b0, self.b1)
-        spatial = from_blocks(idct_blocks(to_blocks(self.region(i), padded)), padded)
+        blocks = to_blocks(self.region(i), padded) @ self.dc
+        if self.b0 > 1:
+            blocks = self.dr.T @ blocks
+        spatial = from_blocks(blocks, padded)
         return spatial[: lay.rows, : lay.cols].reshape(lay.shape)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Literal
 
 import torch
 
@@ -22,6 +23,20 @@ def dct_matrix(n: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor
     d = torch.cos(math.pi * (2 * i + 1) * k / (2 * n)) * math.sqrt(2.0 / n)
     d[0] /= math.sqrt(2.0)
     return d.to(device=device, dtype=dtype)
+
+
+Transform = Literal["dct", "none"]
+"""What a block is before its top-k: its DCT-II coefficients (DeMo), or its own values (none:
+chunked top-k of the raw tensor, as SparseLoCo sends its pseudo-gradient)."""
+
+
+def transform_matrix(
+    kind: Transform, n: int, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """The orthonormal ``n x n`` matrix of a block transform: the DCT-II, or the identity."""
+    if kind == "none":
+        return torch.eye(n, device=device, dtype=dtype)
+    return dct_matrix(n, device, dtype)
 
 
 def dct_blocks(blocks: torch.Tensor) -> torch.Tensor:

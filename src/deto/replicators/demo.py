@@ -22,6 +22,7 @@ import torch
 from deto.comm import Comm
 from deto.compress.blockgroup import BlockGroup
 from deto.compress.chunking import BlockLayout, BlockMode, make_layout
+from deto.compress.dct import Transform
 from deto.compress.wire import VALUE_CODECS, WireFormat
 from deto.replicators.base import MomentumReplicator, register
 from deto.replicators.options import MomentumOptions, OverlapOptions, knob
@@ -80,6 +81,8 @@ class DeMoOptions(MomentumOptions, OverlapOptions):
     the nodes that sent it (the reference), ``"all"`` divides by the number of nodes. With
     ``dense_fallback`` a shard whose top-k payload would not be smaller than itself (tiny
     tensors) is all-reduced dense; off, every shard goes through the DCT, whatever it costs.
+    ``transform="none"`` selects the top-k of each block's own values instead of its DCT
+    coefficients (chunked top-k, as SparseLoCo); DeMo's results are all with the DCT.
     With ``overlap`` each step starts its all-gather and returns at once, applying the aggregate
     of the previous replication step (a one-step delay, as Psyche does): the exchange runs under
     the next forward and backward. Every node applies the same aggregate, so replicas stay
@@ -104,6 +107,10 @@ class DeMoOptions(MomentumOptions, OverlapOptions):
     )
     dense_fallback: bool = knob(
         True, "send a tensor dense when its top-k payload would not be smaller"
+    )
+    transform: str = knob(
+        "dct", "each block's transform before its top-k: the DCT, or none (the raw values)",
+        choices=get_args(Transform),
     )
 
     def __post_init__(self) -> None:
@@ -140,6 +147,7 @@ class DeMo(MomentumReplicator):
         self.wire = WireFormat(self.options.values)
         self.aggregation = self.options.aggregation
         self.dense_fallback = self.options.dense_fallback
+        self.transform: Transform = self.options.transform  # type: ignore[assignment]
         self.overlap = self.options.overlap
         super().__init__(decay=self.options.decay, every=self.options.every, **schedule)
         self.plans: list[Plan] = []
@@ -182,7 +190,8 @@ class DeMo(MomentumReplicator):
                 keys.setdefault(key, []).append(pos)
         self.groups = [
             BlockGroup(
-                [self.plans[p].layout for p in members], k, self.slots[members[0]].local.device
+                [self.plans[p].layout for p in members], k, self.slots[members[0]].local.device,
+                self.transform,
             )
             for (_, _, k), members in keys.items()
         ]
@@ -237,6 +246,8 @@ class DeMo(MomentumReplicator):
 
     def extra_repr(self) -> str:
         extra = ", overlap=True" if self.overlap else ""
+        if self.transform != "dct":
+            extra += f", transform={self.transform!r}"
         return (
             f"topk={self.topk}, chunk={self.chunk}, decay={self.decay}, "
             f"blocks={self.blocks!r}, values={self.values!r}{extra}"

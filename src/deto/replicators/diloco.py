@@ -3,18 +3,32 @@ pseudo-gradient ``anchor - params`` (Douillard et al., 2023).
 
 Between synchronisations the nodes train on their own gradients; after each one every node
 holds the same anchor, so replicas are bitwise identical on replication steps.
+
+With ``compress`` the pseudo-gradient crosses the network the way DeMo sends its momentum: it
+is added to an error-feedback buffer (``error <- ef_decay * error + pseudo``), each block's top-k
+is sent (bit-packed indices, coded values), and what was not sent stays in the buffer for the
+next synchronisation. ``compress="topk"`` takes the top-k of each block's own values: Sparse
+DiLoCo (SparseLoCo, Templar 2025); ``compress="demo"`` of its DCT coefficients. Every node
+decodes the same gathered bytes, so the anchors stay identical.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, get_args
 
 import torch
 
 from deto.comm import Comm
-from deto.replicators.base import ParamReplicator, register
+from deto.compress.chunking import BlockMode
+from deto.compress.wire import VALUE_CODECS
+from deto.replicators.base import ParamReplicator, Slot, register
+from deto.replicators.demo import DeMo
 from deto.replicators.options import ReplicatorOptions, knob
+
+COMPRESSION = ("none", "topk", "demo")
+"""How the pseudo-gradient crosses nodes: exactly (an all-reduce), or its top-k per block of
+the raw values or of their DCT, with error feedback."""
 
 
 @dataclass(frozen=True)
@@ -27,6 +41,24 @@ class DiLoCoOptions(ReplicatorOptions):
         0.9, "outer momentum", low=0.0, high=1.0, high_open=True, metavar="M"
     )
     nesterov: bool = knob(True, "Nesterov outer momentum (else heavy-ball)")
+    compress: str = knob(
+        "none", "send the pseudo-gradient exactly (none), or its top-k per block of the raw "
+        "values (topk: SparseLoCo) or of the DCT (demo), with error feedback",
+        choices=COMPRESSION,
+    )
+    topk: int = knob(64, "values kept per block when compressing", low=1, metavar="K")
+    chunk: int = knob(64, "block edge when compressing; 2-D blocks are chunk x chunk", low=1,
+                      metavar="C")  # fmt: skip
+    blocks: str = knob("2d", "blocks of the weight, or 1-D chunks of the flat shard",
+                       choices=get_args(BlockMode))  # fmt: skip
+    values: str = knob("int2", "wire format of the sent values", choices=VALUE_CODECS)
+    ef_decay: float = knob(
+        0.95, "decay of the compressed pseudo-gradient's error feedback", low=0.0, high=1.0,
+        high_open=True, metavar="BETA",
+    )
+    dense_fallback: bool = knob(
+        True, "send a tensor dense when its top-k payload would not be smaller"
+    )
 
 
 @register
@@ -35,21 +67,47 @@ class DiLoCo(ParamReplicator):
 
     Keyword arguments: the knobs of :class:`DiLoCoOptions` (``every=100, outer_lr=0.7,
     outer_momentum=0.9, nesterov=True``; the paper's values), and the schedule's
-    ``skip_every``, ``offset`` and ``include``.
+    ``skip_every``, ``offset`` and ``include``. ``compress`` (``None`` or ``"none"``: exact,
+    ``"topk"``, ``"demo"``) compresses the pseudo-gradient with ``topk`` of each ``chunk x
+    chunk`` block (``blocks="2d"``), ``values`` on the wire and error feedback decaying by
+    ``ef_decay``; the defaults are SparseLoCo's (64 of 4096, 2-bit values, 0.95). Compressed,
+    each parameter also keeps its error buffer (``error``, in the transform's domain).
     """
 
     name = "diloco"
     Options = DiLoCoOptions
 
     def __init__(self, **kwargs: Any) -> None:
+        if kwargs.get("compress", "none") is None:
+            kwargs = {**kwargs, "compress": "none"}
         self.options, schedule = DiLoCoOptions.take(kwargs)
         self.outer_lr = self.options.outer_lr
         self.outer_momentum = self.options.outer_momentum
         self.nesterov = self.options.nesterov
         super().__init__(every=self.options.every, **schedule)
+        o = self.options
+        # The pseudo-gradient's coder is DeMo's, fed once per synchronisation: its momentum
+        # ("delta") is the error feedback, its decay ef_decay, each node's share divided by
+        # the number of nodes (as the exact all-reduce's mean).
+        self.coder = None if o.compress == "none" else DeMo(
+            topk=o.topk, chunk=o.chunk, blocks=o.blocks, values=o.values, decay=o.ef_decay,
+            aggregation="all", dense_fallback=o.dense_fallback,
+            transform="none" if o.compress == "topk" else "dct",
+        )  # fmt: skip
 
     def extra_repr(self) -> str:
-        return f"outer_lr={self.outer_lr}, outer_momentum={self.outer_momentum}"
+        extra = f"outer_lr={self.outer_lr}, outer_momentum={self.outer_momentum}"
+        if self.coder is not None:
+            o = self.options
+            extra += f", compress={o.compress!r}, topk={o.topk}, values={o.values!r}"
+        return extra
+
+    def bind(self, slots: list[Slot]) -> None:
+        super().bind(slots)
+        if self.coder is not None:
+            self.coder.bind(slots)
+            for mine, coded in zip(self.state, self.coder.state, strict=True):
+                mine["error"] = coded["delta"]  # the same tensor: checkpoints reach the coder
 
     def init_state(self, local: torch.Tensor) -> dict[str, torch.Tensor]:
         return {
@@ -60,9 +118,8 @@ class DiLoCo(ParamReplicator):
     def after_step(self, comm: Comm) -> None:
         anchors = [st["anchor"] for st in self.state]
         locals_ = [s.local for s in self.slots]
-        pseudo = comm.all_reduce_mean(
-            [a - p.float() for a, p in zip(anchors, locals_, strict=True)]
-        )
+        pseudo = [a - p.float() for a, p in zip(anchors, locals_, strict=True)]
+        pseudo = self._average(pseudo, comm)
         mu = self.outer_momentum
         for st, g, p in zip(self.state, pseudo, locals_, strict=True):
             update = g
@@ -72,3 +129,12 @@ class DiLoCo(ParamReplicator):
             st["anchor"].sub_(update, alpha=self.outer_lr)
             p.copy_(st["anchor"])
         self.fired += 1
+
+    def _average(self, pseudo: list[torch.Tensor], comm: Comm) -> list[torch.Tensor]:
+        """The nodes' mean pseudo-gradient: exact, or as the coder decodes it."""
+        if self.coder is None:
+            return comm.all_reduce_mean(pseudo)
+        positions = list(range(len(pseudo)))
+        self.coder.defer(positions, pseudo, [1.0] * len(pseudo))
+        errors = [st["delta"] for st in self.coder.state]
+        return self.coder.exchange(positions, errors, comm)
