@@ -160,6 +160,16 @@ PRESETS: Mapping[str, Preset] = _frozen({
             _frozen({"lm": 1e-3, "vision": 1e-3}),
         ),
         Preset(
+            "sparseloco",
+            "SparseLoCo: DiLoCo whose pseudo-gradient sends the top 64 of each 64x64 block "
+            "(2-bit values, error feedback decaying by 0.95, outer lr 1, no outer momentum: "
+            "Templar's published settings) every --every steps",
+            "diloco",
+            DiLoCoOptions(every=25, compress="topk", outer_lr=1.0, outer_momentum=0.0),
+            _frozen({"optimizer": "adamw", "sign": False}),
+            _frozen({"lm": 1e-3, "vision": 1e-3}),
+        ),
+        Preset(
             "random",
             "decoupled momentum, all-reduce of a shared-seed random subset of rows (--rate), "
             "sign-SGD",
