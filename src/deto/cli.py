@@ -13,7 +13,7 @@ import logging
 import os
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, NoReturn
 
 from deto import extras
@@ -26,6 +26,9 @@ logger = logging.getLogger("deto.cli")
 
 
 class _Parser(argparse.ArgumentParser):
+    commands: Mapping[str, argparse.ArgumentParser] = {}
+    """The subcommands' parsers, by name (the top-level parser's)."""
+
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
@@ -316,7 +319,7 @@ def _bench_defaults() -> tuple[str, ...]:
     return DEFAULT_SCHEMES
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> _Parser:
     import deto
 
     parser = _Parser(prog="deto", description="Decoupled, network-aware distributed training.")
@@ -369,6 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     info_p = sub.add_parser("info", help="versions, device, replicators, schemes, extras")
     info_p.add_argument("--json", action="store_true", help="machine-readable output")
     info_p.set_defaults(func=cmd_info)
+    parser.commands = sub.choices
     return parser
 
 
@@ -379,7 +383,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args[:1] == ["bench"] and "--" in args:  # `deto bench [flags] -- [deto train flags]`
         cut = args.index("--")
         args, passed = args[:cut], args[cut + 1 :]
-    ns = parser.parse_args(args)
+    ns, unknown = parser.parse_known_args(args)
+    if unknown:  # argparse would blame the top-level parser: name the subcommand instead
+        parser.commands.get(ns.command, parser).error(
+            f"unrecognized arguments: {' '.join(unknown)}"
+        )
     if passed:
         ns.train_args = passed
     if ns.command is None:
