@@ -176,7 +176,7 @@ def test_pack_bits_rejects_what_does_not_fit():
         unpack_bits(torch.zeros(2, dtype=torch.uint8), 12, 2)
 
 
-@pytest.mark.parametrize("values", ["fp32", "bf16", "int8", "int2", "sign"])
+@pytest.mark.parametrize("values", ["fp32", "bf16", "int8", "int4", "int2", "sign"])
 def test_wire_format_round_trip_and_exact_size(values):
     wire = WireFormat(values)
     g = torch.Generator().manual_seed(0)
@@ -199,18 +199,22 @@ def test_wire_format_round_trip_and_exact_size(values):
         assert not got[3].any()
     else:
         peak = vals.abs().amax(dim=1, keepdim=True)
-        step = peak / 127 if values == "int8" else peak * 2 / 3  # distance between levels
+        step = {"int8": peak / 127, "int4": peak / 7, "int2": peak * 2 / 3}[values]  # level gap
         assert bool((err <= step / 2 + 1e-6 * peak).all()) and not got[3].any()
         assert torch.equal(got.abs().amax(dim=1), vals.abs().amax(dim=1))  # the largest is exact
         if values == "int2":  # four levels per block
             levels = (3 * got / peak.clamp_min(1e-30)).round().unique()
             assert set(levels.tolist()) <= {-3.0, -1.0, 0.0, 1.0, 3.0}
+        if values == "int4":  # 15 levels per block
+            levels = (7 * got / peak.clamp_min(1e-30)).round().unique()
+            assert set(levels.tolist()) <= set(map(float, range(-7, 8)))
 
 
 def test_wire_format_sizes_and_bad_input():
     assert WireFormat("fp32").nbytes(2, 32, 4096) == 96 + 256  # 12-bit indices, 4-byte values
     assert WireFormat("bf16").nbytes(2, 32, 4096) == 96 + 128
     assert WireFormat("int8").nbytes(2, 32, 4096) == 96 + 64 + 8
+    assert WireFormat("int4").nbytes(2, 32, 4096) == 96 + 32 + 8  # 4 bits a value
     assert WireFormat("int2").nbytes(2, 32, 4096) == 96 + 16 + 8  # 2 bits a value
     assert WireFormat("sign").nbytes(2, 32, 4096) == 96 + 8 + 8  # 1 bit a value
     assert WireFormat("sign").nbytes(1, 3, 64) == 3 + 1 + 4  # 18 index bits, 3 sign bits

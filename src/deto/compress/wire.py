@@ -2,7 +2,8 @@
 
 Indices address one of ``m`` coefficients of a block, so ``ceil(log2 m)`` bits each is enough
 (12 for a 64 x 64 block, where a whole byte type would spend 16). Values travel as fp32, bf16,
-or with one fp32 scale per block as int8, 2-bit levels or 1-bit signs (:class:`WireFormat`).
+or with one fp32 scale per block as int8, int4, 2-bit levels or 1-bit signs
+(:class:`WireFormat`).
 Every node decodes the same gathered bytes
 with the same ops, so what a node reads back is bitwise what every other node reads back; the
 sender uses :meth:`WireFormat.round_trip` to subtract exactly that from its momentum.
@@ -16,8 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
-VALUE_CODECS = ("fp32", "bf16", "int8", "int2", "sign")
+VALUE_CODECS = ("fp32", "bf16", "int8", "int4", "int2", "sign")
 INT8_MAX = 127
+INT4_MAX = 7
 
 
 def index_bits(block_numel: int) -> int:
@@ -130,7 +132,7 @@ def _span(bits: int) -> int:
 
 
 # bits per value of the codecs that carry one fp32 scale per block
-SCALED_BITS = {"int8": 8, "int2": 2, "sign": 1}
+SCALED_BITS = {"int8": 8, "int4": 4, "int2": 2, "sign": 1}
 
 
 @dataclass(frozen=True)
@@ -141,13 +143,15 @@ class WireFormat:
 
     * ``"fp32"``, ``"bf16"``: the values themselves;
     * ``"int8"``: symmetric, ``round(v / s)`` with ``s = absmax / 127`` per block;
+    * ``"int4"``: the same with ``s = absmax / 7`` (15 levels), 4 bits each (Streaming DiLoCo
+      sends its outer gradients in 4 bits);
     * ``"int2"`` (Templar-style): 4 levels ``(-1, -1/3, 1/3, 1) * s`` with ``s = absmax`` per
       block (the nearest level; the largest value is exact), 2 bits each;
     * ``"sign"`` (Psyche-style): 1 bit each, read back as ``sign(v) * mean |v|`` of the block
       (a zero reads as positive).
 
-    The scaled codecs send one fp32 scale per block; the 2- and 1-bit codes are bit-packed over
-    the whole group like the indices.
+    The scaled codecs send one fp32 scale per block; the 4-, 2- and 1-bit codes are bit-packed
+    over the whole group like the indices.
     """
 
     values: str = "fp32"
@@ -201,11 +205,14 @@ class WireFormat:
         # receivers (where the optimizer's non-finite check sees it on every node alike); the
         # codes themselves only need to stay in range, so NaN codes become 0.
         peak = v.abs().amax(dim=-1, keepdim=True)
-        if self.values == "int8":
-            scale = peak / INT8_MAX
+        if self.values in ("int8", "int4"):
+            top = INT8_MAX if self.values == "int8" else INT4_MAX
+            scale = peak / top
             safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-            codes = torch.round(v / safe).nan_to_num_(0.0).clamp_(-INT8_MAX, INT8_MAX)
-            return [codes.to(torch.int8), scale]
+            codes = torch.round(v / safe).nan_to_num_(0.0).clamp_(-top, top)
+            if self.values == "int8":
+                return [codes.to(torch.int8), scale]
+            return [pack_bits(codes.add_(INT4_MAX), 4), scale]
         # int2: level q in 0..3 is (2q - 3) / 3 of the peak; the nearest one
         safe = torch.where(peak > 0, peak, torch.ones_like(peak))
         codes = torch.floor(v / safe * 1.5).add_(2).nan_to_num_(0.0).clamp_(0, 3)
@@ -216,6 +223,9 @@ class WireFormat:
     ) -> torch.Tensor:
         if self.values == "int8":
             return (parts[0].to(torch.float32) * parts[1]).to(dtype)
+        if self.values == "int4":
+            codes = unpack_bits(parts[0], 4, shape[0] * shape[1]).view(shape)
+            return ((codes - INT4_MAX).to(torch.float32) * parts[1]).to(dtype)
         if self.values in ("int2", "sign"):
             bits = SCALED_BITS[self.values]
             codes = unpack_bits(parts[0], bits, shape[0] * shape[1]).view(shape)

@@ -97,7 +97,7 @@ class DeMoOptions(MomentumOptions, OverlapOptions):
         choices=get_args(BlockMode),
     )
     values: str = knob(
-        "int2", "wire format of the sent values; int8, int2 and sign (1 bit) have one fp32 "
+        "int2", "wire format of the sent values; int8, int4, int2 and sign (1 bit) have one fp32 "
         "scale per block",
         choices=VALUE_CODECS,
     )
