@@ -19,6 +19,7 @@ from deto.replicators import (
     RandomSubset,
     Replicator,
     Slicing,
+    StreamingDiLoCo,
     Striding,
     make_replicator,
 )
@@ -45,6 +46,7 @@ __all__ = [
     "ReplicaCheck",
     "Replicator",
     "Slicing",
+    "StreamingDiLoCo",
     "Striding",
     "SyncSchedule",
     "Topology",

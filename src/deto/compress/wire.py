@@ -167,16 +167,18 @@ class WireFormat:
 
     def nbytes(self, num_blocks: int, k: int, m: int) -> int:
         """Wire bytes of one group: the exact size of :meth:`encode`'s tensors."""
+        return packed_nbytes(num_blocks * k, index_bits(m)) + self.value_nbytes(num_blocks, k)
+
+    def value_nbytes(self, num_blocks: int, k: int) -> int:
+        """Wire bytes of ``(num_blocks, k)`` values: the size of :meth:`encode_values`'s."""
         entries = num_blocks * k
         if self.values in SCALED_BITS:
-            value_bytes = packed_nbytes(entries, SCALED_BITS[self.values]) + 4 * num_blocks
-        else:
-            value_bytes = {"fp32": 4, "bf16": 2}[self.values] * entries
-        return packed_nbytes(entries, index_bits(m)) + value_bytes
+            return packed_nbytes(entries, SCALED_BITS[self.values]) + 4 * num_blocks
+        return {"fp32": 4, "bf16": 2}[self.values] * entries
 
     def encode(self, indices: torch.Tensor, values: torch.Tensor, m: int) -> list[torch.Tensor]:
         """``(num_blocks, k)`` indices and float values -> the tensors to send."""
-        return [pack_bits(indices, index_bits(m)), *self._encode_values(values)]
+        return [pack_bits(indices, index_bits(m)), *self.encode_values(values)]
 
     def decode(
         self, parts: list[torch.Tensor], num_blocks: int, k: int, m: int, dtype: torch.dtype
@@ -186,14 +188,15 @@ class WireFormat:
         if len(parts) != self.parts:
             raise ValueError(f"{self.values} groups have {self.parts} parts, got {len(parts)}")
         indices = unpack_bits(parts[0], index_bits(m), num_blocks * k).view(num_blocks, k)
-        return indices, self._decode_values(parts[1:], (num_blocks, k), dtype)
+        return indices, self.decode_values(parts[1:], (num_blocks, k), dtype)
 
     def round_trip(self, values: torch.Tensor) -> torch.Tensor:
         """What receivers will read for ``values``, in ``values``' dtype (for error feedback)."""
         shape = (values.shape[0], values.shape[-1])
-        return self._decode_values(self._encode_values(values), shape, values.dtype)
+        return self.decode_values(self.encode_values(values), shape, values.dtype)
 
-    def _encode_values(self, values: torch.Tensor) -> list[torch.Tensor]:
+    def encode_values(self, values: torch.Tensor) -> list[torch.Tensor]:
+        """``(blocks, n)`` float values -> the tensors to send (codes, and scales per block)."""
         v = values.float()
         if self.values == "fp32":
             return [v]
@@ -218,9 +221,10 @@ class WireFormat:
         codes = torch.floor(v / safe * 1.5).add_(2).nan_to_num_(0.0).clamp_(0, 3)
         return [pack_bits(codes, 2), peak]
 
-    def _decode_values(
+    def decode_values(
         self, parts: list[torch.Tensor], shape: tuple[int, int], dtype: torch.dtype
     ) -> torch.Tensor:
+        """The tensors of :meth:`encode_values` -> the ``shape`` values receivers read."""
         if self.values == "int8":
             return (parts[0].to(torch.float32) * parts[1]).to(dtype)
         if self.values == "int4":

@@ -22,6 +22,7 @@ from deto.replicators.options import (
     OverlapOptions,
     ReplicatorOptions,
 )
+from deto.replicators.streaming import StreamingDiLoCo, StreamingDiLoCoOptions
 from deto.replicators.subset import (
     RandomSubset,
     Slicing,
@@ -51,6 +52,8 @@ __all__ = [
     "ReplicatorSpec",
     "Slicing",
     "Slot",
+    "StreamingDiLoCo",
+    "StreamingDiLoCoOptions",
     "Striding",
     "SubsetOptions",
     "SubsetReplicator",

@@ -32,8 +32,9 @@ the raw values or of their DCT, with error feedback."""
 
 
 @dataclass(frozen=True)
-class DiLoCoOptions(ReplicatorOptions):
-    """DiLoCo's knobs; ``outer_momentum=0`` disables the outer momentum."""
+class OuterOptions(ReplicatorOptions):
+    """The outer optimisation every DiLoCo-family scheme runs; ``outer_momentum=0`` disables
+    the outer momentum."""
 
     every: int = knob(100, "inner steps between synchronisations (H)", low=1, metavar="N")
     outer_lr: float = knob(0.7, "outer learning rate", low=0.0, low_open=True, metavar="LR")
@@ -41,6 +42,33 @@ class DiLoCoOptions(ReplicatorOptions):
         0.9, "outer momentum", low=0.0, high=1.0, high_open=True, metavar="M"
     )
     nesterov: bool = knob(True, "Nesterov outer momentum (else heavy-ball)")
+
+
+def outer_step(
+    anchor: torch.Tensor, momentum: torch.Tensor, pseudo: torch.Tensor, o: OuterOptions
+) -> None:
+    """``anchor`` takes one outer (Nesterov or heavy-ball) SGD step on the nodes' mean
+    pseudo-gradient; ``momentum`` is its buffer."""
+    update = pseudo
+    if o.outer_momentum:
+        momentum.mul_(o.outer_momentum).add_(pseudo)
+        update = pseudo.add(momentum, alpha=o.outer_momentum) if o.nesterov else momentum
+    anchor.sub_(update, alpha=o.outer_lr)
+
+
+def outer_state(local: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A DiLoCo-family scheme's per-parameter state: the anchor every node agrees on, and the
+    outer momentum."""
+    return {
+        "anchor": local.detach().to(torch.float32, copy=True),
+        "momentum": torch.zeros_like(local, dtype=torch.float32),
+    }
+
+
+@dataclass(frozen=True)
+class DiLoCoOptions(OuterOptions):
+    """DiLoCo's knobs: the outer optimisation's, and how the pseudo-gradient is compressed."""
+
     compress: str = knob(
         "none", "send the pseudo-gradient exactly (none), or its top-k per block of the raw "
         "values (topk: SparseLoCo) or of the DCT (demo), with error feedback",
@@ -81,9 +109,6 @@ class DiLoCo(ParamReplicator):
         if kwargs.get("compress", "none") is None:
             kwargs = {**kwargs, "compress": "none"}
         self.options, schedule = DiLoCoOptions.take(kwargs)
-        self.outer_lr = self.options.outer_lr
-        self.outer_momentum = self.options.outer_momentum
-        self.nesterov = self.options.nesterov
         super().__init__(every=self.options.every, **schedule)
         o = self.options
         # The pseudo-gradient's coder is DeMo's, fed once per synchronisation: its momentum
@@ -96,7 +121,7 @@ class DiLoCo(ParamReplicator):
         )  # fmt: skip
 
     def extra_repr(self) -> str:
-        extra = f"outer_lr={self.outer_lr}, outer_momentum={self.outer_momentum}"
+        extra = f"outer_lr={self.options.outer_lr}, outer_momentum={self.options.outer_momentum}"
         if self.coder is not None:
             o = self.options
             extra += f", compress={o.compress!r}, topk={o.topk}, values={o.values!r}"
@@ -110,23 +135,15 @@ class DiLoCo(ParamReplicator):
                 mine["error"] = coded["delta"]  # the same tensor: checkpoints reach the coder
 
     def init_state(self, local: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {
-            "anchor": local.detach().to(torch.float32, copy=True),
-            "momentum": torch.zeros_like(local, dtype=torch.float32),
-        }
+        return outer_state(local)
 
     def after_step(self, comm: Comm) -> None:
         anchors = [st["anchor"] for st in self.state]
         locals_ = [s.local for s in self.slots]
         pseudo = [a - p.float() for a, p in zip(anchors, locals_, strict=True)]
         pseudo = self._average(pseudo, comm)
-        mu = self.outer_momentum
         for st, g, p in zip(self.state, pseudo, locals_, strict=True):
-            update = g
-            if mu:
-                st["momentum"].mul_(mu).add_(g)
-                update = g.add(st["momentum"], alpha=mu) if self.nesterov else st["momentum"]
-            st["anchor"].sub_(update, alpha=self.outer_lr)
+            outer_step(st["anchor"], st["momentum"], g, self.options)
             p.copy_(st["anchor"])
         self.fired += 1
 
