@@ -95,7 +95,7 @@ def test_knob_help_gives_each_schemes_value():
     text = key_help("topk")
     assert "flexdemo, flexdemo-adamw: 4" in text and "flexdemo-lean: 14" in text
     assert "demo: 32" in text
-    assert "diloco, sparseloco: 25" in key_help("every")
+    assert "diloco, sparseloco, streaming-diloco: 25" in key_help("every")
 
 
 def test_every_key_is_a_flag_of_deto_train():

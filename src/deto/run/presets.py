@@ -23,6 +23,7 @@ from deto.replicators import (
     DiLoCoOptions,
     Options,
     OverlapOptions,
+    StreamingDiLoCoOptions,
     SubsetOptions,
 )
 
@@ -166,6 +167,16 @@ PRESETS: Mapping[str, Preset] = _frozen({
             "Templar's published settings) every --every steps",
             "diloco",
             DiLoCoOptions(every=25, compress="topk", outer_lr=1.0, outer_momentum=0.0),
+            _frozen({"optimizer": "adamw", "sign": False}),
+            _frozen({"lm": 1e-3, "vision": 1e-3}),
+        ),
+        Preset(
+            "streaming-diloco",
+            "Streaming DiLoCo: DiLoCo on 2 parameter fragments synced at staggered steps, each "
+            "exchange hidden under 1 inner step, 4-bit outer gradients (--fragments, "
+            "--overlap-steps, --values)",
+            "streaming-diloco",
+            StreamingDiLoCoOptions(every=25, fragments=2, overlap_steps=1),
             _frozen({"optimizer": "adamw", "sign": False}),
             _frozen({"lm": 1e-3, "vision": 1e-3}),
         ),
