@@ -74,6 +74,12 @@ SETTINGS: dict[str, Setting] = {
                 ("--blocks", "1d", "--chunk", "128", "--topk", "4", "--values", "int8")),
         Setting("1d-64-8-int2", "flexdemo",
                 ("--blocks", "1d", "--chunk", "64", "--topk", "8", "--values", "int2")),
+        # the DiLoCo family: AdamW inside, an outer step every H (--every) steps
+        Setting("diloco-h25", "diloco"),
+        Setting("sparseloco-h25", "sparseloco"),
+        Setting("sparseloco-h10-k256", "sparseloco", ("--every", "10", "--topk", "256")),
+        Setting("sparseloco-h5-k256", "sparseloco", ("--every", "5", "--topk", "256")),
+        Setting("streaming-h25-f2", "streaming-diloco"),
     )
 }
 
