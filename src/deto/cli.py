@@ -8,12 +8,13 @@ on stderr and exit status 2; a failed rank with 1; Ctrl-C with 130; SIGTERM with
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
 import re
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NoReturn
 
 from deto import extras
@@ -64,18 +65,32 @@ def _scheme_epilog() -> str:
     return "\n".join(lines)
 
 
-def _float(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid number: {text!r}") from None
+class _Number(argparse.Action):
+    """A numeric flag checked as it is parsed: ``parse(text)`` gives its value or raises
+    ``ValueError`` with the whole message (the flag, its range and what was given)."""
+
+    def __init__(self, *args: Any, parse: Callable[[str], Any], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.parse = parse
+
+    def __call__(
+        self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        try:
+            setattr(namespace, self.dest, self.parse(values))
+        except ValueError as exc:
+            parser.error(str(exc))
 
 
-def _int(text: str) -> int:
+def _parse_field(option: str, f: Any, text: str) -> Any:
+    """Numeric field ``f``'s value from ``option``'s text, checked against its bounds."""
+    from deto.replicators.options import parse_knob
+
     try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid integer: {text!r}") from None
+        return parse_knob(f, text)
+    except ValueError as exc:
+        raise ValueError(f"{option} {exc}") from None
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -95,8 +110,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         elif meta["choices"]:
             kwargs["choices"] = meta["choices"]
         else:
-            kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "str")
-            kwargs["type"] = {"int": _int, "float": _float}.get(kind, str)
+            if f.type in ("int", "float"):  # its bounds are declared with the key
+                kwargs.update(action=_Number, parse=functools.partial(_parse_field, flag(name), f))
             kwargs["metavar"] = meta["metavar"]
         parser.add_argument(flag(name), **kwargs)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -138,6 +153,8 @@ def _csv(text: str | None) -> tuple[str, ...] | None:
 def _bench_lists(ns: argparse.Namespace) -> tuple[Any, Any, Any]:
     """--schemes, --bandwidth and --seeds as tuples (``None`` where not given)."""
     from deto.bench import sweep
+    from deto.replicators.options import describe_range, parse_knob
+    from deto.run.config import KEYS
     from deto.run.presets import PRESETS
 
     schemes = _csv(ns.schemes)
@@ -163,10 +180,15 @@ def _bench_lists(ns: argparse.Namespace) -> tuple[Any, Any, Any]:
             raise UsageError(str(exc)) from None
     seed_texts, seeds = _csv(ns.seeds), None
     if seed_texts is not None:
-        seeds = tuple(int(x) for x in seed_texts if x.isdigit())
-        if not seeds or len(seeds) != len(seed_texts) or len(set(seeds)) != len(seeds):
+        seed = KEYS["seed"]  # every seed as --seed takes it
+        try:
+            seeds = tuple(parse_knob(seed, x) for x in seed_texts)
+        except ValueError:
+            seeds = ()
+        if not seeds or len(set(seeds)) != len(seeds):
             raise UsageError(
-                f"Invalid --seeds: {ns.seeds!r} (distinct integers >= 0, e.g. 0,1,2)"
+                f"Invalid --seeds: {ns.seeds!r} (distinct, each {describe_range(seed)}; "
+                "e.g. 0,1,2)"
             )
     if any(a == "--seed" or a.startswith("--seed=") for a in ns.train_args):
         raise UsageError("Invalid --seed after --: give seeds with deto bench --seeds")
@@ -321,6 +343,8 @@ def _bench_defaults() -> tuple[str, ...]:
 
 def build_parser() -> _Parser:
     import deto
+    from deto.bench.reproduce import steps_fraction_field
+    from deto.replicators.options import describe_range
 
     parser = _Parser(prog="deto", description="Decoupled, network-aware distributed training.")
     parser.add_argument("--version", action="version", version=f"deto {deto.__version__}")
@@ -363,9 +387,11 @@ def build_parser() -> _Parser:
     bench_p.add_argument("--reproduce", default=None, metavar="DIR",
                          help="re-run the runs recorded in DIR/results.json and compare (exit 1 "
                          "on a mismatch of config, bytes, training losses or final loss)")
-    bench_p.add_argument("--steps-fraction", type=_float, default=None, metavar="F",
-                         help="with --reproduce: re-run only the first F of every run's steps "
-                         "(0 < F <= 1)")
+    fraction = steps_fraction_field()
+    bench_p.add_argument("--steps-fraction", action=_Number, default=None, metavar="F",
+                         parse=functools.partial(_parse_field, "--steps-fraction", fraction),
+                         help=f"with --reproduce: {fraction.metadata['help']} "
+                         f"({describe_range(fraction)})")
     bench_p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     bench_p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     bench_p.set_defaults(func=cmd_bench, train_args=[])

@@ -298,7 +298,8 @@ def test_bad_input_exits_2_with_one_line() -> None:
     proc = deto("train", "--ranks-per-node", "0")
     assert proc.returncode == 2
     assert proc.stderr.strip() == (
-        "deto train: error: Invalid ranks_per_node: 0 (must be an integer >= 1)"
+        "deto train: error: --ranks-per-node must be an integer >= 1, got 0 "
+        "(see deto train --help)"
     )
     assert proc.stdout == ""
 

@@ -72,7 +72,8 @@ def test_prefix_steps():
     assert reproduce.stop_step(run, 1.0) is None
     assert reproduce.stop_step(run, 0.1) == 2
     assert reproduce.stop_step(run, 0.25) == 6  # 5 steps, rounded up to a logged step
-    with pytest.raises(ValueError, match="Invalid steps fraction: 0"):
+    bounds = r"Invalid steps_fraction: 0 \(must be a number in \(0.0, 1.0\]\)"
+    with pytest.raises(ValueError, match=bounds):
         reproduce.ReproduceConfig(recorded=Path("."), out=Path("."), steps_fraction=0)
 
 

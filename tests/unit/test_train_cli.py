@@ -22,9 +22,9 @@ def _run(capsys, *argv: str) -> tuple[int, str, str]:
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--nodes", "0"], "Invalid nodes: 0"),
-        (["--nodes", "two"], "invalid integer: 'two'"),
-        (["--lr", "fast"], "invalid number: 'fast'"),
+        (["--nodes", "0"], "--nodes must be an integer >= 1, got 0"),
+        (["--nodes", "two"], "--nodes must be an integer >= 1, got 'two'"),
+        (["--lr", "fast"], "--lr must be a number in (0.0, inf), got 'fast'"),
         (["--scheme", "dmeo"], "invalid choice: 'dmeo'"),
         (["--config", "/nonexistent/run.toml"], "Config file not found"),
         (["--scheme", "demo", "--ranks-per-node", "2"], "Invalid topology"),

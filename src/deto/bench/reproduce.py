@@ -24,6 +24,7 @@ A mismatch of the others is a real one: the command exits with status 1.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -33,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from deto.bench import sweep
+from deto.replicators.options import check_knob, knob
 
 from deto.run import provenance, report
 from deto.proc.processes import run_child
@@ -65,13 +67,20 @@ class ReproduceConfig:
     schemes: tuple[str, ...] | None = None  # None: every recorded scheme
     seeds: tuple[int, ...] | None = None  # None: every recorded seed
     bandwidths: tuple[str | None, ...] | None = None  # None: each run's recorded link
-    steps_fraction: float = 1.0
+    steps_fraction: float = knob(
+        1.0, "re-run only the first F of every run's steps", low=0.0, low_open=True, high=1.0,
+        metavar="F",
+    )
     loss_rtol: float = LOSS_RTOL
     time_tolerance: float = TIME_TOLERANCE
 
     def __post_init__(self) -> None:
-        if not 0 < self.steps_fraction <= 1:
-            raise ValueError(f"Invalid steps fraction: {self.steps_fraction} (must be in (0, 1])")
+        check_knob(steps_fraction_field(), self.steps_fraction)
+
+
+def steps_fraction_field() -> dataclasses.Field[Any]:
+    """The declaration of ``steps_fraction`` (``--steps-fraction``): its bounds and help."""
+    return next(f for f in dataclasses.fields(ReproduceConfig) if f.name == "steps_fraction")
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ def knob(
     metavar: str | None = None,
 ) -> Any:
     """A dataclass field for a knob. Numbers lie in ``[low, high]`` (an end open as asked,
-    ``None``: unbounded); strings are one of ``choices``."""
+    ``None``: unbounded, so never infinite); strings are one of ``choices``."""
     return field(
         default=default,
         metadata={
@@ -58,25 +58,55 @@ def check_knob(f: dataclasses.Field[Any], value: Any) -> Any:
         if value not in choices:
             raise ValueError(f"Invalid {name}: {value!r} (expected one of {', '.join(choices)})")
         return value
-    low, high = meta["low"], meta["high"]
     if kind == "int":
         if not isinstance(value, int) or isinstance(value, bool):
             raise KnobTypeError(f"Invalid {name}: {value!r} ({name} must be an int, {_got(value)})")
-        if (low is not None and value < low) or (high is not None and value > high):
-            bound = f">= {low}" if high is None else f"in [{low}, {high}]"
-            raise ValueError(f"Invalid {name}: {value!r} (must be an integer {bound})")
-        return value
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
+    elif not isinstance(value, (int, float)) or isinstance(value, bool):
         raise KnobTypeError(f"Invalid {name}: {value!r} ({name} must be a number, {_got(value)})")
+    if not in_range(f, value):
+        raise ValueError(f"Invalid {name}: {value!r} (must be {describe_range(f)})")
+    return value if kind == "int" else float(value)
+
+
+def in_range(f: dataclasses.Field[Any], value: float) -> bool:
+    """Whether a number lies within numeric knob ``f``'s bounds (never for NaN)."""
+    meta = f.metadata
+    lo = -math.inf if meta["low"] is None else meta["low"]
+    hi = math.inf if meta["high"] is None else meta["high"]
+    above = value > lo if meta["low_open"] or meta["low"] is None else value >= lo
+    below = value < hi if meta["high_open"] or meta["high"] is None else value <= hi
+    return above and below  # both False for NaN
+
+
+def describe_range(f: dataclasses.Field[Any]) -> str:
+    """What numeric knob ``f`` takes, in words: ``an integer >= 1``, ``a number in (0.0, 1.0]``."""
+    meta = f.metadata
+    low, high = meta["low"], meta["high"]
+    if f.type == "int":
+        low = None if low is None else low + 1 if meta["low_open"] else low
+        high = None if high is None else high - 1 if meta["high_open"] else high
+        if high is None:
+            return "an integer" if low is None else f"an integer >= {low}"
+        return f"an integer <= {high}" if low is None else f"an integer in [{low}, {high}]"
     lo = -math.inf if low is None else low
     hi = math.inf if high is None else high
-    too_low = value <= lo if meta["low_open"] else value < lo
-    too_high = value >= hi if meta["high_open"] else value > hi
-    if math.isnan(value) or too_low or too_high:
-        opening, closing = "(" if meta["low_open"] else "[", ")" if meta["high_open"] else "]"
-        interval = f"{opening}{lo}, {hi}{closing}"
-        raise ValueError(f"Invalid {name}: {value!r} (must be a number in {interval})")
-    return float(value)
+    opening = "(" if meta["low_open"] or low is None else "["
+    closing = ")" if meta["high_open"] or high is None else "]"
+    return f"a number in {opening}{lo}, {hi}{closing}"
+
+
+def parse_knob(f: dataclasses.Field[Any], text: str) -> int | float:
+    """Numeric knob ``f``'s value from a command line's ``text``; ``ValueError`` saying what it
+    takes (``must be an integer >= 1, got 0``) for text that is not such a number."""
+    value: int | float | None
+    try:
+        value = int(text) if f.type == "int" else float(text)
+    except ValueError:
+        value = None
+    if value is None or not in_range(f, value):
+        shown = repr(text) if value is None else text.strip()  # int() and float() strip it
+        raise ValueError(f"must be {describe_range(f)}, got {shown}")
+    return value
 
 
 def _got(value: Any) -> str:

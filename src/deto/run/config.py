@@ -15,15 +15,15 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import math
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from deto.replicators import Options
+from deto.replicators.options import check_knob, knob
 from deto.run.presets import (
     DEFAULT_SCHEME,
     OPTIMIZERS,
@@ -62,14 +62,22 @@ STRUCTURAL = (
 """Keys a resumed run must share with its checkpoint (they shape the saved state)."""
 
 
+SEED_MAX = 2**64 - 1
+"""The largest seed torch takes (``torch.manual_seed``)."""
+
+
 def _f(
     default: Any,
     help: str,
     *,
     choices: tuple[str, ...] | None = None,
     meta: str | None = None,
+    **bounds: Any,
 ) -> Any:
-    return field(default=default, metadata={"help": help, "choices": choices, "metavar": meta})
+    """A field declared like a replicator knob (:func:`deto.replicators.options.knob`): a
+    number's ``low``/``high`` bounds (and ``low_open``/``high_open``) are checked when the
+    config is built and when ``deto train`` parses the flag."""
+    return knob(default, help, choices=choices, metavar=meta, **bounds)
 
 
 @dataclass(frozen=True)
@@ -90,46 +98,53 @@ class TrainConfig:
                     "corruption), llama (Hugging Face Llama) for lm; vit, resnet (ResNet-18, "
                     "--d-model is its first stage's width, 16) for vision (default: gpt, vit)",
                     choices=tuple(MODEL_TASKS))
-    nodes: int = _f(2, "number of nodes R (size of the replicate axis)", meta="N")
-    ranks_per_node: int = _f(2, "ranks per node S (size of the shard axis)", meta="N")
-    steps: int = _f(None, "total optimizer steps (lm: 300, vision: 200)", meta="N")
-    batch_size: int = _f(None, "sequences/images per rank per step (lm: 16, vision: 32)", meta="N")
-    seq_len: int = _f(64, "context length in bytes (lm)", meta="N")
-    d_model: int = _f(None, "transformer width (lm: 128, vision: 64)", meta="N")
-    layers: int = _f(None, "transformer layers (2)", meta="N")
-    heads: int = _f(None, "attention heads (4)", meta="N")
+    nodes: int = _f(2, "number of nodes R (size of the replicate axis)", meta="N", low=1)
+    ranks_per_node: int = _f(2, "ranks per node S (size of the shard axis)", meta="N", low=1)
+    steps: int = _f(None, "total optimizer steps (lm: 300, vision: 200)", meta="N", low=1)
+    batch_size: int = _f(
+        None, "sequences/images per rank per step (lm: 16, vision: 32)", meta="N", low=1
+    )
+    seq_len: int = _f(64, "context length in bytes (lm)", meta="N", low=1)
+    d_model: int = _f(None, "transformer width (lm: 128, vision: 64)", meta="N", low=1)
+    layers: int = _f(None, "transformer layers (2)", meta="N", low=1)
+    heads: int = _f(None, "attention heads (4)", meta="N", low=1)
     optimizer: str = _f(None, "base optimizer (preset's default)", choices=tuple(OPTIMIZERS))
     lr: float = _f(None, "peak learning rate (preset's tuned default; with sign, divided by "
                    f"{SIGN_LR_PER_DOUBLING:g} per doubling of --d-model above the task's default)",
-                   meta="LR")
+                   meta="LR", low=0.0, low_open=True)
     sign: bool = _f(None, "use the sign of the replicated gradient (sign-SGD)")
-    weight_decay: float = _f(0.0, "decoupled weight decay", meta="WD")
-    warmup: int = _f(20, "linear warm-up steps", meta="N")
+    weight_decay: float = _f(0.0, "decoupled weight decay", meta="WD", low=0.0)
+    warmup: int = _f(20, "linear warm-up steps", meta="N", low=0)
     lr_schedule: str = _f("cosine", "after warm-up: cosine decay to 10%% of --lr at --steps, "
                           "or constant", choices=LR_SCHEDULES)
-    grad_clip: float = _f(0.0, "clip the node's gradient norm to this (0: off)", meta="NORM")
+    grad_clip: float = _f(
+        0.0, "clip the node's gradient norm to this (0: off)", meta="NORM", low=0.0
+    )
     replicator: Options | None = None  # the scheme's options, see KNOBS (None: the preset's)
     eval_every: int = _f(
-        50, "evaluate on the validation split every N steps (and at the end)", meta="N"
+        50, "evaluate on the validation split every N steps (and at the end)", meta="N", low=1
     )
-    eval_samples: int = _f(256, "validation windows of --seq-len bytes (lm)", meta="N")
-    log_every: int = _f(10, "write a metrics line every N steps", meta="N")
-    seed: int = _f(0, "seed of the model's initialisation and of the batches", meta="N")
+    eval_samples: int = _f(256, "validation windows of --seq-len bytes (lm)", meta="N", low=1)
+    log_every: int = _f(10, "write a metrics line every N steps", meta="N", low=1)
+    seed: int = _f(
+        0, "seed of the model's initialisation and of the batches", meta="N", low=0,
+        high=SEED_MAX,
+    )
     out: str = _f(None, "output directory (default: runs/<timestamp>-<scheme>)", meta="DIR")
     checkpoint_every: int = _f(
-        0, "save a checkpoint every N steps and at the end (0: never)", meta="N"
+        0, "save a checkpoint every N steps and at the end (0: never)", meta="N", low=0
     )
     snapshot_every: int = _f(0, "also keep an in-memory snapshot every N steps (one file per "
                              "rank in /dev/shm); a restart continues from it when it is newer "
-                             "than the last checkpoint (0: off)", meta="N")
+                             "than the last checkpoint (0: off)", meta="N", low=0)
     resume: str = _f(None, "continue from a checkpoint, or the newest whole one in a run "
                      "directory; auto: the newest in --out if there is one", meta="DIR")
     max_restarts: int = _f(0, "restart the ranks up to N times after a failure, from the newest "
-                           "whole checkpoint (with --checkpoint-every)", meta="N")
+                           "whole checkpoint (with --checkpoint-every)", meta="N", low=0)
     timeout: float = _f(60.0, "seconds a collective waits for a silent peer before the run "
-                        "fails", meta="SECONDS")
+                        "fails", meta="SECONDS", low=0.0, low_open=True)
     check_replicas_every: int = _f(0, "compare the nodes' replicas every N steps and repair "
-                                   "divergence (0: never)", meta="N")
+                                   "divergence (0: never)", meta="N", low=0)
     ft: bool = _f(False, "run the replicate axis on torchft: when a node dies the others go on "
                   "without it, and a restarted node (--max-restarts) rejoins at the current step "
                   "with a live peer's state; every node is its own torch world "
@@ -139,15 +154,15 @@ class TrainConfig:
                          "starts its own)", meta="URL")
     node_index: int = _f(None, "with --ft under torchrun: this node's place on the replicate "
                          "axis, 0 to --nodes - 1 (it picks the node's data and output folder)",
-                         meta="K")
+                         meta="K", low=0)
     precision: str = _f("fp32", "fp32, or bf16 compute with fp32 parameters and reductions",
                         choices=PRECISIONS)
     device: str = _f("auto", "auto: CPU for the simulated cluster, CUDA under torchrun if "
                      "available", choices=DEVICES)
     stop_at: int = _f(None, "stop after step N, keeping the learning-rate schedule of --steps "
-                      "(a prefix of a longer run, bit for bit)", meta="N")
+                      "(a prefix of a longer run, bit for bit)", meta="N", low=1)
     perturb_init_ulp: int = _f(0, "move every initial weight N ulps up (measures the run-to-run "
-                               "noise floor; 0: off)", meta="N")
+                               "noise floor; 0: off)", meta="N", low=0)
 
     def __post_init__(self) -> None:
         for f in FIELDS.values():
@@ -235,22 +250,6 @@ class TrainConfig:
         return cls(**own, replicator=_options(own.get("scheme", DEFAULT_SCHEME), knobs))
 
 
-_INT_MIN = {
-    "nodes": 1, "ranks_per_node": 1, "steps": 1, "batch_size": 1, "seq_len": 1, "d_model": 1,
-    "layers": 1, "heads": 1, "warmup": 0, "eval_every": 1,
-    "eval_samples": 1, "log_every": 1, "seed": 0, "checkpoint_every": 0, "snapshot_every": 0,
-    "stop_at": 1,
-    "perturb_init_ulp": 0, "max_restarts": 0, "check_replicas_every": 0, "node_index": 0,
-}
-# (low, high, low_open, high_open)
-_FLOAT_RANGE = {
-    "lr": (0.0, math.inf, True, True),
-    "weight_decay": (0.0, math.inf, False, True),
-    "grad_clip": (0.0, math.inf, False, True),
-    "timeout": (0.0, math.inf, True, True),
-}
-
-
 def default_model(task: str) -> str:
     return next(m for m, t in MODEL_TASKS.items() if t == task)
 
@@ -263,23 +262,8 @@ def _check_field(f: dataclasses.Field[Any], value: Any) -> None:
     if choices is not None:
         if value not in choices:
             raise ValueError(f"Invalid {name}: {value!r} (expected one of {', '.join(choices)})")
-    elif name in _INT_MIN:
-        if not isinstance(value, int) or isinstance(value, bool) or value < _INT_MIN[name]:
-            raise ValueError(f"Invalid {name}: {value!r} (must be an integer >= {_INT_MIN[name]})")
-    elif name in _FLOAT_RANGE:
-        low, high, low_open, high_open = _FLOAT_RANGE[name]
-        ok = (
-            isinstance(value, (int, float))
-            and not isinstance(value, bool)
-            and not math.isnan(value)
-        )
-        if ok:
-            ok = (value > low if low_open else value >= low) and (
-                value < high if high_open else value <= high
-            )
-        if not ok:
-            interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-            raise ValueError(f"Invalid {name}: {value!r} (must be a number in {interval})")
+    elif f.type in ("int", "float"):
+        check_knob(f, value)
     elif f.type in ("bool", bool):
         if not isinstance(value, bool):
             raise ValueError(f"Invalid {name}: {value!r} (must be true or false)")
