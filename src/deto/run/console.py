@@ -1,5 +1,5 @@
 """What a run shows on the terminal: log lines, and rank 0's progress (a bar above them, or
-periodic log lines where no bar can be drawn).
+log lines where no bar can be drawn: after the first step, then periodically).
 
 Every process of a run configures its logging here: the ``deto`` command itself, and every
 rank (spawned for a simulated cluster or started by torchrun). Ranks other than 0 report
@@ -48,7 +48,7 @@ def configure_logging(level: int, rank: int | None = None) -> None:
 MIN_BAR_COLUMNS = 40
 """A terminal narrower than this (some report 0 columns) gets log lines instead of a bar."""
 PROGRESS_LOG_S = 10.0
-"""Without a bar, a progress line is logged at most this often."""
+"""Without a bar, a progress line is logged after the first step, then at most this often."""
 
 
 class _Bar:
@@ -69,16 +69,18 @@ class _Bar:
 
 
 class _LogLines:
-    """Progress as a log line every :data:`PROGRESS_LOG_S` seconds, where no bar can be drawn
-    (a file, a pipe, a terminal that reports no width, no tqdm)."""
+    """Progress as log lines where no bar can be drawn (a file, a pipe, a terminal that reports
+    no width, no tqdm): one after the first step (so a run shows it is going at once), then one
+    every :data:`PROGRESS_LOG_S` seconds, and one after the last step."""
 
     def __init__(self, total: int, clock: Callable[[], float] = time.monotonic) -> None:
         self._total, self._clock = total, clock
-        self._last = clock()
+        self._last: float | None = None  # when the last line was logged; None: none yet
 
     def update(self, step: int, **fields: str) -> None:
         now = self._clock()
-        if now - self._last < PROGRESS_LOG_S and step != self._total:
+        due = self._last is None or now - self._last >= PROGRESS_LOG_S
+        if not due and step != self._total:
             return
         self._last = now
         shown = " ".join(f"{k} {v}" for k, v in fields.items())
