@@ -171,7 +171,7 @@ def run(
                     step,
                     loss=f"{state.last_loss:.3f}",
                     **{f"{task.unit}/s": f"{per_step_items / elapsed:,.0f}"},
-                    xnode=f"{sent / 1e3:,.1f}kB",
+                    xnode=report.format_bytes(sent),
                 )
             checkpointing = cfg.checkpoint_every and (
                 step % cfg.checkpoint_every == 0 or step == cfg.steps

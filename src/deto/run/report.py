@@ -161,14 +161,22 @@ def plot_losses(
     plt.close(fig)
 
 
-def _fmt_bytes(n: float | None) -> str:
+BYTE_UNITS = ("B", "kB", "MB", "GB", "TB")
+"""SI units, powers of 1000: the one convention of every byte figure deto shows."""
+MIB = 2**20
+"""Bytes in a MiB: ``peak_rss_mb_per_rank`` is in MiB (what the kernel reports, in KiB)."""
+
+
+def format_bytes(n: float | None) -> str:
+    """A byte count as a terminal or report shows it, in SI units (:data:`BYTE_UNITS`):
+    ``512 B``, ``58.8 kB``, ``1.9 MB``; ``-`` for ``None``."""
     if n is None:
         return "-"
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1000 or unit == "GB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{n:.0f} B"
+    for unit in BYTE_UNITS[:-1]:
+        if abs(n) < (999.5 if unit == "B" else 999.95):  # what would round to 1000: next unit
+            return f"{n:.0f} B" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
-    return f"{n:.1f} GB"  # pragma: no cover
+    return f"{n:.1f} {BYTE_UNITS[-1]}"
 
 
 def format_table(summary: Mapping[str, Any]) -> str:
@@ -190,15 +198,15 @@ def format_table(summary: Mapping[str, Any]) -> str:
         ("step time (median)", f"{summary['step_time_s_median'] * 1000:.0f} ms"),
         (
             "inter-node sent/step",
-            _fmt_bytes(summary["inter_node_bytes_sent_per_step"]) + " per node",
+            format_bytes(summary["inter_node_bytes_sent_per_step"]) + " per node",
         ),
-        ("full sync/step", _fmt_bytes(summary["full_sync_bytes_per_step"]) + " per node"),
+        ("full sync/step", format_bytes(summary["full_sync_bytes_per_step"]) + " per node"),
         ("compression", f"{ratio:.1f}x" if ratio is not None else "-"),
         (
             "replicas identical",
             {True: "yes", False: "NO", None: "n/a"}[summary["replicas_identical"]],
         ),
-        ("peak RSS/rank", f"{max(summary['peak_rss_mb_per_rank']):.0f} MB"),
+        ("peak RSS/rank", format_bytes(max(summary["peak_rss_mb_per_rank"]) * MIB)),
     ]
     if summary.get("out"):
         rows.append(("output", str(summary["out"])))
