@@ -12,6 +12,7 @@ format (see :mod:`deto.optim_state`).
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import weakref
@@ -144,6 +145,7 @@ class DecoupledOptimizer(torch.optim.Optimizer):
                 for slot in slots:
                     self._coverage[slot.index].append(r)
         self._param_replicators = [r for r in self.replicators if isinstance(r, ParamReplicator)]
+        self._grad_replicators = [r for r in self.replicators if isinstance(r, GradReplicator)]
         self._early_hooks = self._install_early_start()
         self._publish_scalars()
 
@@ -271,18 +273,77 @@ class DecoupledOptimizer(torch.optim.Optimizer):
                 grads[i].copy_(g)
 
         skipped = self._handle_nonfinite(grads)
+        agreed = [pair for rep in self._grad_replicators for pair in rep.consensus()]
+        for live, consensus in agreed:  # eager overlap: the base steps the consensus
+            live.copy_(consensus)
         for i, grad in grads.items():
             if self.sign:
                 grad.sign_()
             if self.weight_decay:
                 local_tensor(self.params[i]).mul_(1.0 - lrs[i] * self.weight_decay)
         self.base.step()
+        if agreed:
+            for live, consensus in agreed:
+                consensus.copy_(live)
+            self._step_provisional()
         for param_rep in self._param_replicators:  # in list order, like the gradient ones
             if param_rep.schedule.fires(t):
                 param_rep.after_step(self.comm)
         self._finish_stats(skipped)
         self._publish_scalars()
         return loss
+
+    def _step_provisional(self) -> None:
+        """Eager overlap: move each live shard by this node's own estimate of the aggregate in
+        flight, as the base optimizer would step it, leaving the base's state as it was.
+
+        The base's state is that of the consensus, which only aggregates advance; this trial
+        step reads it and then restores it (a copy of the state of the shards concerned, none
+        for SGD without momentum). Gradients of the other parameters are hidden meanwhile.
+        """
+        estimates = {
+            rep.slots[pos].index: estimate
+            for rep in self._grad_replicators
+            for pos, estimate in rep.provisional().items()
+        }
+        if not estimates:
+            return
+        hidden = {i: p.grad for i, p in enumerate(self.params) if i not in estimates}
+        kept = {}
+        for i, estimate in estimates.items():
+            param = self.params[i]
+            if param.grad is None:
+                hidden[i] = None
+                continue
+            grad = local_tensor(param.grad)
+            grad.copy_(estimate.sign() if self.sign else estimate)
+            kept[i] = {k: v.clone() if isinstance(v, torch.Tensor) else v
+                       for k, v in self.base.state.get(param, {}).items()}
+        for i in hidden:
+            self.params[i].grad = None
+        self.base.step()
+        for i, state in kept.items():
+            self.base.state[self.params[i]] = state
+        for i, grad in hidden.items():
+            self.params[i].grad = grad
+
+    @contextlib.contextmanager
+    def consensus(self) -> Iterator[None]:
+        """Within the block, every eagerly updated shard holds the parameters all nodes agree
+        on (see :meth:`GradReplicator.consensus`): what replica checks, evaluations and the
+        final model should read. Outside it, live shards also hold this node's provisional
+        update. A no-op for every scheme without eager overlap."""
+        agreed = [pair for rep in self._grad_replicators for pair in rep.consensus()]
+        live = [t.clone() for t, _ in agreed]
+        with torch.no_grad():
+            for t, consensus in agreed:
+                t.copy_(consensus)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for (t, _), saved in zip(agreed, live, strict=True):
+                    t.copy_(saved)
 
     def _install_early_start(self) -> list[Any]:
         """Hooks handing each gradient to a replicator that :attr:`~GradReplicator.starts_early`

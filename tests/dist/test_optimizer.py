@@ -74,6 +74,7 @@ def checkpoint_roundtrip(key: str) -> tuple[list[float], list[float], bool]:
     rep_options = {
         "demo": {"topk": 8, "chunk": 8},
         "demo-overlap": {"topk": 8, "chunk": 8, "overlap": True},  # a payload in flight
+        "demo-delayed": {"topk": 8, "chunk": 8, "overlap": True, "overlap_mode": "delayed"},
         "random": {"rate": 0.3},
         "diloco": {"every": 2},
     }
@@ -101,7 +102,7 @@ def checkpoint_roundtrip(key: str) -> tuple[list[float], list[float], bool]:
     return tail, tail2, common.shard_digest(model2) == final
 
 
-@pytest.mark.parametrize("key", ["demo", "demo-overlap", "random", "diloco"])
+@pytest.mark.parametrize("key", ["demo", "demo-overlap", "demo-delayed", "random", "diloco"])
 def test_state_dict_round_trip_resumes_identically(pool, key):
     for tail, tail2, same in pool.run(checkpoint_roundtrip, key):
         assert tail == tail2

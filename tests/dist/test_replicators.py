@@ -24,6 +24,7 @@ SYNCING = {
     "demo-sign": {"values": "sign", "topk": 8, "chunk": 8},
     "demo-sparse": {"topk": 4, "chunk": 4, "dense_fallback": False},
     "demo-overlap": {"overlap": True, "values": "int8"},
+    "demo-delayed": {"overlap": True, "overlap_mode": "delayed", "values": "int8"},
     "full": {},
     "full-overlap": {"overlap": True},
     "random": {"rate": 0.3},
@@ -42,7 +43,8 @@ def train_digest(key: str, steps: int, nodes: int = 2, per_node: int = 2) -> tup
         common.make_model(), common.topo(nodes, per_node), replicator=_replicator(key), lr=1e-2
     )
     losses = common.train(model, opt, steps)
-    return common.shard_digest(model), losses
+    with opt.consensus():  # eager overlap: the agreed parameters, not this node's live ones
+        return common.shard_digest(model), losses
 
 
 def _replicas(digests: list[str], per_node: int = 2) -> list[set[str]]:
@@ -56,6 +58,30 @@ def test_replicas_bitwise_identical(pool, key):
     digests = [d for d, _ in out]
     assert all(len(s) == 1 for s in _replicas(digests)), digests
     assert len(set(digests)) == 2  # the two shard positions differ, so the check has teeth
+
+
+def eager_digests(steps: int) -> list[tuple[str, str]]:
+    """Per step: the digest of the consensus and of the live shards, under eager overlap."""
+    model, opt = deto.prepare(
+        common.make_model(), common.topo(), replicator=_replicator("demo-overlap"), lr=1e-2
+    )
+    out = []
+    for s in range(steps):
+        common.train(model, opt, 1, start=s)
+        live = common.shard_digest(model)
+        with opt.consensus():
+            out.append((common.shard_digest(model), live))
+    return out
+
+
+def test_eager_overlap_consensus_is_identical_after_every_step(pool):
+    per_rank = pool.run(eager_digests, 5)
+    for step in range(5):
+        agreed = _replicas([rank[step][0] for rank in per_rank])
+        live = _replicas([rank[step][1] for rank in per_rank])
+        assert all(len(s) == 1 for s in agreed), step
+        # live shards carry each node's own selection (where a shard sends any sparse tensor)
+        assert any(len(s) == 2 for s in live), step
 
 
 def test_none_replicas_diverge(pool):

@@ -146,6 +146,23 @@ class GradReplicator(Replicator):
         which is the same on every node."""
         raise NotImplementedError(f"{type(self).__name__} does not start exchanges early")
 
+    def consensus(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``(live shard, consensus)`` pairs of the shards this replicator updates eagerly.
+
+        A scheme that applies this node's own contribution before the aggregate arrives keeps,
+        per shard, the parameters every node agrees on (the *consensus*, which only aggregates
+        move); the live parameters are the consensus plus this node's provisional update. The
+        optimizer steps the base on the consensus and re-derives the live shard from it. Empty
+        (the default): live and agreed parameters are the same tensor.
+        """
+        return []
+
+    def provisional(self) -> dict[int, torch.Tensor]:
+        """Slot position -> this node's own estimate of the aggregate in flight, in gradient
+        units, for the shards of :meth:`consensus`; the optimizer applies it to the live shard
+        as the base optimizer would. Empty when nothing is in flight."""
+        return {}
+
 
 class ParamReplicator(Replicator):
     """Acts on the covered parameters after the base optimizer's step, on the steps it fires."""

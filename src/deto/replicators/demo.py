@@ -33,6 +33,8 @@ logger = logging.getLogger(__name__)
 # (group, members) whose selections it carries
 InFlight = tuple[Callable[[], list[list[torch.Tensor]]], list[tuple[int, list[int]]]]
 
+OVERLAP_MODES = ("eager", "delayed")
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -83,11 +85,19 @@ class DeMoOptions(MomentumOptions, OverlapOptions):
     tensors) is all-reduced dense; off, every shard goes through the DCT, whatever it costs.
     ``transform="none"`` selects the top-k of each block's own values instead of its DCT
     coefficients (chunked top-k, as SparseLoCo); DeMo's results are all with the DCT.
-    With ``overlap`` each step starts its all-gather and returns at once, applying the aggregate
-    of the previous replication step (a one-step delay, as Psyche does): the exchange runs under
-    the next forward and backward. Every node applies the same aggregate, so replicas stay
-    identical; the first step applies nothing to sparse shards, and shards sent dense are still
-    all-reduced in the step. Checkpoints hold the payload in flight.
+    With ``overlap`` each step starts its all-gather and returns at once: the exchange runs
+    under the next forward and backward, and each aggregate is applied one step late. Shards
+    sent dense are still all-reduced in the step. ``overlap_mode`` says what the step does
+    meanwhile. ``"delayed"`` applies only the previous step's aggregate (as Psyche does); its
+    gradients are then taken at parameters that lack the update in flight, and on the byte GPT
+    that costs 23-28% of final loss, with or without compression (docs/benchmarks.md,
+    "Overlap"). ``"eager"`` also applies this node's own selection at once, as its estimate of
+    the aggregate, on top of a *consensus* copy of the parameters that only aggregates move:
+    the live shard is the consensus plus that provisional update, and each step restores the
+    consensus, applies the aggregate that arrived, and re-derives the live shard. Consensus
+    copies are bitwise identical on every node (live shards differ by the provisional part);
+    they cost one more copy of every sparse shard. Checkpoints hold the payload in flight and
+    the consensus.
     """
 
     topk: int = knob(4, "DCT coefficients kept per chunk", low=1, metavar="K")
@@ -112,6 +122,11 @@ class DeMoOptions(MomentumOptions, OverlapOptions):
         "dct", "each block's transform before its top-k: the DCT, or none (the raw values)",
         choices=get_args(Transform),
     )
+    overlap_mode: str = knob(
+        "eager", "with --overlap, what a step applies while its aggregate is in flight: "
+        "eager (this node's own selection at once, corrected by the aggregate a step later) or "
+        "delayed (only the previous step's aggregate)", choices=OVERLAP_MODES,
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -129,11 +144,11 @@ class DeMo(MomentumReplicator):
 
     Keyword arguments: the knobs of :class:`DeMoOptions` (``topk=4, chunk=64, decay=0.999,
     blocks="1d", values="int2", aggregation="selected", dense_fallback=True, overlap=False,
-    every=1``), and the schedule's ``skip_every``, ``offset`` and ``include`` (see
-    :class:`Replicator`). The defaults come from a loss-vs-bytes sweep over four models
-    (docs/benchmarks.md, "Choosing DeMo's defaults"): 4 of the 64 coefficients of each 1-D
-    chunk, 2-bit values, 1/32 of a full all-reduce's bytes, at or below HSDP's loss on every
-    model swept, where 2-D blocks at 1/50 and beyond fell behind on some.
+    overlap_mode="eager", every=1``), and the schedule's ``skip_every``, ``offset`` and
+    ``include`` (see :class:`Replicator`). The defaults come from a loss-vs-bytes sweep over
+    four models (docs/benchmarks.md, "Choosing DeMo's defaults"): 4 of the 64 coefficients of
+    each 1-D chunk, 2-bit values, 1/32 of a full all-reduce's bytes, at or below HSDP's loss on
+    every model swept, where 2-D blocks at 1/50 and beyond fell behind on some.
     """
 
     name = "demo"
@@ -149,6 +164,7 @@ class DeMo(MomentumReplicator):
         self.dense_fallback = self.options.dense_fallback
         self.transform: Transform = self.options.transform  # type: ignore[assignment]
         self.overlap = self.options.overlap
+        self.eager = self.overlap and self.options.overlap_mode == "eager"
         super().__init__(decay=self.options.decay, every=self.options.every, **schedule)
         self.plans: list[Plan] = []
         self.groups: list[BlockGroup] = []
@@ -156,6 +172,8 @@ class DeMo(MomentumReplicator):
         self._slot_of: dict[tuple[int, int], int] = {}
         self._in_flight: InFlight | None = None
         self._pending = False  # with overlap: ``state[pos]["pending"]`` is the next update
+        self._agreed = False  # eager: whether ``state[pos]["consensus"]`` holds the consensus
+        self._own: dict[int, torch.Tensor] = {}  # eager: this node's selection now in flight
 
     @property
     def values(self) -> str:
@@ -205,12 +223,16 @@ class DeMo(MomentumReplicator):
             for pos in self._member:
                 self.state[pos]["pending"] = torch.zeros_like(self.slots[pos].local,
                                                               dtype=torch.float32)
+                if self.eager:  # filled from the live shard at the first step (see consensus)
+                    self.state[pos]["consensus"] = torch.zeros_like(self.slots[pos].local)
 
     def scalars(self) -> dict[str, int]:
         """``fired``, and with ``overlap`` whether ``pending`` holds an aggregate to apply."""
         out = super().scalars()
         if self.overlap:
             out["pending"] = int(self._pending)
+        if self.eager:
+            out["agreed"] = int(self._agreed)
         return out
 
     def load_scalars(self, scalars: dict[str, int]) -> None:
@@ -218,6 +240,28 @@ class DeMo(MomentumReplicator):
         if self.overlap:
             self._pending = bool(scalars["pending"])
             self._in_flight = None
+        if self.eager:  # the live shards a checkpoint restores already hold the provisional part
+            self._agreed = bool(scalars["agreed"])
+            self._own = {}
+
+    def consensus(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Eager overlap: ``(live shard, consensus)`` of every sparse shard.
+
+        The consensus is taken from the live shards the first time it is asked for (the first
+        step), not when the optimizer is built, so weights loaded into the model in between
+        are the ones training starts from.
+        """
+        if not self.eager:
+            return []
+        pairs = [(self.slots[pos].local, self.state[pos]["consensus"]) for pos in self._member]
+        if not self._agreed:
+            for live, agreed in pairs:
+                agreed.copy_(live)
+            self._agreed = True
+        return pairs
+
+    def provisional(self) -> dict[int, torch.Tensor]:
+        return self._own
 
     def finish_in_flight(self) -> None:
         """Wait for the exchange in flight and keep its decoded aggregate in ``pending``.
@@ -246,6 +290,8 @@ class DeMo(MomentumReplicator):
 
     def extra_repr(self) -> str:
         extra = ", overlap=True" if self.overlap else ""
+        if self.overlap and not self.eager:
+            extra += f", overlap_mode={self.options.overlap_mode!r}"
         if self.transform != "dct":
             extra += f", transform={self.transform!r}"
         return (
@@ -300,6 +346,9 @@ class DeMo(MomentumReplicator):
                 deltas[j].zero_()
                 out[j] = avg
         if payload:
+            if self.eager:  # this node's estimate of the aggregate now sent: its own selection
+                # (copies: a group decodes into one buffer, which the aggregate's decode reuses)
+                self._own = {p: t.clone() for p, t in self._decode(active, [payload]).items()}
             if self.overlap:
                 previous = self._in_flight
                 self._in_flight = (comm.all_gather_async(payload).wait, active)

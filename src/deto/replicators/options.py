@@ -156,7 +156,7 @@ class OverlapOptions(ReplicatorOptions):
     overlap: bool = knob(
         False,
         "hide the exchange under compute (full: all-reduce each gradient as the backward pass "
-        "makes it, same numbers; demo: apply the previous step's aggregate, a one-step delay)",
+        "makes it, same numbers; demo: the aggregate arrives a step late, see --overlap-mode)",
     )
 
 

@@ -141,7 +141,8 @@ def run(
             slowest = max(slowest, [step, elapsed], key=lambda s: s[1])
             state.advance(step, elapsed, sent, received, loss)
             if cfg.check_replicas_every and step % cfg.check_replicas_every == 0:
-                repair = check_and_repair(model, opt, topo, step)
+                with opt.consensus():
+                    repair = check_and_repair(model, opt, topo, step)
                 if repair is not None:
                     state.replica_repairs.append(repair)
                     for sink in sinks:
@@ -161,7 +162,8 @@ def run(
                     "wall_time_s": time.perf_counter() - clock,
                 }
                 if evaluating:
-                    record.update(task.evaluate(model, topo))
+                    with opt.consensus():
+                        record.update(task.evaluate(model, topo))
                     logger.info("step %d: val loss %.4f", step, record["val_loss"])
                 state.records.append(record)
                 for sink in sinks:
@@ -196,11 +198,14 @@ def run(
     if cfg.snapshot_every:
         drop_snapshots(out)
 
-    if axis is None:
-        identical = replicas_identical(model, topo, opt.promises_identical_replicas, cfg.scheme)
-    else:
-        identical = nodes_identical(axis, model, opt.promises_identical_replicas)
-    digest = params_digest(model)
+    with opt.consensus():
+        if axis is None:
+            identical = replicas_identical(
+                model, topo, opt.promises_identical_replicas, cfg.scheme
+            )
+        else:
+            identical = nodes_identical(axis, model, opt.promises_identical_replicas)
+        digest = params_digest(model)
     rss = all_gather(peak_rss_mb())
     if axis is not None:
         axis.shutdown()

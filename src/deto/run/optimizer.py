@@ -10,6 +10,7 @@ asks which one it holds.
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import replace
 from typing import Any, Protocol
 
@@ -46,6 +47,11 @@ class RunOptimizer(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None: ...
+
+    def consensus(self) -> AbstractContextManager[None]:
+        """The parameters every node agrees on, for checks and evaluations (see
+        :meth:`deto.DecoupledOptimizer.consensus`)."""
+        ...
 
 
 def full_sync_bytes(params: int, nodes: int) -> int:
@@ -89,6 +95,10 @@ class HSDPBaseline:
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.base.load_state_dict(state_dict)
+
+    def consensus(self) -> AbstractContextManager[None]:
+        """HSDP's parameters are always the agreed ones."""
+        return nullcontext()
 
 
 def build_training(
