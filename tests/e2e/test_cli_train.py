@@ -335,3 +335,19 @@ def test_ctrl_c_stops_every_rank(tmp_path) -> None:
             break
         assert time.monotonic() < deadline, "ranks outlived the launcher"
         time.sleep(0.2)
+
+
+def test_eager_overlap_resumes_and_restarts_bitwise(tmp_path) -> None:
+    """--overlap (eager: an all-gather in flight and a consensus at every step, AdamW's state
+    put back after each trial step): a resume from a checkpoint, and a restart after a rank is
+    killed while a checkpoint is written (from the snapshot before it), both end bitwise like
+    the run in one go."""
+    whole = train(tmp_path / "straight", *RESUMABLE, "--overlap")
+    assert whole["replicas_identical"] is True
+    rest = train(tmp_path / "rest", *RESUMABLE, "--overlap", "--resume",
+                 str(tmp_path / "straight" / "checkpoints" / "step_00000004"))
+    same_run(rest, whole)
+    out = tmp_path / "killed"
+    _kill_a_rank_and_finish(out, (out / "checkpoints" / ".step_00000008.incomplete").is_dir,
+                            "--snapshot-every", "2", "--overlap")
+    same_run(json.loads((out / "summary.json").read_text()), whole)
