@@ -117,16 +117,25 @@ class DistTransport:
 
 
 class _InFlight:
-    """A collective in flight: :meth:`finish` waits for it once, counting the wait."""
+    """A collective in flight: :meth:`finish` waits for it once, counting the wait.
 
-    def __init__(self, comm: Comm, work: Any) -> None:
-        self._comm, self._work = comm, work
+    Where it runs, by backend. gloo runs the collective on its own thread; ``wait()`` blocks
+    the host until it is done. NCCL launches it on its own stream, which first waits for the
+    compute stream's work queued so far (so the send buffer written there is complete), and
+    then runs beside the next step's kernels; ``wait()`` makes the *current* stream wait for
+    it without blocking the host, so every read of the result queued after it (the decode)
+    sees the finished bytes. Results are read only through :meth:`finish`. The send buffer is
+    held here until then, so it is neither freed nor reused while the collective may read it.
+    """
+
+    def __init__(self, comm: Comm, work: Any, sent: torch.Tensor | None = None) -> None:
+        self._comm, self._work, self._sent = comm, work, sent
 
     def finish(self) -> None:
         if self._work is not None:
             start = time.perf_counter()
             self._work.wait()
-            self._work = None
+            self._work, self._sent = None, None
             self._comm._stats.seconds += time.perf_counter() - start
 
 
@@ -134,9 +143,10 @@ class PendingGather(_InFlight):
     """An all-gather in flight (:meth:`Comm.all_gather_async`)."""
 
     def __init__(
-        self, comm: Comm, work: Any, gathered: torch.Tensor, specs: list[TensorSpec]
+        self, comm: Comm, work: Any, gathered: torch.Tensor, specs: list[TensorSpec],
+        sent: torch.Tensor | None = None,
     ) -> None:
-        super().__init__(comm, work)
+        super().__init__(comm, work, sent)
         self._gathered, self._specs = gathered, specs
 
     def wait(self) -> list[list[torch.Tensor]]:
@@ -254,7 +264,7 @@ class Comm:
         gathered = buffer.new_empty(self.size * buffer.numel())
         work = self.transport.all_gather(gathered, buffer, async_op=True)
         self._count(all_gather_bytes(buffer.numel(), self.size), start)
-        return PendingGather(self, work, gathered, specs)
+        return PendingGather(self, work, gathered, specs, sent=buffer)
 
     def broadcast(self, tensors: list[torch.Tensor], src: int = 0) -> None:
         """Copy node ``src``'s ``tensors`` into every node's, in place, with one call."""
