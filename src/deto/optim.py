@@ -309,12 +309,12 @@ class DecoupledOptimizer(torch.optim.Optimizer):
         if not estimates:
             return
         hidden = {i: p.grad for i, p in enumerate(self.params) if i not in estimates}
-        kept = {}
+        kept, lent = {}, []
         for i, estimate in estimates.items():
             param = self.params[i]
-            if param.grad is None:
-                hidden[i] = None
-                continue
+            if param.grad is None:  # a step that deferred it: the same update is still in flight
+                param.grad = torch.zeros_like(param)
+                lent.append(i)
             grad = local_tensor(param.grad)
             grad.copy_(estimate.sign() if self.sign else estimate)
             kept[i] = {k: v.clone() if isinstance(v, torch.Tensor) else v
@@ -326,6 +326,8 @@ class DecoupledOptimizer(torch.optim.Optimizer):
             self.base.state[self.params[i]] = state
         for i, grad in hidden.items():
             self.params[i].grad = grad
+        for i in lent:
+            self.params[i].grad = None
 
     @contextlib.contextmanager
     def consensus(self) -> Iterator[None]:

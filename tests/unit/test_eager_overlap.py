@@ -136,3 +136,32 @@ def test_overlap_mode_is_checked_and_shown() -> None:
     assert "overlap_mode='delayed'" in repr(deto.DeMo(overlap=True, overlap_mode="delayed"))
     with pytest.raises(ValueError, match="expected one of eager, delayed"):
         deto.DeMo(overlap=True, overlap_mode="late")
+
+
+def test_a_deferred_step_keeps_the_update_in_flight_on_the_live_shard() -> None:
+    """every=2: on the steps between exchanges the aggregate is still in flight, so the live
+    shard stays consensus + this node's own selection, and the gradients stay unset."""
+
+    def node(comm):
+        model = _net()
+        rep = deto.DeMo(overlap=True, every=2, **OPTIONS)
+        base = torch.optim.SGD(model.parameters(), lr=LR)
+        opt = deto.DecoupledOptimizer(base, [rep], comm, sign=True)
+        out = []
+        for t in range(1, 5):
+            _give_grads(model, comm.rank, t)
+            opt.step()
+            own = {rep.slots[pos].index: e.sign() for pos, e in rep.provisional().items()}
+            live = [p.detach().clone() for p in model.parameters()]
+            with opt.consensus():
+                agreed = [p.detach().clone() for p in model.parameters()]
+            out.append((own, live, agreed, [p.grad is None for p in model.parameters()]))
+        return out
+
+    for steps in deto.FakeComm(nodes=2).run(node):
+        for t, (own, live, agreed, unset) in enumerate(steps, start=1):
+            assert bool(own) == (t >= 2)  # the first exchange is at step 2
+            for i, sign in own.items():
+                assert torch.equal(live[i], agreed[i] - LR * sign), (t, i)
+            if t % 2:  # deferred: the optimizer took the gradients
+                assert all(unset)
