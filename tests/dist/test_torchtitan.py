@@ -52,8 +52,6 @@ def test_trains_with_identical_replicas_and_counts_traffic(straight):
     assert ranks[0]["model"] != ranks[1]["model"]  # FSDP2 shards differ inside a node
     assert all(r["step"] == r["opt_step"] == STEPS for r in ranks)
     assert all(b > 0 for r in ranks for b in r["node_bytes"])  # DeMo crosses nodes every step
-    losses = ranks[0]["losses"]
-    assert losses[-1] < losses[0]
 
 
 def test_resume_from_torchtitan_checkpoint_matches_straight_run(pool, straight):

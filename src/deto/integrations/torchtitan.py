@@ -20,7 +20,7 @@ torchtitan's ``Trainer`` needs an accelerator (see docs/integrations.md for wher
 CPU-only machine), so this module also holds what lets the same model, optimizer container,
 LR schedulers and checkpointer train on CPU: :class:`DenseFlexAttention` (torchtitan's
 attention masks computed with dense SDPA, whose backward runs on CPU), and the synthetic data
-(:class:`ByteWindows`, :class:`ByteTokenizer`) that needs no files from a hub.
+(:class:`RandomTokens`, :class:`ByteTokenizer`) that needs no files from a hub.
 """
 
 from __future__ import annotations
@@ -60,7 +60,6 @@ except ImportError as exc:
 from deto.comm import CommStats
 from deto.integrations._compat import check_world
 from deto.optim import DecoupledOptimizer
-from deto.run.data import lm_batch, load_stdlib_corpus
 from deto.sharding import shard
 from deto.topology import Topology
 
@@ -290,12 +289,13 @@ class ByteTokenizer(BaseTokenizer):
         return 256
 
 
-class ByteWindows(BaseDataLoader):
-    """Random windows of the Python standard library's sources, the text ``deto train`` reads.
+class RandomTokens(BaseDataLoader):
+    """Synthetic batches of byte tokens, drawn from (seed, step, rank): no data set to download.
 
-    Every data-parallel rank draws its own windows, determined by (seed, step, rank), so the
-    state a checkpoint keeps is the step count and a resumed run reads what a straight run
-    reads. Yields torchtitan's ``({"input", "positions"}, labels)``, one document per window.
+    Every data-parallel rank draws its own batches, and the state a checkpoint keeps is the
+    step count, so a resumed run reads what a straight run reads. The tokens are uniform over
+    0-255: the loss falls from ``log(vocab_size)`` towards ``log(256)`` as the model learns
+    which tokens occur. Yields torchtitan's ``({"input", "positions"}, labels)``.
     """
 
     @dataclasses.dataclass(kw_only=True, slots=True)
@@ -314,18 +314,17 @@ class ByteWindows(BaseDataLoader):
     ) -> None:
         self.seed, self.rank, self.world = config.seed, dp_rank, dp_world_size
         self.seq_len, self.batch_size = seq_len, local_batch_size
-        self.text = load_stdlib_corpus().train
         self.step = 0
 
     def __iter__(self) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
         positions = torch.arange(self.seq_len).expand(self.batch_size, -1)
         while True:
-            x, y = lm_batch(
-                self.text, self.seq_len, self.batch_size,
-                seed=self.seed, step=self.step, rank=self.rank,
-            )  # fmt: skip
+            gen = torch.Generator().manual_seed(
+                (self.seed * 1_000_003 + self.step) * 65_537 + self.rank
+            )
+            tokens = torch.randint(0, 256, (self.batch_size, self.seq_len + 1), generator=gen)
             self.step += 1
-            yield {"input": x, "positions": positions}, y
+            yield {"input": tokens[:, :-1], "positions": positions}, tokens[:, 1:]
 
     def state_dict(self) -> dict[str, Any]:
         # one key per rank (as torchtitan's own loaders), so DCP keeps every rank's
@@ -334,7 +333,7 @@ class ByteWindows(BaseDataLoader):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict.get("world_size", self.world) != self.world:
             raise ValueError(
-                f"ByteWindows: the checkpoint has {state_dict['world_size']} data-parallel "
+                f"RandomTokens: the checkpoint has {state_dict['world_size']} data-parallel "
                 f"ranks, this run {self.world}"
             )
         self.step = int(state_dict.get(f"dp_rank_{self.rank}", self.step))
@@ -383,7 +382,7 @@ def train_debug_model(
     deto model spec, :class:`DetoOptimizersContainer`, its LR schedulers, its loss, its gradient
     clipping and its DCP ``CheckpointManager`` (saving every ``checkpoint_every`` steps under
     ``folder``; ``resume`` loads the latest). Only the attention (:class:`DenseFlexAttention`)
-    and the data (:class:`ByteWindows`) are deto's, so that it runs on CPU.
+    and the data (:class:`RandomTokens`) are deto's, so that it runs on CPU.
 
     Runs inside an initialised process group of ``topology``'s shape. Returns the step, the
     losses, this node's inter-node bytes per step, and the model and optimizer for checks.
@@ -418,7 +417,7 @@ def train_debug_model(
     schedulers = LRSchedulersContainer.Config(warmup_steps=2).build(
         optimizers=optimizers, training_steps=steps
     )
-    loader = ByteWindows.Config().build(
+    loader = RandomTokens.Config().build(
         dp_world_size=topology.world_size, dp_rank=topology.rank,
         seq_len=CHECK_SEQ_LEN, local_batch_size=CHECK_BATCH,
     )  # fmt: skip
@@ -457,3 +456,111 @@ def train_debug_model(
     checkpointer.close()
     return {"step": state.step, "losses": losses, "node_bytes": node_bytes,
             "model": model, "optimizer": optimizers.optimizers[0]}  # fmt: skip
+
+
+def _digest(tensors: list[torch.Tensor]) -> str:
+    import hashlib
+
+    from deto.replicators.base import local_tensor
+
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(local_tensor(t).detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _check_rank(rank: int, topology: Topology, folder: str, steps: int, results: Any) -> None:
+    """One rank of :func:`run_torchtitan_check`: a straight run, then one resumed halfway."""
+    import datetime
+    import os
+    import shutil
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(topology.world_size))
+    dist.init_process_group(
+        topology.backend, init_method=f"file://{folder}/rendezvous", rank=rank,
+        world_size=topology.world_size, timeout=datetime.timedelta(seconds=120),
+    )  # fmt: skip
+    try:
+        runs = {}
+        for name, resume in (("straight", False), ("resumed", True)):
+            if resume and rank == 0:
+                shutil.copytree(
+                    f"{folder}/straight/checkpoint/step-{steps // 2}",
+                    f"{folder}/resumed/checkpoint/step-{steps // 2}",
+                )
+            dist.barrier()
+            out = train_debug_model(
+                f"{folder}/{name}", steps, topology, checkpoint_every=steps // 2, resume=resume
+            )
+            params = [p for _, p in sorted(out["model"].named_parameters())]
+            opt_state = [t for s in out["optimizer"].state.values() for t in s.values()
+                         if isinstance(t, torch.Tensor)]  # fmt: skip
+            runs[name] = (_digest(params), _digest(opt_state), out["losses"], out["node_bytes"])
+        gathered: list[Any] = [None] * topology.world_size
+        dist.all_gather_object(gathered, runs)
+        if rank == 0:
+            results.put(gathered)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_torchtitan_check(
+    device: str, *, nodes: int = 2, ranks_per_node: int | None = None, steps: int = 4
+) -> dict[str, Any]:
+    """Train torchtitan's Llama 3 debug model on ``nodes`` simulated nodes on this machine
+    (``device`` ``"cpu"``: gloo, 2 ranks per node; ``"cuda"``: NCCL, one GPU per rank, the
+    GPUs split evenly over the nodes), checkpoint it halfway with torchtitan's checkpointer,
+    resume, and report: for the GPU self-check, which has no test suite of its own.
+
+    The run is :func:`train_debug_model` (torchtitan's components, a loop like its
+    ``Trainer.train_step``), on fresh processes. Returns ``replicas_identical`` (every node's
+    shards bitwise equal after the run), ``resume_bitwise`` (the resumed run's parameters,
+    optimizer state and losses equal the straight run's), ``inter_node_bytes_per_step`` (node
+    0's, every step) and ``losses`` (rank 0's). Raises ``RuntimeError`` where the machine has
+    too few GPUs (NCCL cannot put two ranks on one GPU).
+    """
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    if device == "cuda":
+        gpus = torch.cuda.device_count()
+        per_node = ranks_per_node or gpus // nodes
+        if per_node < 1 or nodes * per_node > gpus:
+            raise RuntimeError(
+                f"run_torchtitan_check: {nodes} node(s) x {max(per_node, 1)} rank(s) need as "
+                f"many GPUs, found {gpus}"
+            )
+    else:
+        per_node = ranks_per_node or 2
+    topology = Topology(nodes=nodes, ranks_per_node=per_node, device=device)
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    with tempfile.TemporaryDirectory() as folder:
+        procs = [
+            ctx.Process(target=_check_rank, args=(r, topology, folder, steps, results))
+            for r in range(topology.world_size)
+        ]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join()
+        if any(p.exitcode != 0 for p in procs):
+            codes = [p.exitcode for p in procs]
+            raise RuntimeError(f"run_torchtitan_check: a rank failed (exit codes {codes})")
+        ranks = results.get(timeout=10)
+    local = [r["straight"][0] for r in ranks]
+    return {
+        "device": device,
+        "shape": f"{nodes}x{per_node}",
+        "replicas_identical": all(
+            local[i] == local[i % per_node] for i in range(topology.world_size)
+        ),
+        "resume_bitwise": all(
+            r["resumed"][:2] == r["straight"][:2]
+            and r["resumed"][2] == r["straight"][2][steps // 2 :]
+            for r in ranks
+        ),
+        "inter_node_bytes_per_step": ranks[0]["straight"][3],
+        "losses": ranks[0]["straight"][2],
+    }
