@@ -384,7 +384,7 @@ def train_debug_model(
     ``folder``; ``resume`` loads the latest). Only the attention (:class:`DenseFlexAttention`)
     and the data (:class:`RandomTokens`) are deto's, so that it runs on CPU.
 
-    Runs inside an initialised process group of ``topology``'s shape. Returns the step, the
+    Runs under torchrun or inside an initialised process group of ``topology``'s shape. Returns the step, the
     losses, this node's inter-node bytes per step, and the model and optimizer for checks.
     """
     from torchtitan.components.checkpointer import CheckpointManager
@@ -394,6 +394,7 @@ def train_debug_model(
     from torchtitan.models.llama3 import model_registry
 
     check_torchtitan()
+    topology.init()  # the process group, under torchrun, before torchtitan's parts read ranks
     spec = model_registry("debugmodel")
     parallelize = deto_parallelize(topology, device_type=topology.device_type)
     dims = ParallelDims.from_config(parallelism(topology), topology.world_size)
