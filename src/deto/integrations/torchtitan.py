@@ -384,8 +384,9 @@ def train_debug_model(
     ``folder``; ``resume`` loads the latest). Only the attention (:class:`DenseFlexAttention`)
     and the data (:class:`RandomTokens`) are deto's, so that it runs on CPU.
 
-    Runs under torchrun or inside an initialised process group of ``topology``'s shape. Returns the step, the
-    losses, this node's inter-node bytes per step, and the model and optimizer for checks.
+    Runs under torchrun or in an initialised process group of ``topology``'s shape. Returns
+    the step, the losses, this node's inter-node bytes per step, and the model and optimizer
+    for checks.
     """
     from torchtitan.components.checkpointer import CheckpointManager
     from torchtitan.components.loss import CrossEntropyLoss
