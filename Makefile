@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	# torch==2.13.0 is pinned here so pip takes the local CPU build instead of a CUDA download.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[cli,dev,hf]'
+	$(BIN)/pip install -q -e '.[cli,dev,hf,torchtitan]'
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -10,7 +10,11 @@ PACKAGE = "deto"
 _EXTRA_MARKER = re.compile(r"""extra\s*==\s*["']([^"']+)["']""")
 _NAME = re.compile(r"([A-Za-z0-9][A-Za-z0-9._-]*)(?:\[([^\]]*)\])?")
 
-INTEGRATIONS = {"hf": "deto.integrations.hf", "lightning": "deto.integrations.lightning"}
+INTEGRATIONS = {
+    "hf": "deto.integrations.hf",
+    "lightning": "deto.integrations.lightning",
+    "torchtitan": "deto.integrations.torchtitan",
+}
 """The extras that enable an integration, and its module."""
 
 
