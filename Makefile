@@ -11,9 +11,11 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	# torch==2.13.0 is pinned here so pip takes the local CPU build instead of a CUDA download.
+	# torch==2.13.0 is pinned here so pip takes the local CPU build instead of a CUDA download,
+	# and held there while the extras resolve (torchtitan's dependencies must not move it).
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[cli,dev,hf,torchtitan]'
+	echo torch==2.13.0 > $(VENV)/torch-pin.txt
+	$(BIN)/pip install -q -c $(VENV)/torch-pin.txt -e '.[cli,dev,hf,torchtitan]'
 	touch $(STAMP)
 
 demo: $(STAMP)
