@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow test-all results clean
+.PHONY: demo test test-slow test-all gpu-check results clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -30,6 +30,10 @@ test-slow: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m slow
 
 test-all: test test-slow
+
+# The first check on a machine with a GPU (at most 5 minutes): no install needed, torch suffices.
+gpu-check:
+	OMP_NUM_THREADS=1 PYTHONPATH=src python3 -m deto selftest --device cuda
 
 # The committed benchmark results (docs/benchmarks.md): as root, at a clean commit.
 SEEDS ?= 0,1,2

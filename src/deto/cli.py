@@ -15,6 +15,7 @@ import os
 import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, NoReturn
 
 from deto import extras
@@ -303,6 +304,15 @@ def plain_text(doc: str) -> str:
     return _RST_ROLE.sub(lambda m: m.group(1).rsplit(".", 1)[-1], doc).replace("``", "")
 
 
+def cmd_selftest(ns: argparse.Namespace) -> int:
+    from deto.bench.selftest import run_selftest
+
+    try:
+        return run_selftest(ns.device, ns.out, quick=ns.quick)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
 def cmd_info(ns: argparse.Namespace) -> int:
     data = info()
     if ns.json:
@@ -395,6 +405,22 @@ def build_parser() -> _Parser:
     bench_p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     bench_p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     bench_p.set_defaults(func=cmd_bench, train_args=[])
+    self_p = sub.add_parser(
+        "selftest", help="the checks to run first on a new machine (CUDA/NCCL, determinism)",
+        description="Run deto's replicators on --device (two runs bitwise equal, equal to the "
+        "CPU within a stated tolerance), DeMo's local work per step, deto train (flexdemo, "
+        "full) and the integrations' examples for a few steps, and write results.json and "
+        "report.md. On a GPU: make gpu-check. --device cpu is a dry run of the same steps.",
+    )
+    self_p.add_argument("--device", choices=("cpu", "cuda"), default="cuda",
+                        help="device to check (default: cuda)")
+    self_p.add_argument("--out", type=Path, default=None,
+                        help="output folder (default: benchmarks/results/<date>-gpu-<device>)")
+    self_p.add_argument("--quick", action="store_true",
+                        help="in-process checks only (no deto train, no integrations)")
+    self_p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    self_p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    self_p.set_defaults(func=cmd_selftest)
     info_p = sub.add_parser("info", help="versions, device, replicators, schemes, extras")
     info_p.add_argument("--json", action="store_true", help="machine-readable output")
     info_p.set_defaults(func=cmd_info)

@@ -22,7 +22,7 @@ LAYERS: dict[str, frozenset[str]] = {
     "proc": frozenset(),
     "netem": frozenset({"proc"}),
     "launch": frozenset({CORE, "run", "netem", "proc"}),
-    "bench": frozenset({CORE, "run", "netem", "proc"}),
+    "bench": frozenset({CORE, "integrations", "run", "netem", "proc"}),
     "cli": frozenset({CORE, "integrations", "run", "proc", "netem", "launch", "bench"}),
 }
 """Package -> the other packages it may import (each may always import itself)."""
