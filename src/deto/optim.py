@@ -37,6 +37,7 @@ from deto.optim_state import (
     per_node,
     replicator_key,
 )
+from deto.ranklog import warn_once
 from deto.replicators.base import (
     GradReplicator,
     ParamReplicator,
@@ -46,12 +47,17 @@ from deto.replicators.base import (
     build_replicators,
     local_tensor,
 )
+from deto.replicators.full import NoReplication
 from deto.routing import owner, route
 from deto.topology import Topology
 
 logger = logging.getLogger(__name__)
 
 NONFINITE_MODES = ("raise", "skip", "ignore")
+SINGLE_NODE_WARNING = (
+    "1 node: nothing crosses nodes; set DETO_NODES or launch with --nnodes "
+    "(deto train: --nodes) to replicate across nodes"
+)
 OptimizerSpec = type[torch.optim.Optimizer] | torch.optim.Optimizer
 
 
@@ -188,6 +194,8 @@ class DecoupledOptimizer(torch.optim.Optimizer):
         check_model_args(model, topology, lr)
         replicators = build_replicators(replicator, replicator_options)
         mesh = topology.init()
+        if topology.nodes == 1 and any(not isinstance(r, NoReplication) for r in replicators):
+            warn_once(logger, SINGLE_NODE_WARNING)
         _check_sharded(model, mesh)
         base = build_base(optimizer, model, lr, optimizer_options or {})
         comm = Comm(mesh["replicate"].get_group(), topology.nodes)

@@ -23,6 +23,7 @@ DEFAULT_TIMEOUT_S = 60.0
 """Collective timeout: long enough for a slow link's largest exchange, short enough that a
 silent peer (a hung host, a dead link) stops the run in a minute, not torch's 10-30."""
 TIMEOUT_ENV = "DETO_TIMEOUT"
+NODES_ENV = "DETO_NODES"
 
 
 @dataclass(frozen=True)
@@ -55,21 +56,41 @@ class Topology:
                 raise ValueError(f"Invalid device: {self.device!r} (expected 'cpu' or 'cuda')")
 
     @classmethod
-    def from_env(cls, device: str | None = None) -> Topology:
+    def from_env(cls, device: str | None = None, nodes: int | None = None) -> Topology:
         """Read the shape of a torchrun launch (``WORLD_SIZE``, ``LOCAL_WORLD_SIZE``) and the
-        collective timeout in seconds from ``DETO_TIMEOUT`` (default 60)."""
+        collective timeout in seconds from ``DETO_TIMEOUT`` (default 60).
+
+        ``nodes`` (or ``DETO_NODES``) splits the world into that many *simulated* nodes of
+        consecutive ranks, the layout ``deto train`` uses on one machine: ``torchrun
+        --nproc-per-node 4`` with ``DETO_NODES=2`` is 2 nodes x 2 ranks, and what crosses
+        between them is counted (and shaped, under ``deto train --bandwidth``) as inter-node
+        traffic. Without it, every machine is one node.
+        """
         try:
             world = int(os.environ["WORLD_SIZE"])
         except (KeyError, ValueError):
             raise ValueError(
                 "WORLD_SIZE is not set: launch with torchrun or use Topology(...)"
             ) from None
-        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-        if per_node < 1 or world % per_node:
-            raise ValueError(f"WORLD_SIZE={world} is not a multiple of LOCAL_WORLD_SIZE={per_node}")
+        per_machine = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        if per_machine < 1 or world % per_machine:
+            raise ValueError(
+                f"WORLD_SIZE={world} is not a multiple of LOCAL_WORLD_SIZE={per_machine}"
+            )
+        if nodes is None:
+            nodes = nodes_from_env()
+        if nodes is None:
+            nodes = world // per_machine
+        check_int("nodes", nodes, 1)
+        if world % nodes or per_machine % (world // nodes):
+            raise ValueError(
+                f"Invalid nodes: {nodes} (a world of {world} ranks, {per_machine} per machine, "
+                f"splits into simulated nodes only where {world} // nodes divides {per_machine}; "
+                f"set {NODES_ENV} to a divisor)"
+            )
         return cls(
-            nodes=world // per_node,
-            ranks_per_node=per_node,
+            nodes=nodes,
+            ranks_per_node=world // nodes,
             device=device,
             timeout=timeout_from_env(),
         )
@@ -143,6 +164,18 @@ class Topology:
         )
         _set_timeouts(mesh, self.collective_timeout)
         return mesh
+
+
+def nodes_from_env(env: dict[str, str] | None = None) -> int | None:
+    """The simulated node count from ``DETO_NODES``, or ``None`` when it is not set."""
+    text = (os.environ if env is None else env).get(NODES_ENV)
+    if text is None or not text.strip():
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"Invalid {NODES_ENV}: {text!r} (expected a node count, e.g. 2)") from None
+    return check_int(NODES_ENV, value, 1)
 
 
 def timeout_from_env(env: dict[str, str] | None = None) -> float:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import logging
+import os
 
 import common
 import pytest
@@ -11,6 +13,7 @@ import torch.distributed as dist
 from torch import nn
 
 import deto
+from deto import ranklog
 from deto.replicators.base import local_tensor
 
 pytestmark = pytest.mark.dist
@@ -215,3 +218,42 @@ def prebuilt_optimizer(steps: int) -> tuple[list[float], list[float]]:
 def test_prepare_accepts_a_built_optimizer(pool):
     for got, ref in pool.run(prebuilt_optimizer, 3):
         assert got == ref
+
+
+def simulated_nodes(nodes: str | None) -> tuple[int, int, int, int]:
+    """Under torchrun on one machine (LOCAL_WORLD_SIZE = WORLD_SIZE = 4): the Topology from
+    the environment, the bytes one step sends across its nodes, and how many 1-node warnings
+    this rank logged."""
+    os.environ["LOCAL_WORLD_SIZE"] = "4"
+    if nodes is not None:
+        os.environ["DETO_NODES"] = nodes
+    ranklog._said.clear()  # the pool's processes outlive a case
+    seen: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = seen.append  # type: ignore[method-assign]
+    logging.getLogger("deto.optim").addHandler(handler)
+    try:
+        topo = deto.Topology.from_env(device="cpu")
+        model, opt = deto.prepare(common.make_model(), topo, replicator="demo", lr=1e-2)
+        common.train(model, opt, 2)
+    finally:
+        logging.getLogger("deto.optim").removeHandler(handler)
+    warned = sum("nothing crosses nodes" in r.getMessage() for r in seen)
+    return topo.nodes, topo.ranks_per_node, opt.stats().bytes_sent, warned
+
+
+def explicit_bytes() -> int:
+    model, opt = deto.prepare(common.make_model(), common.topo(2, 2), replicator="demo", lr=1e-2)
+    common.train(model, opt, 2)
+    return opt.stats().bytes_sent
+
+
+def test_deto_nodes_splits_one_machine_into_simulated_nodes(pool):
+    split = pool.run(simulated_nodes, "2")
+    explicit = pool.run(explicit_bytes)
+    assert [(n, s) for n, s, _, _ in split] == [(2, 2)] * 4
+    assert [b for _, _, b, _ in split] == explicit and all(b > 0 for b in explicit)
+    assert [w for *_, w in split] == [0] * 4
+    single = pool.run(simulated_nodes, None)
+    assert [(n, s, b) for n, s, b, _ in single] == [(1, 4, 0)] * 4
+    assert [w for *_, w in single] == [1, 0, 0, 0]  # once, on rank 0
