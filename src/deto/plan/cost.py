@@ -16,6 +16,7 @@ anchors, error buffers, pending sums). Workspaces a step allocates are not count
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -108,7 +109,7 @@ def predict_traffic(
         step_s=step_s, step_s_serial=_step_time(compute_s, comm, 0),
         step_s_overlapped=_step_time(compute_s, comm, 1),
         utilization=compute_s / step_s if step_s else 1.0,
-        memory_bytes=sum(memory.values()), memory=memory,
+        memory_bytes=sum(memory.values()), memory=dict(memory),
     )
 
 
@@ -152,8 +153,10 @@ def replicator_state_bytes(rep: Replicator | None, shapes: list[Shape]) -> int:
     return total
 
 
+@functools.lru_cache(maxsize=64)
 def memory_per_rank(scheme: Scheme, model: ModelShapes, ranks_per_node: int) -> dict[str, int]:
-    """Bytes rank 0 holds, by kind (see the module docstring)."""
+    """Bytes rank 0 holds, by kind (see the module docstring); the same at any node count and
+    on any link, so it is kept per scheme, model and node."""
     shapes = local_shapes(model, ranks_per_node)[0]
     params = FP32 * sum(math.prod(s) for s in shapes)
     return {
