@@ -175,11 +175,13 @@ def crossover_lines(
         preds = past(first)
         base = next(p for p in preds if p.scheme == BASELINE)
         fit = [p for p in preds if p.node_bytes_per_step < base.node_bytes_per_step]
+        crossed = ", ".join(n for n, at in found.items() if at == first)
+        lines.append(f"from R = {first} on, more than {BASELINE}: {crossed}")
         if fit:
             best = min(fit, key=lambda p: p.step_s)
             names = ", ".join(p.scheme for p in fit)
-            lines.append(f"at R = {first} still below {BASELINE}: {names}; fastest there: "
-                         f"{best.scheme} ({best.step_s:.3g} s/step)")  # fmt: skip
+            lines.append(f"  still below {BASELINE} there: {names}; fastest there on this "
+                         f"link: {best.scheme} ({best.step_s:.3g} s/step)")  # fmt: skip
     return lines
 
 
@@ -190,17 +192,20 @@ def plot(path: Path, curves: dict[str, list[float]], compute_s: float, title: st
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    same: dict[tuple[float, ...], list[str]] = {}  # schemes whose lines coincide share one
+    for name, times in curves.items():
+        same.setdefault(tuple(times), []).append(name)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     rates = [b / 1e6 for b in PLOT_BANDWIDTHS_BPS]
-    for name, times in curves.items():
-        ax.plot(rates, times, label=name, marker=".")
+    for times, names in same.items():
+        ax.plot(rates, times, label=" = ".join(names), marker=".")
     ax.axhline(compute_s, color="grey", linestyle=":", label="compute")
     ax.set(xscale="log", yscale="log", xlabel="bandwidth per node (Mbit/s)",
            ylabel="predicted step time (s)", title=title)  # fmt: skip
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
@@ -218,10 +223,8 @@ def cmd_plan(ns: argparse.Namespace) -> int:
 
     predictions = at(ns.nodes, link)
     if ns.plot:
-        curves = {s.name: [p.step_s for p in (at(ns.nodes, plan.Link(b, link.latency_s))
-                                              for b in PLOT_BANDWIDTHS_BPS)
-                           for p in p if p.scheme == s.name]
-                  for s in chosen}  # fmt: skip
+        sweep = [at(ns.nodes, plan.Link(b, link.latency_s)) for b in PLOT_BANDWIDTHS_BPS]
+        curves = {s.name: [row[i].step_s for row in sweep] for i, s in enumerate(chosen)}
         plot(Path(ns.plot), curves, ns.compute_s,
              f"{ns.nodes} x {ns.ranks_per_node} ranks, {model.numel:,} parameters")
         logger.info("plot in %s", ns.plot)

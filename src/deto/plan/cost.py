@@ -20,6 +20,7 @@ import functools
 import math
 from collections import Counter
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 
@@ -130,7 +131,8 @@ def optimizer_state_copies(optimizer: type[torch.optim.Optimizer]) -> int:
     once on a two-element parameter (AdamW: 2; SGD without momentum: 0)."""
     p = torch.zeros(2, requires_grad=True)
     p.grad = torch.ones(2)
-    opt = optimizer([p], lr=1e-3)
+    build: Any = optimizer  # every torch optimizer takes its parameters and an lr
+    opt = build([p], lr=1e-3)
     opt.step()
     return sum(1 for t in opt.state[p].values()
                if isinstance(t, torch.Tensor) and t.numel() == p.numel())  # fmt: skip
@@ -140,7 +142,7 @@ def replicator_state_bytes(rep: Replicator | None, shapes: list[Shape]) -> int:
     """Bytes of the state ``rep`` keeps for shards of ``shapes``: it is bound to meta tensors of
     each distinct shape once (no memory is used) and its buffers are counted, each once."""
     options = getattr(rep, "options", None)
-    if options is None:  # torch's HSDP, or a stateless scheme
+    if rep is None or options is None:  # torch's HSDP, or a stateless scheme
         return 0
     counts = Counter(shapes)
     distinct = list(counts)
