@@ -56,7 +56,7 @@ def add_parser(sub: Any) -> None:
                    help=f"compute time of one step (default: {DEFAULT_COMPUTE_S:g})")
     p.add_argument("--schemes", default=None, metavar="A,B,...",
                    help="comma-separated --scheme presets (default: every one that fits the "
-                   "cluster, but none)")
+                   "cluster, except the none control)")
     p.add_argument("--json", action="store_true", help="print a JSON list, one object per scheme")
     p.add_argument("--plot", default=None, metavar="FILE",
                    help="also plot step time against bandwidth per scheme (PNG)")
