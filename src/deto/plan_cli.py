@@ -197,8 +197,8 @@ def plot(path: Path, curves: dict[str, list[float]], compute_s: float, title: st
         same.setdefault(tuple(times), []).append(name)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     rates = [b / 1e6 for b in PLOT_BANDWIDTHS_BPS]
-    for times, names in same.items():
-        ax.plot(rates, times, label=" = ".join(names), marker=".")
+    for line, names in same.items():
+        ax.plot(rates, line, label=" = ".join(names), marker=".")
     ax.axhline(compute_s, color="grey", linestyle=":", label="compute")
     ax.set(xscale="log", yscale="log", xlabel="bandwidth per node (Mbit/s)",
            ylabel="predicted step time (s)", title=title)  # fmt: skip
