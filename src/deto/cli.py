@@ -1,4 +1,5 @@
-"""The ``deto`` command: ``deto train`` (the main job), ``deto bench`` and ``deto info``.
+"""The ``deto`` command: ``deto train`` (the main job), ``deto bench``, ``deto info`` and
+``deto plan`` (:mod:`deto.plan_cli`).
 
 This module parses flags, configures logging and maps what goes wrong to exit statuses; the
 work happens in :mod:`deto.launch` (a run) and :mod:`deto.bench`. Bad input ends with one line
@@ -424,6 +425,9 @@ def build_parser() -> _Parser:
     info_p = sub.add_parser("info", help="versions, device, replicators, schemes, extras")
     info_p.add_argument("--json", action="store_true", help="machine-readable output")
     info_p.set_defaults(func=cmd_info)
+    from deto import plan_cli
+
+    plan_cli.add_parser(sub)
     parser.commands = sub.choices
     return parser
 

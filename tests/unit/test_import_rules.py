@@ -23,10 +23,11 @@ LAYERS: dict[str, frozenset[str]] = {
     "netem": frozenset({"proc"}),
     "launch": frozenset({CORE, "run", "netem", "proc"}),
     "bench": frozenset({CORE, "integrations", "run", "netem", "proc"}),
-    "cli": frozenset({CORE, "integrations", "run", "proc", "netem", "launch", "bench"}),
+    "plan": frozenset({CORE}),
+    "cli": frozenset({CORE, "integrations", "run", "proc", "netem", "launch", "bench", "plan"}),
 }
 """Package -> the other packages it may import (each may always import itself)."""
-ENTRY_MODULES = {"cli": "cli", "__main__": "cli", "train": "cli"}
+ENTRY_MODULES = {"cli": "cli", "__main__": "cli", "train": "cli", "plan_cli": "cli"}
 """Top-level modules that sit above every package (``deto.train``: the old names' alias)."""
 
 

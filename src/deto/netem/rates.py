@@ -35,6 +35,18 @@ _BANDWIDTH_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-z]*)(?:/s)?\s*$")
 
 
 def parse_bandwidth(text: str) -> int:
+    """Parse a link rate to emulate into bits per second: :func:`parse_rate`, at most
+    :data:`MAX_BANDWIDTH_BPS` (the fastest rate the probe can verify)."""
+    bps = parse_rate(text)
+    if bps > MAX_BANDWIDTH_BPS:
+        raise ValueError(
+            f"Bandwidth too high: {text!r} (at most {format_bandwidth(MAX_BANDWIDTH_BPS)}: above "
+            "that the probe cannot tell a shaped link from an unshaped one)"
+        )
+    return bps
+
+
+def parse_rate(text: str) -> int:
     """Parse a link rate into bits per second.
 
     Accepted: tc-style bit units ``bit``, ``kbit``, ``mbit``, ``gbit``, ``tbit`` (powers of 1000)
@@ -77,12 +89,22 @@ def parse_bandwidth(text: str) -> int:
             f"Bandwidth too low: {text!r} = {bps} bit/s (minimum {MIN_BANDWIDTH_BPS}); "
             "did you forget a unit such as 'mbit'?"
         )
-    if bps > MAX_BANDWIDTH_BPS:
-        raise ValueError(
-            f"Bandwidth too high: {text!r} (at most {format_bandwidth(MAX_BANDWIDTH_BPS)}: above "
-            "that the probe cannot tell a shaped link from an unshaped one)"
-        )
     return bps
+
+
+_DURATION_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*(us|ms|s)\s*$")
+_DURATION_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
+
+
+def parse_latency(text: str) -> float:
+    """Parse a one-way latency such as ``"20ms"``, ``"150us"`` or ``"0.1s"`` into seconds (tc's
+    units; the unit is required, so a forgotten one is not read as seconds)."""
+    m = _DURATION_RE.match(text.lower()) if isinstance(text, str) else None
+    if m is None:
+        raise ValueError(
+            f"Invalid latency: {text!r} (expected a duration with a unit, e.g. '20ms', '150us')"
+        )
+    return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
 
 
 def format_bandwidth(bps: int) -> str:

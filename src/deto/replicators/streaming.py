@@ -234,9 +234,15 @@ class StreamingDiLoCo(ParamReplicator):
         ]
 
 
+def quant_rows(numel: int) -> int:
+    """Rows of :data:`QUANT_BLOCK` values (each with its scale) that a fragment of ``numel``
+    values is sent as: at least one, so an empty fragment still takes part in the gather."""
+    return max(1, math.ceil(numel / QUANT_BLOCK))
+
+
 def _blocked(flat: torch.Tensor) -> tuple[torch.Tensor, bool]:
     """``flat`` as ``(blocks, QUANT_BLOCK)`` rows (zero-padded), and whether it was padded."""
-    rows = max(1, math.ceil(flat.numel() / QUANT_BLOCK))
+    rows = quant_rows(flat.numel())
     padded = rows * QUANT_BLOCK != flat.numel()
     if padded:
         flat = torch.cat([flat, flat.new_zeros(rows * QUANT_BLOCK - flat.numel())])

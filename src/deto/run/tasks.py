@@ -78,12 +78,8 @@ def build_task(cfg: TrainConfig, topo: Topology) -> Task:
             },
         )
     digits = datalib.load_digits_split()
-    if cfg.model == "resnet":
-        vision_model: nn.Module = ResNet18(1, digits.classes, width=cfg.d_model)
-    else:
-        vision_model = ViT(8, 1, digits.classes, patch=2, shape=shape)
     return Task(
-        model=vision_model,
+        model=vision_model(cfg, shape, digits.classes),
         batch=lambda step, rank: datalib.vision_batch(
             digits, cfg.batch_size, seed=cfg.seed, step=step, rank=rank
         ),
@@ -109,9 +105,8 @@ def lm_model(
     def windows(data: torch.Tensor, at: list[int], length: int) -> torch.Tensor:
         return torch.stack([data[s : s + length] for s in at]).long()
 
+    model = language_model(cfg, shape)
     if cfg.model == "t5":
-        layout = spans.SpanLayout(cfg.seq_len)
-        model = hf_t5(layout.vocab, layout.source_len, shape, decoder_start=spans.PAD)
 
         def batch(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
             x, _ = datalib.lm_batch(
@@ -125,10 +120,6 @@ def lm_model(
             return spans.seq2seq_batch(windows(val, starts[items].tolist(), cfg.seq_len), gens)
 
         return model, batch, eval_batch
-    if cfg.model == "llama":
-        lm = hf_llama(ByteGPT.vocab, cfg.seq_len, shape)
-    else:
-        lm = ByteGPT(cfg.seq_len, shape)
 
     def next_bytes(items: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         w = windows(val, starts[items].tolist(), cfg.seq_len + 1)
@@ -139,7 +130,33 @@ def lm_model(
             train, cfg.seq_len, cfg.batch_size, seed=cfg.seed, step=step, rank=rank
         )
 
-    return lm, batch_of, next_bytes
+    return model, batch_of, next_bytes
+
+
+def language_model(cfg: TrainConfig, shape: TransformerShape) -> nn.Module:
+    """The language model of ``cfg.model``: the byte GPT, Hugging Face Llama or T5."""
+    if cfg.model == "t5":
+        layout = spans.SpanLayout(cfg.seq_len)
+        return hf_t5(layout.vocab, layout.source_len, shape, decoder_start=spans.PAD)
+    if cfg.model == "llama":
+        return hf_llama(ByteGPT.vocab, cfg.seq_len, shape)
+    return ByteGPT(cfg.seq_len, shape)
+
+
+def vision_model(cfg: TrainConfig, shape: TransformerShape, classes: int) -> nn.Module:
+    """The classifier of ``cfg.model`` for 8x8 one-channel images: ResNet-18 or a ViT."""
+    if cfg.model == "resnet":
+        return ResNet18(1, classes, width=cfg.d_model)
+    return ViT(8, 1, classes, patch=2, shape=shape)
+
+
+def task_model(cfg: TrainConfig) -> nn.Module:
+    """The model ``build_task`` trains, without loading its data (build it under
+    ``torch.device("meta")`` to allocate nothing): the digits' 10 classes are fixed."""
+    shape = TransformerShape(d_model=cfg.d_model, layers=cfg.layers, heads=cfg.heads)
+    if cfg.task == "lm":
+        return language_model(cfg, shape)
+    return vision_model(cfg, shape, datalib.Digits.classes)
 
 
 def _eval_items(count: int, topo: Topology) -> Iterator[tuple[list[int], list[float]]]:
