@@ -24,6 +24,7 @@ from deto.compress.blockgroup import BlockGroup
 from deto.compress.chunking import BlockLayout, BlockMode, make_layout
 from deto.compress.dct import Transform
 from deto.compress.wire import VALUE_CODECS, WireFormat
+from deto.ranklog import warn_once
 from deto.replicators.base import MomentumReplicator, register
 from deto.replicators.options import MomentumOptions, OverlapOptions, knob
 
@@ -191,8 +192,9 @@ class DeMo(MomentumReplicator):
         ]
         dense = [(s.name, s.local.numel()) for s, p in zip(slots, self.plans, strict=True)
                  if p.k == 0 and p.layout.numel]
-        if dense:
-            logger.warning(
+        if dense:  # the same tensors on every node: said once, by rank 0
+            warn_once(
+                logger,
                 "DeMo sends %d small tensor(s) dense (%d elements) because top-k would not be "
                 "smaller: %s", len(dense), sum(n for _, n in dense),
                 ", ".join(n for n, _ in dense[:5]) + (" ..." if len(dense) > 5 else ""),

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
+from deto.ranklog import warn_once
 from deto.run import data as datalib
 from deto.run import spans
 from deto.run.config import TrainConfig
@@ -53,8 +54,9 @@ def build_task(cfg: TrainConfig, topo: Topology) -> Task:
     if cfg.task == "lm":
         corpus = datalib.load_stdlib_corpus()
         digests = all_gather(corpus.digest)
-        if len(set(digests)) > 1:
-            logger.warning(
+        if len(set(digests)) > 1:  # every rank knows it: rank 0 says it
+            warn_once(
+                logger,
                 "ranks read different standard library sources (Python versions differ?)"
             )
         starts = datalib.eval_windows(corpus.val, cfg.seq_len, cfg.eval_samples)
