@@ -218,6 +218,12 @@ class TrainConfig:
         if getattr(self.replicator, "overlap", False):
             raise ValueError("--overlap does not apply with --ft (torchft's group exchanges "
                              "synchronously)")
+        if tau := getattr(self.replicator, "overlap_steps", 0):
+            raise ValueError(
+                f"--overlap-steps {tau} does not apply with --ft "
+                "(torchft's group exchanges synchronously, and an exchange in flight would "
+                "cross a change of quorum; --overlap-steps 0 merges each in its own step)"
+            )
         if self.model == "resnet":
             raise ValueError("--model resnet does not apply with --ft yet: its BatchNorm "
                              "statistics would not be averaged across the nodes")
