@@ -154,6 +154,11 @@ class StreamingDiLoCo(ParamReplicator):
                 return f
         return None
 
+    def syncs_at(self, step: int) -> bool:
+        """Every fragment's sync: the buffers belong to no fragment, and are averaged before
+        each one starts (F times per period, as DiLoCo's once; they are small)."""
+        return self.starts(step) is not None
+
     # -- the step ---------------------------------------------------------------------------
     def after_step(self, comm: Comm) -> None:
         self.steps += 1
