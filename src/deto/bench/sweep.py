@@ -39,10 +39,19 @@ DEFAULT_SCHEMES = (
     "flexdemo-adamw",
     "demo",
     "diloco",
+    "sparseloco",
+    "streaming-diloco",
     "random",
     "striding",
     "none",
 )
+"""What ``deto bench`` runs without ``--schemes``. A run of the default task costs 1-3 minutes
+on 2 cores, and the DiLoCo family's about what ``diloco``'s does (60-step runs, whole
+commands on a loaded 2-core machine: flexdemo 30 s, diloco 38 s, sparseloco 39 s,
+streaming-diloco 54 s), so adding ``sparseloco`` and ``streaming-diloco`` made the default
+run about a fifth longer."""
+DEFAULT_MINUTES = 27
+"""About how long the default schemes take on 2 cores, per link and seed (``--help`` says it)."""
 DEFAULT_SEEDS = (0,)
 TARGET_FRACTION = 0.75  # the target val loss is hsdp's at 75% of its steps (per seed)
 BASELINE = "hsdp"
