@@ -41,8 +41,11 @@ class ByteWindows(torch.utils.data.Dataset):
         return {"input_ids": window, "labels": window}
 
 
-def build_trainer(out: str | Path, steps: int, topology: deto.Topology) -> DetoTrainer:
-    """A DetoTrainer for a 2-layer GPT-2 on the bytes of a Python standard library module."""
+def build_trainer(
+    out: str | Path, steps: int, topology: deto.Topology, replicator: deto.Replicator | None = None
+) -> DetoTrainer:
+    """A DetoTrainer for a 2-layer GPT-2 on the bytes of a Python standard library module,
+    with FlexDeMo's replication (top 8 of each 16-chunk) unless ``replicator`` is given."""
     torch.manual_seed(0)  # the same initial model on every rank
     config = GPT2Config(
         vocab_size=256, n_positions=SEQ_LEN, n_embd=32, n_layer=2, n_head=2,
@@ -66,7 +69,7 @@ def build_trainer(out: str | Path, steps: int, topology: deto.Topology) -> DetoT
         args=args,
         train_dataset=ByteWindows(Path(textwrap.__file__).read_bytes()),
         topology=topology,
-        replicator=deto.DeMo(topk=8, chunk=16),
+        replicator=replicator if replicator is not None else deto.DeMo(topk=8, chunk=16),
     )
 
 

@@ -83,10 +83,12 @@ def byte_pairs(data: bytes, count: int) -> torch.utils.data.TensorDataset:
 
 
 def build(
-    out: str | Path, steps: int, topology: deto.Topology, *, epoch_steps: int = 5
+    out: str | Path, steps: int, topology: deto.Topology, *, epoch_steps: int = 5,
+    replicator: deto.Replicator | None = None,
 ) -> tuple[pl.Trainer, ByteLM, torch.utils.data.DataLoader]:
     """The trainer, the module and the data: ``epoch_steps`` optimizer steps per epoch, and a
-    checkpoint (``out/step=N.ckpt``) after each epoch's last step. Lightning restarts a plain
+    checkpoint (``out/step=N.ckpt``) after each epoch's last step; FlexDeMo's replication (top
+    8 of each 16-chunk) unless ``replicator`` is given. Lightning restarts a plain
     ``DataLoader`` at the start of its epoch on resume, so a checkpoint at an epoch boundary
     resumes with exactly the batches a straight run would see."""
     torch.manual_seed(0)  # the same initial model on every rank
@@ -99,7 +101,9 @@ def build(
     trainer = pl.Trainer(
         accelerator=topology.device_type,
         devices=topology.world_size,  # one machine; a real cluster: devices, num_nodes
-        strategy=DetoStrategy(topology, replicator=deto.DeMo(topk=8, chunk=16), sign=False),
+        strategy=DetoStrategy(
+            topology, replicator=replicator or deto.DeMo(topk=8, chunk=16), sign=False
+        ),
         max_steps=steps,
         gradient_clip_val=1.0,
         callbacks=[checkpoints],

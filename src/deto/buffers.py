@@ -61,13 +61,13 @@ def average_buffers(
 
 
 def syncs_parameters(optimizer: Any) -> bool:
-    """Whether the step about to run leaves the nodes' parameters equal: a replicator that
-    promises identical replicas fires on it (any step, for torch's HSDP)."""
+    """Whether the step about to run brings the nodes' parameters together: a replicator
+    syncs on it (:meth:`~deto.replicators.Replicator.syncs_at`; any step, for torch's HSDP)."""
     replicators = getattr(optimizer, "replicators", None)
     if replicators is None:
         return True  # a torch optimizer under HSDP: gradients are all-reduced every step
     step = optimizer.step_count + 1
-    return any(r.promises_identical_replicas and r.schedule.fires(step) for r in replicators)
+    return any(r.syncs_at(step) for r in replicators)
 
 
 class BufferSync:

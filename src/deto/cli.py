@@ -352,6 +352,12 @@ def _bench_defaults() -> tuple[str, ...]:
     return DEFAULT_SCHEMES
 
 
+def _bench_minutes() -> int:
+    from deto.bench.sweep import DEFAULT_MINUTES
+
+    return DEFAULT_MINUTES
+
+
 def build_parser() -> _Parser:
     import deto
     from deto.bench.reproduce import steps_fraction_field
@@ -380,8 +386,9 @@ def build_parser() -> _Parser:
                          help="comma-separated schemes; SCHEME+KNOB[=VALUE]... runs a preset "
                          "with knobs changed as a scheme of its own, e.g. flexdemo+overlap or "
                          "flexdemo+topk=8 "
-                         f"(default: {','.join(_bench_defaults())}; "
-                         "with --reproduce: every recorded one)")
+                         f"(default: {','.join(_bench_defaults())}: {len(_bench_defaults())} "
+                         f"runs of the default task, about {_bench_minutes()} minutes on 2 cores "
+                         "per link and seed; with --reproduce: every recorded one)")
     bench_p.add_argument("--bandwidth", default=None, metavar="RATE,...",
                          help="comma-separated link rates, 'none' for unshaped (default: none; "
                          "with --reproduce: each run's recorded link)")

@@ -17,9 +17,10 @@ committed, and it is tried again with the nodes that are left: a failed attempt 
 What a joining node takes from its peer, and what it does not: parameters, the base optimizer's
 state, the step and every replicator's shared state (DiLoCo's anchor and outer momentum) are
 the same on every node, so they are copied. The node-local residuals (DeMo's and the row-subset
-schemes' decoupled momentum ``delta``, Full's ``pending`` sum) are each node's own unsent
-gradient; a copy would send the peer's residual twice, so the joiner starts them at zero, like
-a node at step 0. The dead node's residual is lost with it.
+schemes' decoupled momentum ``delta``, Full's ``pending`` sum, the error feedback ``error`` of a
+compressed DiLoCo such as SparseLoCo) are each node's own unsent gradient; a copy would send
+the peer's residual twice, so the joiner starts them at zero, like a node at step 0. The dead
+node's residual is lost with it.
 
 torchft is an optional dependency (``pip install deto[ft]``); importing this module without it
 raises ``ImportError`` with that hint.
@@ -59,8 +60,10 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 logger = logging.getLogger(__name__)
 
-NODE_LOCAL_STATE = ("delta", "pending")
-"""Replicator state keys that hold a node's own unsent gradient (reset when a node joins)."""
+NODE_LOCAL_STATE = ("delta", "pending", "error")
+"""Replicator state keys that hold a node's own unsent gradient (reset when a node joins):
+DeMo's and the row-subset schemes' momentum, Full's pending sum, compressed DiLoCo's error
+feedback."""
 
 
 class ReplicaGroupFailure(RuntimeError):
@@ -96,12 +99,14 @@ class FTComm(Comm):
 
     def all_gather_async(self, tensors: list[torch.Tensor]) -> Any:
         raise NotImplementedError(
-            "FTComm gathers synchronously: DeMo(overlap=True) is not supported on torchft yet"
+            "FTComm gathers synchronously: DeMo(overlap=True) and StreamingDiLoCo(overlap_steps"
+            ">0) are not supported on torchft yet"
         )
 
     def all_reduce_mean_async(self, tensors: list[torch.Tensor]) -> Any:
         raise NotImplementedError(
-            "FTComm all-reduces synchronously: Full(overlap=True) is not supported on torchft yet"
+            "FTComm all-reduces synchronously: Full(overlap=True) and StreamingDiLoCo("
+            "overlap_steps>0) are not supported on torchft yet"
         )
 
     def _wait(self, work: Any, what: str) -> None:

@@ -40,7 +40,11 @@ def _fake_run(
     step_time: float,
     sent: float,
     seconds_per_step: float,
+    peak: float | None = None,
+    knobs: dict | None = None,
 ) -> None:
+    """A run's outputs; ``peak``: the most bytes one step sent (absent when ``None``, as in
+    runs recorded before it was kept); ``knobs``: its config's replicator knobs."""
     out.mkdir(parents=True)
     steps = int(val[-1][0])
     records = [
@@ -56,8 +60,11 @@ def _fake_run(
         "inter_node_bytes_sent_per_step": sent, "full_sync_bytes_per_step": 4000.0,
         "replicas_identical": None if scheme == "none" else True,
         "wall_time_s": steps * seconds_per_step,
-        "link": None, "versions": {"torch": "x"}, "git_sha": "abc", "config": {"seed": 0},
+        "link": None, "versions": {"torch": "x"}, "git_sha": "abc",
+        "config": {"seed": 0, **(knobs or {})},
     }
+    if peak is not None:
+        summary["inter_node_bytes_sent_peak"] = peak
     (out / "summary.json").write_text(json.dumps(summary))
 
 
@@ -109,6 +116,86 @@ def test_run_bench_writes_results_report_and_plots(tmp_path):
     )
     for name in ("results.json", "val_loss_vs_time.png", "val_loss_vs_bytes.png", "step_time.png"):
         assert (tmp_path / name).stat().st_size > 0
+
+
+def _diloco_family(streaming_peak: float, fragments: int) -> dict[str, dict]:
+    """hsdp, DiLoCo (the whole model, 4000 bytes, every 25th step: 160 on average),
+    SparseLoCo (a 1/300 burst) and Streaming DiLoCo on ``fragments`` fragments."""
+    val = [[10, 3.0], [20, 2.0]]
+    run = dict(val=val, step_time=0.2, seconds_per_step=0.2)
+    return {
+        "hsdp": dict(run, sent=4000.0, peak=4000.0),
+        "diloco": dict(run, sent=160.0, peak=4000.0),
+        "sparseloco": dict(run, val=[[10, 3.0], [20, 2.05]], sent=20 / 25, peak=20.0),
+        "streaming-diloco": dict(
+            run, sent=fragments * streaming_peak / 25, peak=streaming_peak,
+            knobs={"fragments": fragments},
+        ),
+    }
+
+
+def _family_bench(tmp_path: Path, fakes: dict[str, dict], schemes: tuple[str, ...]) -> dict:
+    def runner(argv: list[str]) -> int:
+        scheme = argv[argv.index("--scheme") + 1]
+        _fake_run(Path(argv[argv.index("--out") + 1]), scheme, **fakes[scheme])
+        return 0
+
+    cfg = sweep.BenchConfig(schemes=schemes, bandwidths=("100mbit",), out=tmp_path)
+    return sweep.run_bench(cfg, runner=runner)
+
+
+def test_the_peak_bytes_per_sync_are_reported_beside_the_mean(tmp_path):
+    fakes = _diloco_family(streaming_peak=250.0, fragments=2)
+    results = _family_bench(tmp_path, fakes, ("hsdp", "diloco", "streaming-diloco"))
+    rows = {r["scheme"]: r for r in results["rows"]}
+    assert rows["diloco"]["inter_node_mb_per_step"] == pytest.approx(160e-6)
+    assert rows["diloco"]["peak_mb_per_sync"] == pytest.approx(4000e-6)  # 25x the mean
+    assert rows["hsdp"]["peak_mb_per_sync"] == rows["hsdp"]["inter_node_mb_per_step"]
+    agg = {a["scheme"]: a for a in results["aggregates"]}
+    assert agg["streaming-diloco"]["peak_mb_per_sync"]["mean"] == pytest.approx(250e-6)
+    report = (tmp_path / "report.md").read_text()
+    assert "| inter-node MB/step | peak MB/sync |" in report
+    assert "| 0.0002 | 0.0040 | 25x |" in report  # diloco: mean, peak, compression
+
+
+def test_streaming_diloco_s_peak_is_judged_against_diloco_s_at_its_own_fragment_count(tmp_path):
+    schemes = ("hsdp", "diloco", "streaming-diloco")
+    claim = "streaming-diloco peak bytes/sync <= 1/4 of diloco's (100mbit)"
+    # 4 fragments: a quarter of the model each, plus a little, misses 1/4; a fifth meets it
+    for peak, met in ((1010.0, False), (800.0, True)):
+        results = _family_bench(tmp_path / str(peak), _diloco_family(peak, 4), schemes)
+        found = {c: (ok, ev) for c, ok, ev in results["targets"]}
+        assert found[claim][0] is met
+        assert f"{peak / 4000:.4f} of diloco's" in found[claim][1]
+    # the same peak meets 1/2 with 2 fragments: the bound is the run's own knob
+    results = _family_bench(tmp_path / "f2", _diloco_family(1010.0, 2), schemes)
+    two = [(c, ok) for c, ok, _ in results["targets"] if "peak bytes/sync" in c]
+    assert two == [("streaming-diloco peak bytes/sync <= 1/2 of diloco's (100mbit)", True)]
+
+
+def test_no_peak_target_without_diloco_beside_streaming_diloco(tmp_path):
+    fakes = _diloco_family(250.0, 2)
+    results = _family_bench(tmp_path, fakes, ("hsdp", "streaming-diloco"))
+    assert not [c for c, _, _ in results["targets"] if "peak" in c]
+
+
+def test_sparseloco_is_judged_on_bytes_and_loss_not_on_the_link(tmp_path):
+    results = _family_bench(tmp_path, _diloco_family(250.0, 2), ("hsdp", "sparseloco"))
+    found = {c: (ok, ev) for c, ok, ev in results["targets"] if c.startswith("sparseloco")}
+    assert found["sparseloco inter-node bytes/step <= 1/200 of hsdp (100mbit)"][0] is True
+    loss = found["sparseloco final val loss within 3% of hsdp (100mbit)"]
+    assert loss[0] is True and loss[1].startswith("+2.5% on the means")
+    assert len(found) == 2  # no time-to-target or s/step claim: its bursts are not hidden
+
+
+def test_runs_recorded_before_the_peak_was_kept_report_none(tmp_path):
+    fakes = {k: {**v, "peak": None} for k, v in _diloco_family(250.0, 2).items()}
+    results = _family_bench(tmp_path, fakes, ("hsdp", "diloco", "streaming-diloco"))
+    assert {r["peak_mb_per_sync"] for r in results["rows"]} == {None}
+    assert {a["peak_mb_per_sync"] for a in results["aggregates"]} == {None}
+    found = {c: (ok, ev) for c, ok, ev in results["targets"] if "peak" in c}
+    assert list(found.values()) == [(None, "no peak bytes recorded")]
+    assert "| 0.0002 | — | 25x |" in (tmp_path / "report.md").read_text()
 
 
 def test_a_failed_run_stops_the_bench(tmp_path):

@@ -98,6 +98,15 @@ def test_knob_help_gives_each_schemes_value():
     assert "diloco, sparseloco, streaming-diloco: 25" in key_help("every")
 
 
+def test_a_knob_the_schemes_describe_differently_is_described_for_each():
+    """DeMo's top-k counts DCT coefficients, DiLoCo's the pseudo-gradient's values: --help
+    gives each description with its own schemes."""
+    text = key_help("topk")
+    assert text.startswith("DCT coefficients kept per chunk (flexdemo, flexdemo-adamw: 4;")
+    assert text.endswith("; values kept per block when compressing (diloco, sparseloco: 64)")
+    assert key_help("outer_lr").count("outer learning rate") == 1  # one description, once
+
+
 def test_every_key_is_a_flag_of_deto_train():
     from deto.cli import build_parser
 

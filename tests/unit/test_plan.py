@@ -201,3 +201,12 @@ def test_bad_input_is_one_line_and_exit_2(
     assert main(["plan", *(f"{flag}={value}" for flag, value in base.items())]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err
+
+
+def test_streaming_diloco_averages_the_buffers_on_each_fragment_s_sync() -> None:
+    """BatchNorm's statistics are all-reduced before every fragment's sync (steps 2 and 4 of
+    H=4 on 2 fragments), as deto.buffers does, and on no other step."""
+    shapes = plan.from_module(nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8)))
+    flow = plan.traffic(shapes, deto.StreamingDiLoCo(every=4, fragments=2), 1)
+    buffers = [plan.Collective("all_reduce", 4 * 16)]  # running mean and variance, fp32
+    assert [list(step[0][:1]) == buffers for step in flow.steps] == [False, True, False, True]

@@ -155,6 +155,39 @@ def test_the_defaults_a_user_starts_from_train() -> None:
     assert sum(stream[-4:]) < 1.05 * sum(diloco[-4:])
 
 
+def test_batchnorm_statistics_meet_at_every_fragment_s_sync() -> None:
+    """The buffers belong to no fragment: they are averaged before each fragment's sync
+    starts (steps 2, 4, 6 with H=4 on 2 fragments) and drift apart in between."""
+    from deto.buffers import BufferSync, synced_buffers
+
+    def net() -> nn.Module:
+        return nn.Sequential(nn.Linear(16, 16), nn.BatchNorm1d(16))
+
+    torch.manual_seed(0)
+    initial = net().state_dict()
+
+    def node(comm):
+        model = net()
+        model.load_state_dict(initial)
+        names = {p: n for n, p in model.named_parameters()}
+        base = torch.optim.AdamW(model.parameters(), lr=LR)
+        opt = deto.DecoupledOptimizer(
+            base, [deto.StreamingDiLoCo(every=4, fragments=2)], comm, param_names=names
+        )
+        opt.register_step_pre_hook(BufferSync(synced_buffers(model), comm, None))
+        means = []
+        for t in range(1, 7):
+            step(model, opt, comm.rank, t)
+            means.append(model[1].running_mean.clone())
+        return means
+
+    a, b = deto.FakeComm(nodes=2).run(node)
+    met = [t for t, (x, y) in enumerate(zip(a, b, strict=True), start=1) if torch.equal(x, y)]
+    assert met == [2, 4, 6]
+    assert [t for t in range(1, 7) if deto.StreamingDiLoCo(every=4, fragments=2).syncs_at(t)] \
+        == met
+
+
 def test_fragments_are_contiguous_and_about_equal() -> None:
     assert split_fragments([10, 10, 10, 10], 2) == [[0, 1], [2, 3]]
     assert split_fragments([30, 5, 5, 10, 10], 2) == [[0], [1, 2, 3, 4]]

@@ -108,6 +108,7 @@ def test_sign_sgd_rates_scale_with_the_width_and_nothing_else_does() -> None:
         ({"ft": True, "scheme": "hsdp"}, "--ft needs a deto replicator"),
         ({"ft": True, "check_replicas_every": 5}, "--check-replicas-every does not apply"),
         ({"ft": True, "overlap": True}, "--overlap does not apply with --ft"),
+        ({"ft": True, "scheme": "streaming-diloco"}, "--overlap-steps 1 does not apply with --ft"),
         ({"ft": True, "model": "resnet"}, "--model resnet does not apply with --ft"),
     ],
 )
@@ -120,6 +121,18 @@ def test_a_run_on_torchft_takes_its_seat() -> None:
     cfg = resolve({"ft": True, "nodes": 3, "node_index": 2, "lighthouse": "http://lh:29510"})
     assert (cfg.ft, cfg.node_index, cfg.lighthouse) == (True, 2, "http://lh:29510")
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"scheme": "diloco"},
+        {"scheme": "sparseloco"},
+        {"scheme": "streaming-diloco", "overlap_steps": 0},
+    ],
+)
+def test_the_diloco_family_runs_on_torchft(values: dict) -> None:
+    assert resolve({"ft": True, **values}).ft
 
 
 def test_config_is_frozen() -> None:

@@ -51,3 +51,23 @@ def test_history_survives_its_checkpoint_form() -> None:
     assert loop.History.from_checkpoint(shared, own) == history
     fresh, own = loop.History().to_checkpoint()
     assert fresh["last_loss"] is None  # NaN is not JSON
+
+
+def test_history_keeps_the_most_bytes_any_one_step_sent() -> None:
+    """A DiLoCo-like run: nothing for 3 steps, a burst, nothing, then a smaller burst; the
+    peak is the burst, the mean its share of the steps, and both survive a checkpoint."""
+    history = loop.History()
+    for step, sent in enumerate([0, 0, 0, 4000, 0, 1000], start=1):
+        history.advance(step, 0.1, sent, sent, 2.0)
+    assert history.sent_peak == 4000 and history.sent_total == 5000
+    resumed = loop.History.from_checkpoint(*history.to_checkpoint())
+    resumed.advance(7, 0.1, 3000, 3000, 2.0)
+    assert resumed.sent_peak == 4000  # a smaller burst after a resume keeps the peak
+    resumed.advance(8, 0.1, 5000, 5000, 2.0)
+    assert resumed.sent_peak == 5000
+
+
+def test_a_checkpoint_written_before_the_peak_was_kept_resumes_from_no_peak() -> None:
+    shared, own = loop.History(step=3, sent_total=300).to_checkpoint()
+    del shared["sent_peak"]
+    assert loop.History.from_checkpoint(shared, own).sent_peak == 0

@@ -3,6 +3,9 @@ embedded models (a 10-class head's bias is 5 rows per rank of a 2-rank node)."""
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -29,3 +32,13 @@ def test_striding_rows_for_tensors_shorter_than_the_stride(rows: int) -> None:
         assert chosen.dtype == torch.int64 and all(0 <= r < rows for r in chosen.tolist())
         seen.extend(chosen.tolist())
     assert sorted(seen) == sorted(list(range(rows)) * 2)  # every row once per cycle
+
+
+def test_the_replicators_docs_integrations_spells_out_are_the_presets() -> None:
+    """docs/integrations.md tells framework users which replicator a preset is: each row's
+    constructor must build that preset's options."""
+    text = (Path(__file__).parents[2] / "docs" / "integrations.md").read_text()
+    rows = re.findall(r"^\| `([a-z-]+)` \| `(deto\.\w+\([^`]*\))`", text, flags=re.M)
+    assert {name for name, _ in rows} == {"diloco", "sparseloco", "streaming-diloco"}
+    for name, code in rows:
+        assert eval(code, {"deto": deto}).options == PRESETS[name].options, name

@@ -29,12 +29,14 @@ def test_the_summary_table_shows_every_byte_figure_in_si_units() -> None:
         "scheme": "flexdemo", "model": "gpt", "task": "lm", "nodes": 2, "ranks_per_node": 2,
         "steps": 300, "params": 470_528, "final_val_loss": 2.046, "wall_time_s": 92.0,
         "step_time_s_median": 0.29, "inter_node_bytes_sent_per_step": 58_800,
-        "full_sync_bytes_per_step": 1_882_112, "compression_ratio": 32.0,
+        "inter_node_bytes_sent_peak": 1_470_000, "full_sync_bytes_per_step": 1_882_112,
+        "compression_ratio": 32.0,
         "replicas_identical": True, "peak_rss_mb_per_rank": [400.0, 430.0],  # MiB
     }  # fmt: skip
     rows = dict(line.strip().split("  ", 1) for line in format_table(summary).splitlines())
     rows = {k.strip(): v.strip() for k, v in rows.items()}
     assert rows["inter-node sent/step"] == "58.8 kB per node"
+    assert rows["inter-node peak/step"] == "1.5 MB per node"
     assert rows["full sync/step"] == "1.9 MB per node"
     assert rows["peak RSS/rank"] == format_bytes(430 * MIB) == "450.9 MB"
 

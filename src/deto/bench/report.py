@@ -88,8 +88,8 @@ def markdown(results: Mapping[str, Any]) -> str:
         lines += [
             "",
             "| scheme | final val loss | time to target (s) | vs hsdp | s/step | vs none | "
-            "inter-node MB/step | compression vs hsdp | replicas identical |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "inter-node MB/step | peak MB/sync | compression vs hsdp | replicas identical |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for a in group:
             n = len(a["seeds"])
@@ -108,6 +108,7 @@ def markdown(results: Mapping[str, Any]) -> str:
                 f"{fmt_spread(a['step_time_s_median'], '.3f')} | "
                 f"{_percent(a['step_time_vs_none'])} | "
                 f"{fmt(a['inter_node_mb_per_step']['mean'], '.4f')} | "
+                f"{fmt((a.get('peak_mb_per_sync') or {}).get('mean'), '.4f')} | "
                 f"{fmt(a['compression_vs_hsdp'], '.0f')}x | {identical} |"
             )
         if len(seeds) > 1:

@@ -179,6 +179,7 @@ class DetoTrainer(Trainer):
         self._deto_options = dict(
             replicator=replicator, sign=sign, nonfinite=nonfinite, **(replicator_options or {})
         )
+        self._resumed = False  # the model holds a checkpoint's parameters, each node its own
         super().__init__(model=model, args=args, **trainer_kwargs)
         check_world(
             "DetoTrainer: the Trainer", self.args.world_size, self.args.process_index,
@@ -203,8 +204,12 @@ class DetoTrainer(Trainer):
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         if self.optimizer is None:
             base = super().create_optimizer(model)
+            # The Trainer loads a resumed model before it builds the optimizer: node 0's
+            # parameters must not overwrite the others' (they differ between DiLoCo's syncs,
+            # and under Streaming DiLoCo always).
             self.optimizer = DecoupledOptimizer.from_model(
-                self.sharded_model, self.topology, base, **self._deto_options
+                self.sharded_model, self.topology, base, sync_initial=not self._resumed,
+                **self._deto_options,
             )
         return self.optimizer
 
@@ -252,6 +257,7 @@ class DetoTrainer(Trainer):
             )
         target = self.sharded_model if model is None else model
         _checkpoint.load_model(folder, target, self.topology)
+        self._resumed = self._resumed or target is self.sharded_model
 
     def _load_best_model(self) -> None:
         best = self.state.best_model_checkpoint

@@ -13,16 +13,31 @@ with deto's optimizer between nodes.
 The strategy wraps every optimizer ``configure_optimizers`` returns in a
 :class:`deto.DecoupledOptimizer` (LR schedulers keep driving it: they share its parameter
 groups), gives every rank its own batches (FSDP2 inside a node is data parallel as well), and
-checkpoints through Lightning's own distributed checkpoint, replicator state included.
+checkpoints through Lightning's own distributed checkpoint, replicator state included, with
+one entry per node (:mod:`deto.checkpoint`): nodes whose parameters or base optimizer state
+differ (DiLoCo between syncs and its inner AdamW, Streaming DiLoCo always) each get their own
+back.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
+from lightning.fabric.strategies.model_parallel import _METADATA_FILENAME, _is_sharded_checkpoint
+from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.strategies import ModelParallelStrategy
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
+from deto.checkpoint import load_state, one_entry_per_node
 from deto.integrations._compat import check_world, is_sharded
 from deto.optim import DecoupledOptimizer
 from deto.prepare import ReplicatorSpec
@@ -98,3 +113,41 @@ class DetoStrategy(ModelParallelStrategy):
             DecoupledOptimizer.from_model(module, self.topology, opt, **self._deto_options)
             for opt in self.optimizers
         ]
+
+    # -- checkpoints: one entry per node --------------------------------------------------------
+    # Lightning's distributed checkpoint keeps one copy of a tensor that every node holds at the
+    # same place, so each node's own parameters and base optimizer state would come back as
+    # node 0's. The states it saves get a node dimension; loading reads them back per node.
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        if not self._save_distributed_checkpoint:
+            return super().lightning_module_state_dict()
+        assert self.model is not None
+        return one_entry_per_node(get_model_state_dict(self.model), self.topology)[0]
+
+    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        if not self._save_distributed_checkpoint:
+            return super().optimizer_state(optimizer)
+        assert self.model is not None
+        if isinstance(optimizer, LightningOptimizer):
+            optimizer = optimizer._optimizer
+        state = get_optimizer_state_dict(self.model, optimizer)
+        return one_entry_per_node(state, self.topology)[0]
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> Any:
+        path = Path(self.broadcast(checkpoint_path))
+        if not _is_sharded_checkpoint(path):
+            return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        assert self.model is not None and self.lightning_module is not None
+        optimizers = {f"optimizer_{i}": opt for i, opt in enumerate(self.optimizers)}
+        template: dict[str, Any] = {"state_dict": get_model_state_dict(self.model)}
+        template.update(
+            {key: get_optimizer_state_dict(self.model, opt) for key, opt in optimizers.items()}
+        )
+        state = load_state(path, template, self.topology)
+        strict = self.lightning_module.strict_loading
+        set_model_state_dict(
+            self.model, state["state_dict"], options=StateDictOptions(strict=strict)
+        )
+        for key, opt in optimizers.items():
+            set_optimizer_state_dict(self.model, opt, state[key])
+        return torch.load(path / _METADATA_FILENAME, weights_only=weights_only)

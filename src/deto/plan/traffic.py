@@ -165,7 +165,7 @@ def _hidden_steps(rep: Replicator | None) -> int:
 def _syncs(rep: Replicator | None, step: int) -> bool:
     """Whether ``step`` syncs the parameters, so the floating buffers are averaged
     (:func:`deto.buffers.syncs_parameters`)."""
-    return rep is None or rep.promises_identical_replicas and rep.schedule.fires(step)
+    return rep is None or rep.syncs_at(step)
 
 
 def traffic(model: ModelShapes, rep: Replicator | None, ranks_per_node: int) -> Traffic:
@@ -174,7 +174,7 @@ def traffic(model: ModelShapes, rep: Replicator | None, ranks_per_node: int) -> 
     ranks = local_shapes(model, ranks_per_node)
     buffers = tuple(Collective("all_reduce", size * n) for size, n in model.buffers if n)
     if isinstance(rep, StreamingDiLoCo):
-        return _streaming(rep, model, ranks)
+        return _streaming(rep, model, ranks, buffers)
     steps, fired = [], 0
     for t in range(1, _schedule_period(rep) + 1):
         if rep is None or rep.schedule.fires(t):
@@ -188,10 +188,14 @@ def traffic(model: ModelShapes, rep: Replicator | None, ranks_per_node: int) -> 
     return Traffic(tuple(steps), _hidden_steps(rep))
 
 
-def _streaming(rep: StreamingDiLoCo, model: ModelShapes, ranks: list[list[Shape]]) -> Traffic:
+def _streaming(
+    rep: StreamingDiLoCo, model: ModelShapes, ranks: list[list[Shape]],
+    buffers: tuple[Collective, ...],
+) -> Traffic:
     """One fragment's exchange on each step :meth:`StreamingDiLoCo.starts` names: an all-reduce
     of its fp32 pseudo-gradient, or an all-gather of it quantized in blocks of
-    :data:`QUANT_BLOCK` values (at least one block, even for a rank whose shards are empty)."""
+    :data:`QUANT_BLOCK` values (at least one block, even for a rank whose shards are empty),
+    after the floating buffers' all-reduce (:meth:`StreamingDiLoCo.syncs_at`)."""
     fragments = split_fragments([math.prod(s) for _, s in model.params], rep.options.fragments)
     steps = []
     for t in range(1, rep.options.every + 1):
@@ -203,9 +207,9 @@ def _streaming(rep: StreamingDiLoCo, model: ModelShapes, ranks: list[list[Shape]
                 continue
             n = _numel([shapes[p] for p in fragments[f]])
             if rep.wire.values == "fp32":
-                step.append(_all_reduce(FP32 * n))
+                step.append(buffers + _all_reduce(FP32 * n))
             else:
                 nbytes = rep.wire.value_nbytes(quant_rows(n), QUANT_BLOCK)
-                step.append((Collective("all_gather", nbytes),))
+                step.append((*buffers, Collective("all_gather", nbytes)))
         steps.append(tuple(step))
     return Traffic(tuple(steps), _hidden_steps(rep))

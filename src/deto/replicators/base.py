@@ -92,6 +92,12 @@ class Replicator(ABC):
         """Per-parameter state for a local shard; stateless schemes keep the empty default."""
         return {}
 
+    def syncs_at(self, step: int) -> bool:
+        """Whether optimizer step ``step`` brings the nodes' parameters together, so that the
+        floating buffers (BatchNorm statistics) are averaged before it (:mod:`deto.buffers`):
+        a step on which a scheme that keeps replicas identical fires."""
+        return self.promises_identical_replicas and self.schedule.fires(step)
+
     def scalars(self) -> dict[str, int]:
         """The replicator's counters, checkpointed next to its per-parameter state."""
         return {"fired": self.fired}

@@ -154,6 +154,11 @@ class StreamingDiLoCo(ParamReplicator):
                 return f
         return None
 
+    def syncs_at(self, step: int) -> bool:
+        """Every fragment's sync: the buffers belong to no fragment, and are averaged before
+        each one starts (F times per period, as DiLoCo's once; they are small)."""
+        return self.starts(step) is not None
+
     # -- the step ---------------------------------------------------------------------------
     def after_step(self, comm: Comm) -> None:
         self.steps += 1
@@ -170,12 +175,21 @@ class StreamingDiLoCo(ParamReplicator):
         sizes = [t.numel() for t in pseudo]
         flat = torch.cat([t.reshape(-1) for t in pseudo]) if pseudo else torch.zeros(0)
         self.fired += 1
+        # An exchange merged in the step it starts needs no asynchronous collective (a comm
+        # without them, torchft's, runs overlap_steps=0); the bytes and results are the same.
+        now = not self.options.overlap_steps
         if self.wire.values == "fp32":  # exact: an all-reduce of the mean, as DiLoCo's
-            pending = comm.all_reduce_mean_async([flat]) if flat.numel() else None
+            pending: Any = None
+            if flat.numel():
+                pending = (
+                    _Done(comm.all_reduce_mean([flat])) if now
+                    else comm.all_reduce_mean_async([flat])
+                )  # fmt: skip
             wait = (lambda: pending.wait()[0]) if pending is not None else (lambda: flat)
         else:
             blocks, padded = _blocked(flat)
-            gather = comm.all_gather_async(self.wire.encode_values(blocks))
+            values = self.wire.encode_values(blocks)
+            gather = _Done(comm.all_gather(values)) if now else comm.all_gather_async(values)
 
             def wait() -> torch.Tensor:
                 shape = (blocks.shape[0], blocks.shape[1])
@@ -238,6 +252,16 @@ def quant_rows(numel: int) -> int:
     """Rows of :data:`QUANT_BLOCK` values (each with its scale) that a fragment of ``numel``
     values is sent as: at least one, so an empty fragment still takes part in the gather."""
     return max(1, math.ceil(numel / QUANT_BLOCK))
+
+
+class _Done:
+    """A collective that has already finished, waited on like one in flight."""
+
+    def __init__(self, result: Any) -> None:
+        self._result = result
+
+    def wait(self) -> Any:
+        return self._result
 
 
 def _blocked(flat: torch.Tensor) -> tuple[torch.Tensor, bool]:

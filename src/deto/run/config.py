@@ -218,6 +218,12 @@ class TrainConfig:
         if getattr(self.replicator, "overlap", False):
             raise ValueError("--overlap does not apply with --ft (torchft's group exchanges "
                              "synchronously)")
+        if tau := getattr(self.replicator, "overlap_steps", 0):
+            raise ValueError(
+                f"--overlap-steps {tau} does not apply with --ft "
+                "(torchft's group exchanges synchronously, and an exchange in flight would "
+                "cross a change of quorum; --overlap-steps 0 merges each in its own step)"
+            )
         if self.model == "resnet":
             raise ValueError("--model resnet does not apply with --ft yet: its BatchNorm "
                              "statistics would not be averaged across the nodes")
@@ -317,16 +323,22 @@ def _has(options: Options | None, knob: str) -> bool:
 
 
 def key_help(name: str) -> str:
-    """``--help`` of a key; a knob's adds its value in every scheme that has it."""
-    text = str(KEYS[name].metadata["help"])
+    """``--help`` of a key; a knob's adds its value in every scheme that has it, and where the
+    schemes' options classes describe it differently (DeMo's ``topk`` counts DCT
+    coefficients, DiLoCo's the pseudo-gradient's values), each description with its schemes."""
     if name not in KNOBS:
-        return text
-    schemes: dict[Any, list[str]] = {}
+        return str(KEYS[name].metadata["help"])
+    described: dict[str, dict[Any, list[str]]] = {}
     for p in PRESETS.values():
-        if _has(p.options, name):
-            schemes.setdefault(getattr(p.options, name), []).append(p.name)
-    values = "; ".join(f"{', '.join(names)}: {value}" for value, names in schemes.items())
-    return f"{text} ({values})"
+        if p.options is not None and _has(p.options, name):
+            text = str(p.options.knobs()[name].metadata["help"])
+            values = described.setdefault(text, {})
+            values.setdefault(getattr(p.options, name), []).append(p.name)
+    return "; ".join(f"{text} ({_by_scheme(values)})" for text, values in described.items())
+
+
+def _by_scheme(values: Mapping[Any, list[str]]) -> str:
+    return "; ".join(f"{', '.join(names)}: {value}" for value, names in values.items())
 
 
 def _options(scheme: str, knobs: Mapping[str, Any]) -> Options | None:

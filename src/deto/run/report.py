@@ -23,8 +23,8 @@ SUMMARY_FIELDS = (
     "scheme", "task", "nodes", "ranks_per_node", "steps", "params", "final_val_loss",
     "val_loss", "train_loss", "wall_time_s", "step_time_s_median",
     "inter_node_bytes_sent_per_step", "inter_node_bytes_received_per_step",
-    "full_sync_bytes_per_step", "compression_ratio", "replicas_identical",
-    "peak_rss_mb_per_rank", "link", "versions", "git_sha", "provenance",
+    "inter_node_bytes_sent_peak", "full_sync_bytes_per_step", "compression_ratio",
+    "replicas_identical", "peak_rss_mb_per_rank", "link", "versions", "git_sha", "provenance",
 )
 """Fields every ``summary.json`` has (documented in docs/cli.md); tasks add a few more."""
 
@@ -200,6 +200,7 @@ def format_table(summary: Mapping[str, Any]) -> str:
             "inter-node sent/step",
             format_bytes(summary["inter_node_bytes_sent_per_step"]) + " per node",
         ),
+        ("inter-node peak/step", format_bytes(summary["inter_node_bytes_sent_peak"]) + " per node"),
         ("full sync/step", format_bytes(summary["full_sync_bytes_per_step"]) + " per node"),
         ("compression", f"{ratio:.1f}x" if ratio is not None else "-"),
         (

@@ -43,6 +43,7 @@ class History:
     wall_time_s: float = 0.0
     sent_total: int = 0
     received_total: int = 0
+    sent_peak: int = 0  # the most this node sent in one step: what a bursty link must carry
     loss_sum: float = 0.0  # this rank's training loss since the last logged step
     loss_count: int = 0
     last_loss: float = math.nan
@@ -53,6 +54,7 @@ class History:
         self.step_times.append(seconds)
         self.sent_total += sent
         self.received_total += received
+        self.sent_peak = max(self.sent_peak, sent)
         self.loss_sum += loss
         self.loss_count += 1
         self.last_loss = loss
@@ -111,6 +113,7 @@ def build_summary(
         "step_time_s_median": statistics.median(state.step_times) if state.step_times else None,
         "inter_node_bytes_sent_per_step": sent,
         "inter_node_bytes_received_per_step": received,
+        "inter_node_bytes_sent_peak": state.sent_peak,
         "full_sync_bytes_per_step": full_sync,
         "compression_ratio": full_sync / sent if sent > 0 and full_sync > 0 else None,
         "replicas_identical": identical,
