@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from deto.run import provenance
+
+
 def fmt(v: Any, spec: str = ".3f", none: str = "—") -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return none

@@ -34,11 +34,10 @@ from pathlib import Path
 from typing import Any
 
 from deto.bench import sweep
-from deto.replicators.options import check_knob, knob
-
-from deto.run import provenance, report
-from deto.proc.processes import run_child
 from deto.bench.stats import prediction_interval
+from deto.proc.processes import run_child
+from deto.replicators.options import check_knob, knob
+from deto.run import provenance, report
 
 logger = logging.getLogger(__name__)
 

@@ -24,10 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from deto.bench import report as bench_report
-
-from deto.run import provenance, report
-from deto.proc.processes import run_child
 from deto.bench.stats import ratio_of_means, spread
+from deto.proc.processes import run_child
+from deto.run import provenance, report
 
 logger = logging.getLogger(__name__)
 
