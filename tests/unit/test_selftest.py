@@ -1,6 +1,6 @@
 """`deto selftest --device cpu --quick`: the GPU self-check's in-process steps as a dry run on
 the CPU, so the script cannot rot (the full dry run, with deto train and the integrations in
-child processes, is tests/e2e/test_selftest.py)."""
+child processes, is tests/e2e/test_selftest_dry_run.py)."""
 
 from __future__ import annotations
 
