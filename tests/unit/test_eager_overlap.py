@@ -93,23 +93,21 @@ def test_live_shards_add_this_nodes_own_selection_as_sign_sgd_steps_it() -> None
                     assert torch.equal(x, c)
 
 
-def test_the_trial_step_leaves_the_base_state_of_the_consensus() -> None:
+def _base_state_after(mode: str, steps: int = 3) -> list[dict[str, torch.Tensor]]:
+    """Per node: AdamW's state of the first parameter after ``steps`` steps in ``mode``."""
+
     def node(comm):
-        model, rep, opt = _make(comm, "eager", "adamw")
-        for t in range(3):
+        model, _, opt = _make(comm, mode, "adamw")
+        for t in range(steps):
             _give_grads(model, comm.rank, t)
             opt.step()
         return {k: v.clone() for k, v in opt.base.state[next(model.parameters())].items()}
 
-    def delayed(comm):
-        model, rep, opt = _make(comm, "delayed", "adamw")
-        for t in range(3):
-            _give_grads(model, comm.rank, t)
-            opt.step()
-        return {k: v.clone() for k, v in opt.base.state[next(model.parameters())].items()}
+    return deto.FakeComm(nodes=2).run(node)
 
-    for a, b in zip(deto.FakeComm(nodes=2).run(node), deto.FakeComm(nodes=2).run(delayed),
-                    strict=True):
+
+def test_the_trial_step_leaves_the_base_state_of_the_consensus() -> None:
+    for a, b in zip(_base_state_after("eager"), _base_state_after("delayed"), strict=True):
         assert a.keys() == b.keys()
         assert all(torch.equal(a[k], b[k]) for k in a)
 
