@@ -22,7 +22,7 @@ LAYERS: dict[str, frozenset[str]] = {
     "proc": frozenset(),
     "netem": frozenset({"proc"}),
     "launch": frozenset({CORE, "run", "netem", "proc"}),
-    "bench": frozenset({CORE, "integrations", "run", "netem", "proc"}),
+    "bench": frozenset({CORE, "integrations", "run", "netem", "proc", "plan"}),
     "plan": frozenset({CORE}),
     "cli": frozenset({CORE, "integrations", "run", "proc", "netem", "launch", "bench", "plan"}),
 }

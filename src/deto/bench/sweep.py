@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from deto.bench import predicted
 from deto.bench import report as bench_report
 from deto.bench.stats import ratio_of_means, spread
 from deto.proc.processes import run_child
@@ -301,6 +302,7 @@ def derive(runs: Sequence[RunResult]) -> list[dict[str, Any]]:
                         else None
                     ),
                     "inter_node_mb_per_step": sent / 1e6,
+                    "predicted_mb_per_step": _predicted_mb(s),
                     "peak_mb_per_sync": _peak_mb(s),
                     "bytes_vs_hsdp": sent / s["full_sync_bytes_per_step"]
                     if s["full_sync_bytes_per_step"]
@@ -312,6 +314,16 @@ def derive(runs: Sequence[RunResult]) -> list[dict[str, Any]]:
                 }
             )
     return rows
+
+
+def _predicted_mb(summary: dict[str, Any]) -> float | None:
+    """``deto plan``'s inter-node MB per step for the run; ``None`` where the record has no
+    configuration the plan can rebuild (records from before configs were complete)."""
+    try:
+        return predicted.node_bytes_per_step(summary["config"]) / 1e6
+    except (KeyError, TypeError, ValueError) as exc:
+        logger.debug("no prediction for %s: %s", summary.get("scheme"), exc)
+        return None
 
 
 def _peak_mb(summary: dict[str, Any]) -> float | None:
@@ -389,6 +401,22 @@ def aggregate(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def _prediction_target(rows: Sequence[dict[str, Any]]) -> tuple[str, bool | None, str]:
+    """Every run's bytes per step equal the plan's prediction (to the byte: both count the
+    same wire rules)."""
+    judged = [r for r in rows if r.get("predicted_mb_per_step") is not None]
+    off = [
+        f"{r['scheme']} ({r['bandwidth'] or 'unshaped'}, seed {r['seed']}): "
+        f"{r['inter_node_mb_per_step'] * 1e6:.0f} B, predicted "
+        f"{r['predicted_mb_per_step'] * 1e6:.0f} B"
+        for r in judged
+        if abs(r["inter_node_mb_per_step"] - r["predicted_mb_per_step"]) * 1e6 > 1e-6
+    ]
+    evidence = f"{len(judged) - len(off)}/{len(judged)} runs exact" + (
+        "; " + "; ".join(off[:3]) if off else "")
+    return ("inter-node bytes/step as deto plan predicts", not off if judged else None, evidence)
+
+
 def _range(s: dict[str, Any] | None, spec: str, unit: str = "") -> str:
     """``min–max over n seeds`` (the value, for one seed)."""
     if s is None:
@@ -428,13 +456,16 @@ whole model at once."""
 
 
 def targets(
-    aggregates: Sequence[dict[str, Any]], configs: Mapping[str, Mapping[str, Any]] | None = None
+    aggregates: Sequence[dict[str, Any]],
+    configs: Mapping[str, Mapping[str, Any]] | None = None,
+    rows: Sequence[dict[str, Any]] | None = None,
 ) -> list[tuple[str, bool | None, str]]:
     """The product's targets, judged on the means over seeds: (claim, met, evidence with the
     spread), for every :data:`CLAIMS` scheme that ran, and for every Streaming DiLoCo scheme
     that ran beside ``diloco``. A scheme that misses the target loss in any seed has no mean
     time: a miss. ``configs``: each scheme's resolved ``deto train`` configuration (its
-    summary's ``config``), where Streaming DiLoCo's fragment count is read."""
+    summary's ``config``), where Streaming DiLoCo's fragment count is read. ``rows``: the
+    per-run rows, for the check that every run sent the bytes ``deto plan`` predicts."""
     out = []
     configs = configs or {}
     for bw in dict.fromkeys(a["bandwidth"] for a in aggregates):
@@ -451,6 +482,8 @@ def targets(
             )
         if bw is not None and FLOOR in group:
             out.extend(_overlap_target(spec, group, bw) for spec in group if _overlaps(spec))
+    if rows is not None:
+        out.append(_prediction_target(rows))
     promised = [x["replicas_identical_runs"] for x in aggregates if x["replicas_identical_runs"][1]]
     same, total = sum(p[0] for p in promised), sum(p[1] for p in promised)
     out.append(
@@ -649,7 +682,7 @@ def summarise(runs: Sequence[RunResult], cfg: BenchConfig, where: dict[str, Any]
         "meta": meta,
         "rows": rows,
         "aggregates": aggregates,
-        "targets": [list(t) for t in targets(aggregates, configs)],
+        "targets": [list(t) for t in targets(aggregates, configs, rows)],
         "runs": [run_entry(r) for r in runs],
     }
 
