@@ -36,3 +36,10 @@ def test_a_wrong_result_fails_the_check(monkeypatch) -> None:
 def test_cuda_without_a_gpu_is_one_line(capsys) -> None:
     assert main(["selftest", "--device", "cuda"]) == 2
     assert "no CUDA device is visible" in capsys.readouterr().err
+
+
+def test_the_report_of_a_tree_without_git_says_so() -> None:
+    # the GPU machine gets a copy of the tree, which may hold no .git
+    result = {"device": "cuda", "device_name": "H100", "quick": True,
+              "provenance": {"git": None}, "checks": []}
+    assert "- git: not run from a git checkout" in selftest.report(result)

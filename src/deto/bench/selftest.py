@@ -295,10 +295,12 @@ def run_selftest(device: str, out: Path | None, *, quick: bool = False) -> int:
 
 
 def report(result: dict[str, Any]) -> str:
-    git = result["provenance"].get("git", {})
+    git = result["provenance"].get("git") or {}  # a copied tree may have no .git
+    sha = git.get("sha")
     lines = [
         f"# deto selftest on {result['device_name']} ({result['device']})", "",
-        f"- git: {git.get('sha', '?')}{' (dirty)' if git.get('dirty') else ''}",
+        f"- git: {sha}{' (dirty)' if git.get('dirty') else ''}" if sha
+        else "- git: not run from a git checkout",
         f"- torch {torch.__version__}, deto {deto.__version__}"
         + (", quick (in-process checks only)" if result["quick"] else ""), "",
         "| check | result | seconds | numbers or reason |", "|---|---|---|---|",
