@@ -122,25 +122,31 @@ class Contender:
         return times
 
 
-def _gradients(shapes: list[tuple[int, ...]], seed: int) -> list[list[torch.Tensor]]:
+def _gradients(
+    shapes: list[tuple[int, ...]], seed: int, device: str = "cpu"
+) -> list[list[torch.Tensor]]:
     """Two gradient sets to alternate, drawn once so no random numbers are timed."""
     g = torch.Generator().manual_seed(seed)
-    return [[torch.randn(s, generator=g) * 1e-2 for s in shapes] for _ in range(2)]
+    return [[(torch.randn(s, generator=g) * 1e-2).to(device) for s in shapes] for _ in range(2)]
 
 
-def deto_contender(name: str, shapes: list[tuple[str, tuple[int, ...]]], nodes: int) -> Contender:
-    """A deto replicator, by contender name, bound to parameters of ``shapes``."""
+def deto_contender(
+    name: str, shapes: list[tuple[str, tuple[int, ...]]], nodes: int, device: str = "cpu"
+) -> Contender:
+    """A deto replicator, by contender name, bound to parameters of ``shapes`` on ``device``
+    (on CUDA each step waits for its kernels, so the time is the work's, not the launches')."""
     import deto
     from deto.replicators.base import ParamReplicator, Slot
 
     kind, options = CONTENDERS[name]
     rep = deto.make_replicator(kind, **options)
-    params = [torch.zeros(s) for _, s in shapes]
+    params = [torch.zeros(s, device=device) for _, s in shapes]
     rep.bind([Slot(i, n, p) for i, ((n, _), p) in enumerate(zip(shapes, params, strict=True))])
     comm = loopback_comm(nodes)
     positions = list(range(len(params)))
     lrs = [1e-3] * len(params)
-    grads = _gradients([s for _, s in shapes], 0)
+    grads = _gradients([s for _, s in shapes], 0, device)
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else lambda: None
 
     if isinstance(rep, ParamReplicator):
 
@@ -148,10 +154,12 @@ def deto_contender(name: str, shapes: list[tuple[str, tuple[int, ...]]], nodes: 
             for p, g in zip(params, grads[i % 2], strict=True):
                 p.sub_(g)  # an inner step moved the parameters
             rep.after_step(comm)
+            sync()
     else:
 
         def step(i: int) -> None:
             rep.replicate(positions, grads[i % 2], lrs, comm)
+            sync()
 
     return Contender(name, step)
 
@@ -367,6 +375,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=list(CONTENDERS),
         help=f"comma-separated contenders (default all: {','.join(CONTENDERS)})",
     )
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                   help="where deto's contenders run (the reference stays on the CPU)")
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--steps", type=int, default=5, help="timed steps per contender per round")
     p.add_argument("--warmup", type=int, default=3)
@@ -390,7 +400,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(1)
     shapes = rank_shapes(args)
     elements = sum(math.prod(s) for _, s in shapes)
-    contenders: list[Any] = [deto_contender(n, shapes, args.nodes) for n in args.only]
+    contenders: list[Any] = [
+        deto_contender(n, shapes, args.nodes, args.device) for n in args.only
+    ]
     pairs: list[tuple[str, str]] = []
     if args.reference:
         contenders.append(reference_contender(args.reference, shapes, args.nodes))
@@ -415,6 +427,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report = {
         "environment": environment(),
         "model": args.model,
+        "device": args.device,
         "nodes": args.nodes,
         "ranks_per_node": args.ranks_per_node,
         "elements_per_rank": elements,

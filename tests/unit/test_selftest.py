@@ -1,10 +1,15 @@
 """`deto selftest --device cpu --quick`: the GPU self-check's in-process steps as a dry run on
-the CPU, so the script cannot rot (the full dry run, with deto train and the integrations in
+the CPU, so the script cannot rot (the full dry run, with torchrun and the integrations in
 child processes, is tests/e2e/test_selftest_dry_run.py)."""
 
 from __future__ import annotations
 
+import datetime
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,34 +17,74 @@ import torch
 from deto.bench import selftest
 from deto.cli import main
 
+SRC = Path(selftest.__file__).resolve().parents[2]
+NOT_ON_THE_GPU_MACHINE = ("tqdm", "matplotlib", "sklearn", "transformers", "accelerate",
+                          "lightning", "torchtitan", "torchft", "hypothesis")
+"""What the GPU machine's python3 may lack: the dry run must not import any of it."""
 
-def test_the_quick_dry_run_passes_and_writes_its_results(tmp_path) -> None:
-    assert main(["selftest", "--device", "cpu", "--quick", "--out", str(tmp_path)]) == 0
+
+def test_the_quick_dry_run_needs_only_torch_and_writes_its_results(tmp_path) -> None:
+    blocked = ", ".join(repr(m) for m in NOT_ON_THE_GPU_MACHINE)
+    code = (f"import sys\nfor m in ({blocked},): sys.modules[m] = None\n"
+            "from deto.cli import main\n"
+            f"sys.exit(main(['selftest', '--device', 'cpu', '--quick', '--out', {str(tmp_path)!r}"
+            "]))")
+    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "selftest: replicator demo-1d" in proc.stderr  # a progress line per check
     result = json.loads((tmp_path / "results.json").read_text())
-    names = [c["name"] for c in result["checks"]]
-    assert [f"replicator {n}" for n in selftest.REPLICATORS] == names[: len(selftest.REPLICATORS)]
-    assert "demo local work" in names and "peak memory" in names
-    assert all(c["status"] == "pass" for c in result["checks"])
+    checks = {c["name"]: c for c in result["checks"]}
+    assert [f"replicator {n}" for n in selftest.REPLICATORS] == list(checks)[: 7]
+    for name in ("fsdp2 demo 2 fake nodes x 1 gloo rank", "fsdp2 full 2 fake nodes x 1 gloo rank"):
+        assert checks[name]["status"] == "pass"
+        assert checks[name]["numbers"]["replicas_identical"] is True
+        assert checks[name]["numbers"]["inter_node_bytes_sent_per_step"] > 0
+    assert checks["demo microbenchmark"]["numbers"]["demo_ms"] > 0
+    assert checks["peak memory"]["numbers"]["rss_mb"] > 0
+    assert checks["integration hf_trainer.py"]["status"] == "skip"
+    assert {c["status"] for c in checks.values()} == {"pass", "skip"}
     assert result["failed"] == [] and result["provenance"]["git"]["sha"]
+    assert result["versions"]["torch"] == torch.__version__
     report = (tmp_path / "report.md").read_text()
     assert report.startswith("# deto selftest on cpu (cpu)")
     assert "| replicator full | pass |" in report
 
 
-def test_a_wrong_result_fails_the_check(monkeypatch) -> None:
+def test_a_result_off_the_cpu_fails_the_check(monkeypatch) -> None:
     monkeypatch.setattr(selftest, "ATOL", -1.0)  # no difference can be this small
     found = selftest.check_replicators("cpu")
     assert all(c.status == "fail" and "differs from CPU" in c.reason for c in found)
 
 
+def test_two_runs_that_differ_fail_the_check(monkeypatch) -> None:
+    monkeypatch.setattr(selftest, "REPLICATORS", {"full": selftest.REPLICATORS["full"]})
+    monkeypatch.setattr(selftest, "replicated_params", lambda *a: [torch.randn(3)])
+    [check] = selftest.check_replicators("cpu")
+    assert check.status == "fail" and check.reason == "two runs differ"
+
+
+def test_any_failed_check_exits_1(monkeypatch, tmp_path) -> None:
+    broken = selftest.Check("replicator x")
+    broken.fail("RuntimeError: boom")
+    monkeypatch.setattr(selftest, "check_replicators", lambda device: [broken])
+    monkeypatch.setattr(selftest, "check_fsdp_one_rank", lambda device: [])
+    with selftest.timed(selftest.Check("raises")) as raised:
+        raise ValueError("bad\nsecond line")
+    assert (raised.status, raised.reason) == ("fail", "ValueError: bad")
+    assert selftest.run_selftest("cpu", tmp_path, quick=True) == 1
+    assert json.loads((tmp_path / "results.json").read_text())["failed"] == ["replicator x"]
+
+
+def test_the_default_folder_is_dated_and_names_the_gpu() -> None:
+    out = selftest.default_out("NVIDIA H100 80GB HBM3")
+    assert out.name == f"{datetime.date.today()}-gpu-nvidia-h100-80gb-hbm3"
+    assert out.parent == selftest.REPO / "benchmarks" / "results"
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has a GPU")
 def test_cuda_without_a_gpu_is_one_line(capsys) -> None:
     assert main(["selftest", "--device", "cuda"]) == 2
-    assert "no CUDA device is visible" in capsys.readouterr().err
-
-
-def test_the_report_of_a_tree_without_git_says_so() -> None:
-    # the GPU machine gets a copy of the tree, which may hold no .git
-    result = {"device": "cuda", "device_name": "H100", "quick": True,
-              "provenance": {"git": None}, "checks": []}
-    assert "- git: not run from a git checkout" in selftest.report(result)
+    err = capsys.readouterr().err
+    assert "no CUDA device is visible" in err and len(err.strip().splitlines()) == 1

@@ -7,29 +7,34 @@ reason, its seconds and its numbers, and the whole writes ``results.json`` and `
 
 On a machine where deto is not installed (the GPU machine has torch but no registry), it runs
 from a checkout as ``PYTHONPATH=src python3 -m deto selftest --device cuda``
-(``make gpu-check``): everything here needs only torch and the standard library, and the
-integration checks skip where their framework is missing.
+(``make gpu-check``): everything here needs only torch and the standard library; the
+integration checks import their framework in a child process and skip where it is missing.
 """
 
 from __future__ import annotations
 
+import datetime
+import importlib
+import importlib.util
 import json
 import logging
 import os
-import resource
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 import deto
+from deto.bench import selftest_fsdp
 from deto.run import provenance
 
 logger = logging.getLogger(__name__)
@@ -41,8 +46,10 @@ ATOL = 2e-4
 """Largest |device - CPU| difference a parameter may show after the replicator runs. Four AdamW
 steps move a weight by at most ~4e-3; summation order differs between devices, and a top-k tie
 broken the other way moves single weights by about one step, so 2e-4 separates rounding from a
-wrong result."""
-SUBPROCESS_TIMEOUT_S = 240
+wrong result. Two runs on one device must agree bitwise (deto promises it, on every device)."""
+SUBPROCESS_TIMEOUT_S = 150
+"""An integration example's child process: a few steps take seconds; a hang must not eat the
+lent machine's minutes."""
 
 REPLICATORS: dict[str, Callable[[], deto.Replicator]] = {
     "demo-1d": lambda: deto.DeMo(topk=4, chunk=16),
@@ -50,20 +57,37 @@ REPLICATORS: dict[str, Callable[[], deto.Replicator]] = {
     "demo-overlap": lambda: deto.DeMo(topk=4, chunk=16, overlap=True),
     "full": lambda: deto.Full(),
     "diloco": lambda: deto.DiLoCo(every=2),
-    "sparseloco": lambda: deto.DiLoCo(every=2, compress="topk", topk=4, chunk=16),
+    "diloco-topk": lambda: deto.DiLoCo(every=2, compress="topk", topk=4, chunk=16),
     "streaming-diloco": lambda: deto.StreamingDiLoCo(every=2, fragments=2),
 }
 
 
 @dataclass
 class Check:
-    """One check's outcome."""
+    """One check's outcome: ``status`` is pass, fail or skip; ``reason`` says why not pass."""
 
     name: str
-    status: str = "pass"  # pass, fail or skip
+    status: str = "pass"
     reason: str = ""
     seconds: float = 0.0
     numbers: dict[str, Any] = field(default_factory=dict)
+
+    def fail(self, reason: str) -> None:
+        self.status, self.reason = "fail", reason
+
+    def skip(self, reason: str) -> None:
+        self.status, self.reason = "skip", reason
+
+
+@contextmanager
+def timed(check: Check) -> Iterator[Check]:
+    """Time ``check``; an exception fails it (a failing check is reported, not raised)."""
+    start = time.perf_counter()
+    try:
+        yield check
+    except Exception as exc:  # noqa: BLE001 - reported in the check
+        check.fail(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+    check.seconds = time.perf_counter() - start
 
 
 def _net() -> nn.Module:
@@ -93,216 +117,261 @@ def replicated_params(
     return deto.FakeComm(nodes=2, timeout_s=120).run(node)[0]
 
 
+def max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    return max(float((x - y).abs().max()) for x, y in zip(a, b, strict=True))
+
+
 def check_replicators(device: str) -> list[Check]:
-    """Each replicator on ``device``: bitwise equal over two runs, and equal to CPU within
+    """Each replicator on ``device``: bitwise equal over two runs, and equal to the CPU within
     :data:`ATOL`."""
     torch.manual_seed(0)
     initial = _net().state_dict()  # built once: the nodes' threads share torch's RNG
     out = []
     for name in REPLICATORS:
-        check, start = Check(f"replicator {name}"), time.perf_counter()
-        try:
+        with timed(Check(f"replicator {name}")) as check:
             first = replicated_params(name, device, initial)
             second = replicated_params(name, device, initial)
-            on_cpu = replicated_params(name, "cpu", initial)
+            on_cpu = first if device == "cpu" else replicated_params(name, "cpu", initial)
             deterministic = all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
-            diff = max(float((a - b).abs().max()) for a, b in zip(first, on_cpu, strict=True))
+            diff = max_diff(first, on_cpu)
             check.numbers = {"deterministic": deterministic, "max_abs_diff_vs_cpu": diff,
                              "atol": ATOL}
-            if not deterministic or diff > ATOL:
-                check.status = "fail"
-                check.reason = ("two runs differ" if not deterministic
-                                else f"differs from CPU by {diff:.2e} > {ATOL:.0e}")
-        except Exception as exc:  # noqa: BLE001 - a failing check is reported, not raised
-            check.status, check.reason = "fail", f"{type(exc).__name__}: {exc}"
-        check.seconds = time.perf_counter() - start
+            if not deterministic:
+                check.fail("two runs differ")
+            elif not diff <= ATOL:
+                check.fail(f"differs from CPU by {diff:.2e} > {ATOL:.0e}")
         out.append(check)
     return out
 
 
-def check_local_work(device: str) -> Check:
-    """DeMo's local work per step (select, encode, decode, error feedback) on the byte GPT
-    4x256's shard shapes at 2 ranks per node, on ``device`` and on the CPU, interleaved."""
-    check, start = Check("demo local work"), time.perf_counter()
-    shapes = [(768, 256)] * 4 + [(512, 1024)] * 4 + [(128, 256)] * 4 + [(128,)] * 20
-    timings: dict[str, list[float]] = {device: [], "cpu": []}  # one entry on a CPU dry run
+def check_fsdp_one_rank(device: str) -> list[Check]:
+    """FSDP2 + DeMo and Full on a one-rank world of ``device``'s backend, 2 FakeComm nodes:
+    replicas bitwise equal, parameters equal to the same run without FSDP2 within ATOL."""
+    out = []
+    torch.manual_seed(0)
+    initial = selftest_fsdp.net().state_dict()
+    backend = "nccl" if device == "cuda" else "gloo"
+    setup = Check(f"fsdp2 world of 1 ({backend})")
+    with timed(setup):
+        topology = selftest_fsdp.one_rank_world(device)
+    if setup.status == "fail":
+        return [setup]
     try:
-        reps = {}
-        for where in timings:
-            rep = deto.DeMo()
-            rep.bind([deto.replicators.base.Slot(i, f"p{i}", torch.zeros(s, device=where))
-                      for i, s in enumerate(shapes)])
-            reps[where] = rep
-        comm = deto.Comm(None, 1)
-        positions = list(range(len(shapes)))
-        for round_ in range(6):
-            for where, rep in reps.items():
-                grads = [torch.randn(s, device=where) for s in shapes]
-                _sync(where)
-                t0 = time.perf_counter()
-                rep.replicate(positions, grads, [LR] * len(shapes), comm)
-                _sync(where)
-                if round_ >= 2:  # the first rounds warm caches and kernels up
-                    timings[where].append(time.perf_counter() - t0)
-        ms = {w: 1000 * sorted(t)[len(t) // 2] for w, t in timings.items()}
-        check.numbers = {"elements": sum(torch.Size(s).numel() for s in shapes),
-                         **{f"ms_per_step_{w}": v for w, v in ms.items()},
-                         "reference": "not run: python -m benchmarks.micro --reference PATH "
-                                      "compares with the reference implementation"}
-    except Exception as exc:  # noqa: BLE001
-        check.status, check.reason = "fail", f"{type(exc).__name__}: {exc}"
-    check.seconds = time.perf_counter() - start
+        for scheme in selftest_fsdp.SCHEMES:
+            with timed(Check(f"fsdp2 {scheme} 2 fake nodes x 1 {backend} rank")) as check:
+                _reset_peak(device)
+                found = selftest_fsdp.fake_nodes_run(scheme, topology, initial)
+                plain = selftest_fsdp.plain_run(scheme, device, initial)
+                diff = max_diff(found["params"], plain)
+                check.numbers = {
+                    "replicas_identical": found["replicas_identical"],
+                    "max_abs_diff_vs_unsharded": diff, "atol": ATOL,
+                    "inter_node_bytes_sent_per_step": found["bytes_sent_per_step"],
+                    "peak_memory_mb_process": _peak_mb(device),
+                }
+                if not found["replicas_identical"]:
+                    check.fail("replicas differ across nodes")
+                elif not diff <= ATOL:
+                    check.fail(f"differs from the unsharded run by {diff:.2e} > {ATOL:.0e}")
+            out.append(check)
+    finally:
+        dist.destroy_process_group()
+    return out
+
+
+def check_fsdp_torchrun(device: str, work: Path) -> Check:
+    """FSDP2 + DeMo and Full under torchrun, 2 simulated nodes (``DETO_NODES=2``): real
+    collectives inside and across the nodes; each rank's peak memory."""
+    gpus = torch.cuda.device_count() if device == "cuda" else 4
+    ranks = gpus - gpus % 2
+    check = Check(f"fsdp2 torchrun 2 nodes x {max(ranks // 2, 1)} ranks")
+    if ranks < 2:
+        check.skip(f"needs 2 GPUs (NCCL takes one a rank), found {gpus}")
+        return check
+    with timed(check):
+        out = work / "fsdp"
+        proc = _run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node",
+                     str(ranks), "-m", "deto.bench.selftest_fsdp", "--device", device,
+                     "--out", str(out)], work, {"DETO_NODES": "2"})
+        if proc.returncode:
+            check.fail(_last_line(proc))
+            return check
+        per_rank = [json.loads((out / f"rank{r}.json").read_text()) for r in range(ranks)]
+        check.numbers = {"peak_memory_mb_per_rank": [r["peak_memory_mb"] for r in per_rank]}
+        for scheme in selftest_fsdp.SCHEMES:
+            check.numbers[f"{scheme}_node_bytes_sent_per_step"] = per_rank[0][scheme][
+                "node_bytes_sent_per_step"]
+            if not all(r[scheme]["replicas_identical"] for r in per_rank):
+                check.fail(f"{scheme}: replicas differ across nodes")
     return check
 
 
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+def check_micro(device: str, quick: bool) -> Check:
+    """benchmarks/micro.py's DeMo contenders (local work per step on FSDP2 shard shapes) on
+    ``device``, in few rounds; the reference implementation only where ``--reference`` is
+    given to the benchmark itself."""
+    check = Check("demo microbenchmark")
+    with timed(check):
+        if not (REPO / "benchmarks" / "micro.py").is_file():
+            check.skip("benchmarks/micro.py is not in this checkout")
+            return check
+        if str(REPO) not in sys.path:
+            sys.path.insert(0, str(REPO))
+        micro = importlib.import_module("benchmarks.micro")
+        model = "bytegpt-2x128" if quick else "bytegpt-4x256"
+        shapes = [(n, micro.shard_shape(s, 2)) for n, s in micro.model_shapes(model)]
+        names = ["demo", "demo-flexdemo", "demo-1d-top4"]
+        contenders = [micro.deto_contender(n, shapes, 2, device) for n in names]
+        for c in contenders:
+            c.run(1)  # kernels and caches warm
+        rounds, steps = (2, 2) if quick else (3, 5)
+        summary = micro.summarize(micro.interleave(contenders, rounds, steps), 0, [])
+        check.numbers = {"model": model, "ranks_per_node": 2, "nodes": 2,
+                         "rounds": rounds, "steps_per_round": steps,
+                         **{f"{r['contender']}_ms": round(r["ms_median"], 3)
+                            for r in summary["results"]},
+                         "reference": "not run (python -m benchmarks.micro --reference PATH)"}
+    return check
 
 
-def cluster_shape(device: str) -> tuple[int, int]:
-    """Nodes x ranks per node that ``device`` can host on this machine (NCCL: a GPU a rank)."""
-    if device == "cpu":
-        return 2, 2
-    gpus = torch.cuda.device_count()
-    if gpus >= 4:
-        return 2, 2
-    return (2, 1) if gpus >= 2 else (1, 1)
+def check_example(device: str, example: str, module: str, work: Path) -> Check:
+    """An integration's example under torchrun for a few steps (skipped without its framework).
+    The example splits an even world into 2 nodes; on one GPU it runs 1 node of 1 rank."""
+    check = Check(f"integration {example}")
+    ranks = min(torch.cuda.device_count(), 4) if device == "cuda" else 2
+    with timed(check):
+        if importlib.util.find_spec(module) is None:
+            check.skip(f"{module} is not installed")
+            return check
+        proc = _run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node",
+                     str(ranks), str(REPO / "examples" / example), "--out",
+                     str(work / example), "--steps", "4"], work, {})
+        if proc.returncode:
+            check.fail(_last_line(proc))
+        else:
+            check.numbers = {"ranks": ranks, "nodes": 2 if ranks % 2 == 0 else 1,
+                             "last_line": (proc.stdout.strip().splitlines() or [""])[-1][:160]}
+    return check
 
 
-def _run(argv: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def check_torchtitan(device: str) -> Check:
+    """torchtitan's Llama 3 debug model on 2 simulated nodes, checkpointed and resumed by its
+    checkpointer (skipped without torchtitan, or with too few GPUs for one a rank)."""
+    check = Check("integration torchtitan")
+    with timed(check):
+        try:
+            from deto.integrations.torchtitan import run_torchtitan_check
+
+            found = run_torchtitan_check(device)
+        except (ImportError, RuntimeError) as exc:
+            check.skip(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            return check
+        check.numbers = {k: found.get(k) for k in (
+            "replicas_identical", "resume_bitwise", "inter_node_bytes_per_step")}
+        if not (found.get("replicas_identical") and found.get("resume_bitwise")):
+            check.fail("replicas differ or the resume is not bitwise")
+    return check
+
+
+def _run(argv: list[str], cwd: Path, extra: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **extra}
     src = str(REPO / "src")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH", "")) if p)
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "LOCAL_RANK"):
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
         env.pop(key, None)
     return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=SUBPROCESS_TIMEOUT_S)
 
 
-def check_training(device: str, scheme: str, work: Path) -> Check:
-    """``deto train`` end to end (FSDP2 inside a node, ``scheme`` across nodes) on ``device``."""
-    nodes, per_node = cluster_shape(device)
-    check, start = Check(f"deto train {scheme} {nodes}x{per_node}"), time.perf_counter()
-    out = work / f"train-{scheme}"
-    proc = _run([sys.executable, "-m", "deto", "train", "-q", "--scheme", scheme,
-                 "--device", device, "--nodes", str(nodes), "--ranks-per-node", str(per_node),
-                 "--steps", "6", "--eval-every", "6", "--log-every", "2", "--out", str(out)],
-                work)
-    summary = out / "summary.json"
-    if proc.returncode or not summary.is_file():
-        check.status = "fail"
-        check.reason = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-    else:
-        s = json.loads(summary.read_text())
-        check.numbers = {k: s.get(k) for k in (
-            "final_val_loss", "replicas_identical", "inter_node_bytes_sent_per_step",
-            "peak_rss_mb_per_rank")}
-        if s.get("replicas_identical") is False:
-            check.status, check.reason = "fail", "replicas differ across nodes"
-    check.seconds = time.perf_counter() - start
-    return check
+def _last_line(proc: subprocess.CompletedProcess[str]) -> str:
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    return lines[-1][:300] if lines else f"exit {proc.returncode}, no output"
 
 
-def check_example(device: str, example: str, module: str, work: Path) -> Check:
-    """An integration's example under torchrun for a few steps (skipped without its framework)."""
-    check, start = Check(f"integration {example}"), time.perf_counter()
-    try:
-        __import__(module)
-    except ImportError:
-        check.status, check.reason = "skip", f"{module} is not installed"
-        return check
-    nodes, per_node = cluster_shape(device)
-    proc = _run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node",
-                 str(nodes * per_node), str(REPO / "examples" / example), "--out",
-                 str(work / example), "--steps", "4"], work)
-    if proc.returncode:
-        check.status = "fail"
-        check.reason = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-    else:
-        check.numbers = {"last_line": (proc.stdout.strip().splitlines() or [""])[-1][:200]}
-    check.seconds = time.perf_counter() - start
-    return check
+def _reset_peak(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
 
 
-def check_torchtitan(device: str) -> Check:
-    check, start = Check("integration torchtitan"), time.perf_counter()
-    try:
-        from deto.integrations.torchtitan import run_torchtitan_check
-
-        found = run_torchtitan_check(device)
-    except ImportError as exc:
-        check.status, check.reason = "skip", str(exc).splitlines()[0]
-    except RuntimeError as exc:
-        check.status, check.reason = "skip", str(exc).splitlines()[0]
-    else:
-        check.numbers = {k: found.get(k) for k in ("replicas_identical", "resume_bitwise")}
-        if not (found.get("replicas_identical") and found.get("resume_bitwise")):
-            check.status, check.reason = "fail", "replicas differ or the resume is not exact"
-    check.seconds = time.perf_counter() - start
-    return check
+def _peak_mb(device: str) -> float:
+    return selftest_fsdp.peak_memory_mb(torch.device(device))
 
 
 def peak_memory(device: str) -> Check:
-    """This process's peak memory over the checks: the device's allocator, or the CPU's RSS."""
-    if device.startswith("cuda"):
-        return Check("peak memory", numbers={"cuda_max_allocated_mb":
-                                             torch.cuda.max_memory_allocated() / 1e6})
-    return Check("peak memory", numbers={
-        "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3})
+    """This process's peak memory over every check: the CUDA allocator's, or the RSS."""
+    key = "cuda_max_allocated_mb" if device == "cuda" else "rss_mb"
+    return Check("peak memory", numbers={key: _peak_mb(device)})
+
+
+def default_out(device_name: str) -> Path:
+    slug = "".join(c if c.isalnum() else "-" for c in device_name.lower()).strip("-")
+    return REPO / "benchmarks" / "results" / f"{datetime.date.today()}-gpu-{slug}"
 
 
 def run_selftest(device: str, out: Path | None, *, quick: bool = False) -> int:
     """Run every check on ``device``; write results.json and report.md; 1 if any failed.
 
-    ``quick`` keeps the in-process checks only (replicators, local work, memory): the CI dry
-    run; the full run adds ``deto train`` and the integrations in child processes.
+    ``quick`` keeps the in-process checks (replicators, FSDP2 on a one-rank world, the
+    microbenchmark on a small model, memory): the CI dry run. The full run adds FSDP2 under
+    torchrun where the device allows several ranks, and the integrations in child processes.
     """
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is visible (torch.cuda.is_available())")
-    name = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
-    if out is None:
-        slug = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
-        out = REPO / "benchmarks" / "results" / f"{time.strftime('%Y-%m-%d')}-gpu-{slug}"
+    name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    out = out or default_out(name)
     out.mkdir(parents=True, exist_ok=True)
     checks: list[Check] = []
 
     def record(found: Check | list[Check]) -> None:
         for c in found if isinstance(found, list) else [found]:
             checks.append(c)
-            logger.info("selftest: %-34s %-4s %6.1f s %s", c.name, c.status, c.seconds,
+            logger.info("selftest: %-44s %-4s %6.1f s  %s", c.name, c.status, c.seconds,
                         c.reason or json.dumps(c.numbers, default=str)[:160])
 
+    started = time.perf_counter()
+    logger.info("selftest: %s (%s), torch %s, deto %s", device, name, torch.__version__,
+                deto.__version__)
     record(check_replicators(device))
-    record(check_local_work(device))
-    if not quick:
-        with tempfile.TemporaryDirectory(prefix="deto-selftest-") as tmp:
-            work = Path(tmp)
-            for scheme in ("flexdemo", "full"):
-                record(check_training(device, scheme, work))
+    record(check_fsdp_one_rank(device))
+    record(check_micro(device, quick))
+    with tempfile.TemporaryDirectory(prefix="deto-selftest-") as tmp:
+        work = Path(tmp)
+        if quick:
+            for label in ("fsdp2 torchrun", "integration hf_trainer.py",
+                          "integration lightning_fit.py", "integration torchtitan"):
+                c = Check(label)
+                c.skip("--quick: in-process checks only")
+                record(c)
+        else:
+            record(check_fsdp_torchrun(device, work))
             record(check_example(device, "hf_trainer.py", "transformers", work))
             record(check_example(device, "lightning_fit.py", "lightning", work))
             record(check_torchtitan(device))
     record(peak_memory(device))
     failed = [c.name for c in checks if c.status == "fail"]
     result = {"device": device, "device_name": name, "quick": quick,
-              "provenance": provenance.collect(), "checks": [asdict(c) for c in checks],
-              "failed": failed}
-    (out / "results.json").write_text(json.dumps(result, indent=1, default=str))
+              "seconds": time.perf_counter() - started,
+              "versions": {"torch": torch.__version__, "deto": deto.__version__,
+                           "cuda": torch.version.cuda, "python": sys.version.split()[0]},
+              "provenance": provenance.collect(where=REPO),
+              "checks": [asdict(c) for c in checks], "failed": failed}
+    (out / "results.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
     (out / "report.md").write_text(report(result))
-    logger.info("selftest: %d checks, %d failed; results in %s", len(checks), len(failed), out)
+    logger.info("selftest: %d checks, %d failed, %.0f s; results in %s", len(checks),
+                len(failed), result["seconds"], out)
     return 1 if failed else 0
 
 
 def report(result: dict[str, Any]) -> str:
-    git = result["provenance"].get("git") or {}  # a copied tree may have no .git
-    sha = git.get("sha")
+    """report.md, from results.json's content alone."""
+    git = result["provenance"].get("git", {})
+    versions = ", ".join(f"{k} {v}" for k, v in result["versions"].items())
     lines = [
         f"# deto selftest on {result['device_name']} ({result['device']})", "",
-        f"- git: {sha}{' (dirty)' if git.get('dirty') else ''}" if sha
-        else "- git: not run from a git checkout",
-        f"- torch {torch.__version__}, deto {deto.__version__}"
-        + (", quick (in-process checks only)" if result["quick"] else ""), "",
+        f"- git: {git.get('sha', '?')}{' (dirty)' if git.get('dirty') else ''}",
+        f"- {versions}", f"- {result['seconds']:.0f} s"
+        + (", quick (in-process checks only)" if result["quick"] else ""),
+        f"- tolerance: {ATOL:.0e} absolute against the CPU; bitwise between two runs", "",
         "| check | result | seconds | numbers or reason |", "|---|---|---|---|",
     ]
     for c in result["checks"]:

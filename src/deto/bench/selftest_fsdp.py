@@ -1,0 +1,177 @@
+"""The self-check's FSDP2 steps: DeMo and Full over a real process group, sharded by FSDP2.
+
+NCCL refuses two ranks on one GPU, so one GPU cannot host two simulated nodes of real ranks.
+Where there is one device, the world is a single rank (NCCL on CUDA, gloo on the CPU: a real
+process group, the backend's own collectives under FSDP2) and two simulated nodes run on it as
+:class:`deto.testing.FakeComm` threads, each with its own FSDP2-sharded model. Where there are
+several GPUs, :func:`main` is the body of a ``torchrun`` launch with ``DETO_NODES=2``: real
+NCCL inside and across the nodes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import deto
+from deto.replicators.base import local_tensor
+
+STEPS = 4
+LR = 1e-3
+SCHEMES: dict[str, Callable[[], deto.Replicator]] = {
+    "demo": lambda: deto.DeMo(topk=4, chunk=16),
+    "full": lambda: deto.Full(),
+}
+
+
+class Block(nn.Module):
+    """A residual MLP block: the repeated unit FSDP2 shards on its own."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + torch.nn.functional.gelu(self.fc(x))
+
+
+def net() -> nn.Module:
+    return nn.Sequential(nn.Linear(32, 64), Block(64), Block(64), nn.Linear(64, 32))
+
+
+def batch(step: int, node: int, device: torch.device) -> torch.Tensor:
+    g = torch.Generator().manual_seed(100 * step + node)
+    return torch.randn(16, 32, generator=g).to(device)
+
+
+def train_steps(model: nn.Module, opt: deto.DecoupledOptimizer, node: int) -> None:
+    device = next(model.parameters()).device
+    for t in range(STEPS):
+        x = batch(t, node, device)
+        model(x).sub(x.flip(1)).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def full_params(model: nn.Module) -> list[torch.Tensor]:
+    """The whole parameters on the CPU (a DTensor's ``full_tensor`` is a collective)."""
+    out = []
+    for p in model.parameters():
+        value = p.full_tensor() if hasattr(p, "full_tensor") else p
+        out.append(value.detach().cpu().clone())
+    return out
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """This process's peak: the CUDA allocator's on a GPU, the resident set on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e6
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3
+
+
+def one_rank_world(device: str) -> deto.Topology:
+    """A world of one rank in this process (NCCL on CUDA, gloo on the CPU) and its 1 x 1 mesh."""
+    if dist.is_initialized():
+        raise RuntimeError("a process group is already initialised in this process")
+    topology = deto.Topology(nodes=1, ranks_per_node=1, device=device)
+    dist.init_process_group(topology.backend, store=dist.HashStore(), rank=0, world_size=1)
+    topology.init()
+    return topology
+
+
+def fake_nodes_run(
+    scheme: str, topology: deto.Topology, initial: dict[str, torch.Tensor], nodes: int = 2
+) -> dict[str, Any]:
+    """``scheme`` across ``nodes`` FakeComm nodes, each an FSDP2 model on the one-rank world.
+
+    Returns node 0's parameters, whether every node's are bitwise equal, and the inter-node
+    bytes node 0 sent per step.
+    """
+    def node(comm: deto.Comm) -> tuple[list[torch.Tensor], int]:
+        model = net()
+        model.load_state_dict(initial)
+        deto.shard(model, topology)
+        base = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
+        names: dict[torch.Tensor, str] = {p: n for n, p in model.named_parameters()}
+        opt = deto.DecoupledOptimizer(base, [SCHEMES[scheme]()], comm, param_names=names)
+        sent = 0
+        for t in range(STEPS):
+            x = batch(t, comm.rank, topology.torch_device)
+            model(x).sub(x.flip(1)).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+            sent += opt.stats().bytes_sent
+        return [local_tensor(p).detach().cpu().clone() for p in model.parameters()], sent
+
+    found = deto.FakeComm(nodes=nodes, timeout_s=120).run(node)
+    params = [p for p, _ in found]
+    return {
+        "params": params[0],
+        "replicas_identical": all(
+            torch.equal(a, b) for other in params[1:] for a, b in zip(params[0], other, strict=True)
+        ),
+        "bytes_sent_per_step": found[0][1] // STEPS,
+    }
+
+
+def plain_run(scheme: str, device: str, initial: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    """The same run without FSDP2 (each node one unsharded model): what FSDP2 must match."""
+
+    def node(comm: deto.Comm) -> list[torch.Tensor]:
+        model = net().to(device)
+        model.load_state_dict(initial)
+        base = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
+        names: dict[torch.Tensor, str] = {p: n for n, p in model.named_parameters()}
+        opt = deto.DecoupledOptimizer(base, [SCHEMES[scheme]()], comm, param_names=names)
+        train_steps(model, opt, comm.rank)
+        return [p.detach().cpu().clone() for p in model.parameters()]
+
+    return deto.FakeComm(nodes=2, timeout_s=120).run(node)[0]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """One rank of a torchrun launch (``DETO_NODES`` simulated nodes): each scheme through
+    :func:`deto.prepare`, then this rank's numbers as JSON in ``--out/rank<R>.json``."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--device", choices=("cpu", "cuda"), required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    initial = net().state_dict()
+    topology = deto.Topology.from_env(device=args.device)
+    found: dict[str, Any] = {"nodes": topology.nodes, "ranks_per_node": topology.ranks_per_node}
+    for scheme in SCHEMES:
+        model = net()
+        model.load_state_dict(initial)
+        model, opt = deto.prepare(model, topology, replicator=SCHEMES[scheme](),
+                                  optimizer=torch.optim.AdamW, lr=LR, sign=False)
+        sent = 0
+        for t in range(STEPS):
+            x = batch(t, topology.node, topology.torch_device)
+            model(x).sub(x.flip(1)).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+            sent += opt.stats().node_bytes_sent
+        report = deto.check_replicas(model, opt, repair=False)
+        found[scheme] = {"replicas_identical": not report.diverged,
+                         "node_bytes_sent_per_step": sent // STEPS}
+    found["peak_memory_mb"] = peak_memory_mb(topology.torch_device)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"rank{dist.get_rank()}.json").write_text(json.dumps(found))
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    sys.exit(main())
