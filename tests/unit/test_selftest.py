@@ -88,3 +88,14 @@ def test_cuda_without_a_gpu_is_one_line(capsys) -> None:
     assert main(["selftest", "--device", "cuda"]) == 2
     err = capsys.readouterr().err
     assert "no CUDA device is visible" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.skipif(torch.distributed.is_initialized(), reason="needs this process's world")
+def test_fsdp2_nodes_that_drift_apart_fail_the_check(monkeypatch) -> None:
+    from deto.bench import selftest_fsdp
+
+    monkeypatch.setattr(selftest_fsdp, "SCHEMES", {"diloco": lambda: selftest.deto.DiLoCo(
+        every=100)})  # never syncs in 4 steps: each node keeps its own data's weights
+    [check] = selftest.check_fsdp_one_rank("cpu")
+    assert check.status == "fail" and check.reason == "replicas differ across nodes"
+    assert not torch.distributed.is_initialized()  # the one-rank world is taken down

@@ -153,14 +153,14 @@ def check_fsdp_one_rank(device: str) -> list[Check]:
     backend = "nccl" if device == "cuda" else "gloo"
     setup = Check(f"fsdp2 world of 1 ({backend})")
     with timed(setup):
-        topology = selftest_fsdp.one_rank_world(device)
+        meshes = selftest_fsdp.one_rank_world(device)
     if setup.status == "fail":
         return [setup]
     try:
         for scheme in selftest_fsdp.SCHEMES:
             with timed(Check(f"fsdp2 {scheme} 2 fake nodes x 1 {backend} rank")) as check:
                 _reset_peak(device)
-                found = selftest_fsdp.fake_nodes_run(scheme, topology, initial)
+                found = selftest_fsdp.fake_nodes_run(scheme, meshes, initial)
                 plain = selftest_fsdp.plain_run(scheme, device, initial)
                 diff = max_diff(found["params"], plain)
                 check.numbers = {
@@ -169,7 +169,9 @@ def check_fsdp_one_rank(device: str) -> list[Check]:
                     "inter_node_bytes_sent_per_step": found["bytes_sent_per_step"],
                     "peak_memory_mb_process": _peak_mb(device),
                 }
-                if not found["replicas_identical"]:
+                if not found["sharded"]:
+                    check.fail("FSDP2 left parameters unsharded")
+                elif not found["replicas_identical"]:
                     check.fail("replicas differ across nodes")
                 elif not diff <= ATOL:
                     check.fail(f"differs from the unsharded run by {diff:.2e} > {ATOL:.0e}")

@@ -3,7 +3,9 @@
 NCCL refuses two ranks on one GPU, so one GPU cannot host two simulated nodes of real ranks.
 Where there is one device, the world is a single rank (NCCL on CUDA, gloo on the CPU: a real
 process group, the backend's own collectives under FSDP2) and two simulated nodes run on it as
-:class:`deto.testing.FakeComm` threads, each with its own FSDP2-sharded model. Where there are
+:class:`deto.testing.FakeComm` threads, each with its own FSDP2-sharded model on its own
+one-rank group (NCCL does not promise that two threads may drive one communicator at once, so
+each node's thread gets its own). Where there are
 several GPUs, :func:`main` is the body of a ``torchrun`` launch with ``DETO_NODES=2``: real
 NCCL inside and across the nodes.
 """
@@ -22,9 +24,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor
 
 import deto
 from deto.replicators.base import local_tensor
+from deto.sharding import shard_model
 
 STEPS = 4
 LR = 1e-3
@@ -63,15 +68,6 @@ def train_steps(model: nn.Module, opt: deto.DecoupledOptimizer, node: int) -> No
         opt.zero_grad()
 
 
-def full_params(model: nn.Module) -> list[torch.Tensor]:
-    """The whole parameters on the CPU (a DTensor's ``full_tensor`` is a collective)."""
-    out = []
-    for p in model.parameters():
-        value = p.full_tensor() if hasattr(p, "full_tensor") else p
-        out.append(value.detach().cpu().clone())
-    return out
-
-
 def peak_memory_mb(device: torch.device) -> float:
     """This process's peak: the CUDA allocator's on a GPU, the resident set on the CPU."""
     if device.type == "cuda":
@@ -79,48 +75,57 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3
 
 
-def one_rank_world(device: str) -> deto.Topology:
-    """A world of one rank in this process (NCCL on CUDA, gloo on the CPU) and its 1 x 1 mesh."""
+def one_rank_world(device: str, nodes: int = 2) -> list[DeviceMesh]:
+    """A world of one rank in this process (NCCL on CUDA, gloo on the CPU) and, per simulated
+    node, a one-rank ``shard`` mesh on a group of its own."""
     if dist.is_initialized():
         raise RuntimeError("a process group is already initialised in this process")
     topology = deto.Topology(nodes=1, ranks_per_node=1, device=device)
     dist.init_process_group(topology.backend, store=dist.HashStore(), rank=0, world_size=1)
     topology.init()
-    return topology
+    kind = topology.device_type
+    return [DeviceMesh.from_group(dist.new_group([0]), kind, mesh_dim_names=("shard",))
+            for _ in range(nodes)]
 
 
 def fake_nodes_run(
-    scheme: str, topology: deto.Topology, initial: dict[str, torch.Tensor], nodes: int = 2
+    scheme: str, meshes: list[DeviceMesh], initial: dict[str, torch.Tensor]
 ) -> dict[str, Any]:
-    """``scheme`` across ``nodes`` FakeComm nodes, each an FSDP2 model on the one-rank world.
+    """``scheme`` across one FakeComm node per mesh, each an FSDP2 model sharded on its mesh.
 
-    Returns node 0's parameters, whether every node's are bitwise equal, and the inter-node
-    bytes node 0 sent per step.
+    Returns node 0's parameters, whether every node's are bitwise equal, the inter-node bytes
+    node 0 sent per step, and whether FSDP2 made every parameter a DTensor.
     """
-    def node(comm: deto.Comm) -> tuple[list[torch.Tensor], int]:
-        model = net()
+
+    def node(comm: deto.Comm) -> tuple[list[torch.Tensor], int, bool]:
+        mesh = meshes[comm.rank]
+        cuda = mesh.device_type == "cuda"
+        device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+        model = net().to(device)
         model.load_state_dict(initial)
-        deto.shard(model, topology)
+        shard_model(model, mesh)
         base = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
         names: dict[torch.Tensor, str] = {p: n for n, p in model.named_parameters()}
         opt = deto.DecoupledOptimizer(base, [SCHEMES[scheme]()], comm, param_names=names)
         sent = 0
         for t in range(STEPS):
-            x = batch(t, comm.rank, topology.torch_device)
+            x = batch(t, comm.rank, device)
             model(x).sub(x.flip(1)).pow(2).mean().backward()
             opt.step()
             opt.zero_grad()
             sent += opt.stats().bytes_sent
-        return [local_tensor(p).detach().cpu().clone() for p in model.parameters()], sent
+        sharded = all(isinstance(p, DTensor) for p in model.parameters())
+        return [local_tensor(p).detach().cpu().clone() for p in model.parameters()], sent, sharded
 
-    found = deto.FakeComm(nodes=nodes, timeout_s=120).run(node)
-    params = [p for p, _ in found]
+    found = deto.FakeComm(nodes=len(meshes), timeout_s=120).run(node)
+    params = [p for p, _, _ in found]
     return {
         "params": params[0],
         "replicas_identical": all(
             torch.equal(a, b) for other in params[1:] for a, b in zip(params[0], other, strict=True)
         ),
         "bytes_sent_per_step": found[0][1] // STEPS,
+        "sharded": all(sharded for _, _, sharded in found),
     }
 
 
