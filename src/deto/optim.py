@@ -37,7 +37,7 @@ from deto.optim_state import (
     per_node,
     replicator_key,
 )
-from deto.ranklog import warn_once
+from deto.ranklog import warn, warn_once
 from deto.replicators.base import (
     GradReplicator,
     ParamReplicator,
@@ -426,7 +426,10 @@ class DecoupledOptimizer(torch.optim.Optimizer):
                 f"Non-finite gradient at step {self.step_count} {where} "
                 "(pass nonfinite='skip' to drop them instead)"
             )
-        logger.warning("step %d: skipping non-finite gradients of %s", self.step_count, names)
+        # every node skips the same gradients (the check follows the exchange); each of node
+        # 0's ranks names those of its own shard
+        warn(logger, "step %d: skipping non-finite gradients of %s", self.step_count, names,
+             group=self.comm)
         for i in bad:
             grads[i].zero_()
         return len(bad)

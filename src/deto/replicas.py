@@ -24,6 +24,7 @@ from torch import nn
 
 from deto.comm import Comm
 from deto.optim import DecoupledOptimizer
+from deto.ranklog import warn
 from deto.replicators.base import local_tensor
 
 logger = logging.getLogger(__name__)
@@ -127,10 +128,12 @@ def check_replicas(
     result = ReplicaCheck(diverged=diverged, tensors=differing, source=source if diverged else None)
     if not diverged:
         return result
-    logger.warning(
+    warn(  # the replicate group saw the same rows: node 0's ranks each name their shard's
+        logger,
         "replicas differ: node(s) %s hold other bytes than node %d (%s)%s",
         ", ".join(map(str, diverged)), source, ", ".join(differing[:5]) or "another rank's shard",
         f"; repairing from node {source}" if repair else "",
+        group=comm,
     )
     if repair:
         if here:  # the whole replicate group saw the same rows, so it agrees on this

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from deto.comm import Comm, PendingMean
+from deto.ranklog import warn
 from deto.replicators.base import GradReplicator, register
 from deto.replicators.options import OverlapOptions
 
@@ -68,7 +69,8 @@ class Full(GradReplicator):
             self._resend.add(position)
             if not self._warned:
                 self._warned = True
-                logger.warning(
+                warn(  # every rank runs the same backward: rank 0 says it
+                    logger,
                     "Full(overlap=True): %s got a second gradient before the step; it is sent "
                     "again in the step (accumulate with FSDP2's set_requires_gradient_sync(False) "
                     "on all but the last backward to keep the exchange hidden)",
