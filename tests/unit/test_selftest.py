@@ -77,6 +77,14 @@ def test_any_failed_check_exits_1(monkeypatch, tmp_path) -> None:
     assert json.loads((tmp_path / "results.json").read_text())["failed"] == ["replicator x"]
 
 
+def test_a_copy_without_git_still_reports(monkeypatch, tmp_path) -> None:
+    monkeypatch.setattr(selftest.provenance, "collect", lambda where: {"git": None})
+    monkeypatch.setattr(selftest, "check_replicators", lambda device: [])
+    monkeypatch.setattr(selftest, "check_fsdp_one_rank", lambda device: [])
+    assert selftest.run_selftest("cpu", tmp_path, quick=True) == 0
+    assert "- git: unknown (not run from a git checkout)" in (tmp_path / "report.md").read_text()
+
+
 def test_the_default_folder_is_dated_and_names_the_gpu() -> None:
     out = selftest.default_out("NVIDIA H100 80GB HBM3")
     assert out.name == f"{datetime.date.today()}-gpu-nvidia-h100-80gb-hbm3"

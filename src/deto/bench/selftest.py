@@ -366,7 +366,7 @@ def run_selftest(device: str, out: Path | None, *, quick: bool = False) -> int:
 
 def report(result: dict[str, Any]) -> str:
     """report.md, from results.json's content alone."""
-    git = result["provenance"].get("git", {})
+    git = result["provenance"].get("git") or {"sha": "unknown (not run from a git checkout)"}
     versions = ", ".join(f"{k} {v}" for k, v in result["versions"].items())
     lines = [
         f"# deto selftest on {result['device_name']} ({result['device']})", "",
