@@ -107,3 +107,10 @@ def test_fsdp2_nodes_that_drift_apart_fail_the_check(monkeypatch) -> None:
     [check] = selftest.check_fsdp_one_rank("cpu")
     assert check.status == "fail" and check.reason == "replicas differ across nodes"
     assert not torch.distributed.is_initialized()  # the one-rank world is taken down
+
+
+def test_an_out_that_cannot_be_a_folder_is_one_line(tmp_path, capsys) -> None:
+    (tmp_path / "taken").write_text("")
+    assert main(["selftest", "--device", "cpu", "--quick", "--out", str(tmp_path / "taken")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot make the folder" in err[0]

@@ -321,7 +321,10 @@ def run_selftest(device: str, out: Path | None, *, quick: bool = False) -> int:
         raise ValueError("--device cuda: no CUDA device is visible (torch.cuda.is_available())")
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     out = out or default_out(name)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file in the way, no permission: bad input, said before any check
+        raise ValueError(f"--out {out}: cannot make the folder ({exc.strerror})") from None
     checks: list[Check] = []
 
     def record(found: Check | list[Check]) -> None:
