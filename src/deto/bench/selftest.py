@@ -191,7 +191,7 @@ def check_fsdp_torchrun(device: str, work: Path) -> Check:
         return check
     with timed(check):
         out = work / "fsdp"
-        proc = _run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node",
+        proc = _run([*TORCHRUN, "--nproc-per-node",
                      str(ranks), "-m", "deto.bench.selftest_fsdp", "--device", device,
                      "--out", str(out)], work, {"DETO_NODES": "2"})
         if proc.returncode:
@@ -244,7 +244,7 @@ def check_example(device: str, example: str, module: str, work: Path) -> Check:
         if importlib.util.find_spec(module) is None:
             check.skip(f"{module} is not installed")
             return check
-        proc = _run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node",
+        proc = _run([*TORCHRUN, "--nproc-per-node",
                      str(ranks), str(REPO / "examples" / example), "--out",
                      str(work / example), "--steps", "4"], work, {})
         if proc.returncode:
@@ -272,6 +272,11 @@ def check_torchtitan(device: str) -> Check:
         if not (found.get("replicas_identical") and found.get("resume_bitwise")):
             check.fail("replicas differ or the resume is not bitwise")
     return check
+
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+"""torchrun on a free port of its own (``--standalone``): the checks start one after another,
+and the default port may still be held by the one before."""
 
 
 def _run(argv: list[str], cwd: Path, extra: dict[str, str]) -> subprocess.CompletedProcess[str]:
