@@ -18,7 +18,7 @@ CORE = "core"
 LAYERS: dict[str, frozenset[str]] = {
     CORE: frozenset({CORE}),
     "integrations": frozenset({CORE}),
-    "run": frozenset({CORE}),
+    "run": frozenset({CORE, "plan"}),
     "proc": frozenset(),
     "netem": frozenset({"proc"}),
     "launch": frozenset({CORE, "run", "netem", "proc"}),

@@ -29,7 +29,7 @@ from torch import nn
 
 from deto.checkpoint import CheckpointError, load_state, save_state
 from deto.run import report
-from deto.run.config import STRUCTURAL, TrainConfig
+from deto.run.config import AUTO_SCHEME, KNOBS, STRUCTURAL, TrainConfig
 from deto.run.integrity import write_manifest
 from deto.topology import Topology
 
@@ -168,12 +168,24 @@ def checkpoint_step(path: Path) -> int:
     return int(json.loads((path / COMPLETE).read_text())["step"])
 
 
-def check_resumable(path: Path, cfg: TrainConfig) -> int:
-    """Check a checkpoint fits ``cfg``; return its step. ``ValueError`` explains a mismatch."""
+def _marker(path: Path) -> dict[str, Any]:
     try:
         marker = json.loads((path / COMPLETE).read_text())
     except (OSError, ValueError) as exc:
         raise ValueError(f"Unreadable checkpoint marker in {path}: {exc}") from None
+    if not isinstance(marker, dict):
+        raise ValueError(f"Unreadable checkpoint marker in {path}: not a JSON object")
+    return marker
+
+
+def saved_config(path: Path) -> dict[str, Any]:
+    """The config the complete checkpoint ``path`` was saved with (flat, as config.json)."""
+    return dict(_marker(path).get("config", {}))
+
+
+def check_resumable(path: Path, cfg: TrainConfig) -> int:
+    """Check a checkpoint fits ``cfg``; return its step. ``ValueError`` explains a mismatch."""
+    marker = _marker(path)
     saved = marker.get("config", {})
     now = cfg.to_dict()
     wrong = [f"{k}={saved.get(k)!r} (now {now[k]!r})" for k in STRUCTURAL if saved.get(k) != now[k]]
@@ -186,9 +198,11 @@ def check_resumable(path: Path, cfg: TrainConfig) -> int:
         raise ValueError(
             f"Checkpoint {path} is at step {step}: nothing to do for --steps {cfg.steps}"
         )
+    chosen = KNOBS if cfg.scheme == AUTO_SCHEME else ()  # auto's knobs: the checkpoint's
     changed = sorted(
         k for k in now
-        if k not in STRUCTURAL and k not in ("out", "resume", "steps") and saved.get(k) != now[k]
+        if k not in STRUCTURAL and k not in ("out", "resume", "steps", *chosen)
+        and saved.get(k) != now[k]
     )
     if changed:
         logger.warning(

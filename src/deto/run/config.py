@@ -22,13 +22,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from deto.plan.auto import DEFAULT_BUDGET
 from deto.replicators import Options
 from deto.replicators.options import check_knob, knob
 from deto.run.presets import (
+    AUTO_SCHEME,
     DEFAULT_SCHEME,
     OPTIMIZERS,
     PRESETS,
     SIGN_LR_PER_DOUBLING,
+    Preset,
     default_lr,
 )
 
@@ -121,6 +124,9 @@ class TrainConfig:
         0.0, "clip the node's gradient norm to this (0: off)", meta="NORM", low=0.0
     )
     replicator: Options | None = None  # the scheme's options, see KNOBS (None: the preset's)
+    comm_budget: float = _f(DEFAULT_BUDGET, "with --scheme auto: the share of the compute time "
+                            "the exchange may add to a step (0.1: 10%%)", meta="SHARE", low=0.0,
+                            low_open=True, high=10.0)
     eval_every: int = _f(
         50, "evaluate on the validation split every N steps (and at the end)", meta="N", low=1
     )
@@ -318,6 +324,11 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def _knob_takers() -> list[Preset]:
+    """The presets whose knobs a user sets (auto chooses its own)."""
+    return [p for p in PRESETS.values() if p.options is not None and p.name != AUTO_SCHEME]
+
+
 def _has(options: Options | None, knob: str) -> bool:
     return options is not None and knob in options.knobs()
 
@@ -329,7 +340,7 @@ def key_help(name: str) -> str:
     if name not in KNOBS:
         return str(KEYS[name].metadata["help"])
     described: dict[str, dict[Any, list[str]]] = {}
-    for p in PRESETS.values():
+    for p in _knob_takers():
         if p.options is not None and _has(p.options, name):
             text = str(p.options.knobs()[name].metadata["help"])
             values = described.setdefault(text, {})
@@ -346,7 +357,7 @@ def _options(scheme: str, knobs: Mapping[str, Any]) -> Options | None:
     preset = PRESETS[scheme]
     for key in sorted(knobs):
         if not _has(preset.options, key):
-            users = sorted(p.name for p in PRESETS.values() if _has(p.options, key))
+            users = sorted(p.name for p in _knob_takers() if _has(p.options, key))
             raise ValueError(
                 f"{flag(key)} does not apply to scheme {scheme!r} (it applies to: "
                 f"{', '.join(users)})"
@@ -354,6 +365,23 @@ def _options(scheme: str, knobs: Mapping[str, Any]) -> Options | None:
     if preset.options is None:
         return None
     return dataclasses.replace(preset.options, **knobs)
+
+
+def _check_auto(scheme: str, overrides: Mapping[str, Any], knobs: Mapping[str, Any]) -> None:
+    """``--scheme auto`` picks the DeMo knobs itself, and ``--comm-budget`` is its only knob."""
+    if scheme != AUTO_SCHEME:
+        if "comm_budget" in overrides:
+            raise ValueError(f"--comm-budget applies to --scheme auto only, not {scheme!r}")
+        return
+    if knobs:
+        names = ", ".join(flag(k) for k in sorted(knobs))
+        raise ValueError(
+            f"{names} does not apply to --scheme auto (it picks DeMo's settings from the link; "
+            "--scheme flexdemo takes them as given)"
+        )
+    if overrides.get("ft"):
+        raise ValueError("--scheme auto does not apply with --ft yet (it measures the link "
+                         "over the static mesh before the first step)")
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:
@@ -403,6 +431,7 @@ def resolve(overrides: Mapping[str, Any]) -> TrainConfig:
     preset = PRESETS[scheme]
 
     knobs = {k: v for k, v in overrides.items() if k in KNOBS and v is not None}
+    _check_auto(scheme, overrides, knobs)
     replicator = _options(scheme, knobs)
     for key in sorted(overrides):
         if key in LM_ONLY and task != "lm":

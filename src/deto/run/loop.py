@@ -9,6 +9,7 @@ rank writes its part of a checkpoint.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -22,10 +23,12 @@ import torch.distributed as dist
 from torch import nn
 
 import deto
+from deto import plan
 from deto.comm import Comm
-from deto.run import noise, report
-from deto.run.checkpoint import CHECKPOINTS, load_checkpoint, save_checkpoint
-from deto.run.config import TrainConfig
+from deto.replicators import Options
+from deto.run import auto, noise, report
+from deto.run.checkpoint import CHECKPOINTS, load_checkpoint, save_checkpoint, saved_config
+from deto.run.config import AUTO_SCHEME, TrainConfig
 from deto.run.console import progress
 from deto.run.models import count_params
 from deto.run.optimizer import RunOptimizer, build_training, full_sync_bytes
@@ -76,14 +79,26 @@ def run(
         out = out / node_dir(cfg.node_index or 0)  # every node of a run on torchft writes its own
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        report.write_json(out / "config.json", cfg.to_dict())
+    data_rank = rank + (cfg.node_index or 0) * topo.ranks_per_node  # with --ft, a node world
 
     torch.manual_seed(cfg.seed)  # the same initial model on every rank
     task = build_task(cfg, topo)
     if cfg.perturb_init_ulp:
         noise.perturb_ulps(task.model, cfg.perturb_init_ulp)
     params = count_params(task.model)
+    shapes = plan.from_module(task.model) if cfg.scheme == AUTO_SCHEME else None
     model, opt = build_training(cfg, topo, task.model)
+    decision, saved = None, None
+    if shapes is not None:  # --scheme auto: the setting a resumed run had, or a measured one
+        chosen = saved = earlier_choice(out, resume, snapshot_step)
+        if chosen is None:
+            decision = auto.decide(cfg, topo, shapes, model, task, data_rank)
+            chosen = decision.chosen.options
+        if chosen != cfg.replicator:  # the model is sharded already: only the optimizer changes
+            cfg = auto.with_choice(cfg, chosen)
+            model, opt = build_training(cfg, topo, model)
+    if rank == 0:
+        report.write_json(out / "config.json", cfg.to_dict())
     logger.info(
         "%s on %s: %s parameters, %d node(s) x %d rank(s), %d steps",
         cfg.scheme, cfg.task, f"{params:,}", cfg.nodes, cfg.ranks_per_node, cfg.steps,
@@ -107,7 +122,6 @@ def run(
     reporter = progress(last, state.step) if rank == 0 else None
     per_step_items = cfg.batch_size * cfg.world_size * task.items_per_sample
     clock = time.perf_counter() - state.wall_time_s
-    data_rank = rank + (cfg.node_index or 0) * topo.ranks_per_node  # with --ft, a node world
 
     def train_step(step: int) -> float:
         for group in opt.param_groups:
@@ -213,6 +227,8 @@ def run(
         return None
     summary = build_summary(cfg, task, params, state, full_sync, identical, digest, rss, out)
     summary["resumed_from"] = str(resumed_from) if resumed_from is not None else None
+    if shapes is not None:
+        summary["auto"] = auto.record(decision, saved)
     if axis is not None:
         summary["torchft"] = {
             "node_index": cfg.node_index,
@@ -325,6 +341,19 @@ def check_and_repair(
         "repaired_from": check.source,
         "tensors": check.tensors[:10],
     }
+
+
+def earlier_choice(out: Path, resume: str | None, snapshot_step: int | None) -> Options | None:
+    """The DeMo setting ``--scheme auto`` chose before, for a run that continues: from the
+    checkpoint it resumes, or, for a snapshot, from the run's config.json (written after the
+    choice); ``None`` for a run that starts afresh."""
+    if resume is not None:
+        saved = saved_config(Path(resume))
+    elif snapshot_step is not None:
+        saved = json.loads((out / "config.json").read_text())
+    else:
+        return None
+    return TrainConfig.from_dict(saved).replicator
 
 
 def node_dir(node: int) -> str:

@@ -95,6 +95,9 @@ _LEAN_DEMO = DeMoOptions(blocks="2d", chunk=32, topk=14, values="int8")
 # frontier sweep covered 2 nodes x 2 ranks only, so this preset was not re-chosen from it.
 _PLAIN_DEMO = DeMoOptions(blocks="2d", chunk=32, topk=32, values="fp32")
 
+AUTO_SCHEME = "auto"
+"""The preset whose DeMo knobs are chosen at start-up (:mod:`deto.run.auto`), not given."""
+
 PRESETS: Mapping[str, Preset] = _frozen({
     p.name: p
     for p in (
@@ -119,6 +122,17 @@ PRESETS: Mapping[str, Preset] = _frozen({
             "FlexDeMo: FSDP2 inside a node, DeMo across nodes at DeMo()'s defaults (top 4 DCT "
             "coefficients of each 64-chunk of the decoupled momentum, int2; 1/32 of hsdp's "
             "bytes), sign-SGD",
+            "demo",
+            _DEMO,
+            _frozen({"optimizer": "sgd", "sign": True}),
+            _SIGN_LR,
+        ),
+        Preset(
+            AUTO_SCHEME,
+            "FlexDeMo at the DeMo setting the link can carry: measures the link and the "
+            "compute at start-up and takes the best-quality setting whose exchange keeps the "
+            "step within --comm-budget of the compute, compressing harder or overlapping only "
+            "where it must (docs/plan.md)",
             "demo",
             _DEMO,
             _frozen({"optimizer": "sgd", "sign": True}),
