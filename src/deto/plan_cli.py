@@ -21,9 +21,10 @@ import torch
 from deto import plan
 from deto.launch.dispatch import UsageError
 from deto.netem.rates import format_bandwidth, parse_latency, parse_rate
+from deto.plan.auto import Decision, choose
 from deto.replicators import make_replicator
 from deto.run import config, tasks
-from deto.run.presets import OPTIMIZERS, PRESETS
+from deto.run.presets import AUTO_SCHEME, OPTIMIZERS, PRESETS
 
 logger = logging.getLogger(__name__)
 
@@ -106,12 +107,23 @@ def schemes(text: str | None, ranks_per_node: int) -> list[plan.Scheme]:
             raise UsageError(f"Invalid --schemes: {name!r} needs --ranks-per-node "
                              f"{preset.ranks_per_node}")  # fmt: skip
         rep = None
-        if preset.replicator is not None and preset.options is not None:
+        if name == AUTO_SCHEME:  # its replicator depends on the link: see priced()
+            pass
+        elif preset.replicator is not None and preset.options is not None:
             rep = make_replicator(preset.replicator, **preset.options.changed())
         out.append(plan.Scheme(name, rep, OPTIMIZERS[preset.defaults["optimizer"]]))
     if not out:
         raise UsageError("Invalid --schemes: none given")
     return out
+
+
+def priced(chosen: list[plan.Scheme], decision: Decision | None) -> list[plan.Scheme]:
+    """``chosen`` with ``auto`` standing for the setting it would train (``decision``'s)."""
+    if decision is None:
+        return chosen
+    rep = decision.chosen.replicator()
+    return [plan.Scheme(s.name, rep, s.optimizer) if s.name == AUTO_SCHEME else s
+            for s in chosen]  # fmt: skip
 
 
 def _link(ns: argparse.Namespace) -> plan.Link:
@@ -215,11 +227,24 @@ def cmd_plan(ns: argparse.Namespace) -> int:
     chosen = schemes(ns.schemes, ns.ranks_per_node)
     if BASELINE not in {s.name for s in chosen}:
         chosen = [*schemes(BASELINE, ns.ranks_per_node), *chosen]
-    flows = {s.name: plan.traffic(model, s.replicator, ns.ranks_per_node) for s in chosen}
+    decision = None
+    if any(s.name == AUTO_SCHEME for s in chosen):
+        decision = choose(model, ns.nodes, ns.ranks_per_node, link, ns.compute_s)
+    flows = {s.name: plan.traffic(model, s.replicator, ns.ranks_per_node)
+             for s in priced(chosen, decision)}  # fmt: skip
 
     def at(nodes: int, on: plan.Link) -> list[plan.Prediction]:
-        return [plan.predict_traffic(s, model, flows[s.name], nodes, ns.ranks_per_node, on,
-                                     ns.compute_s) for s in chosen]  # fmt: skip
+        """The schemes at ``nodes`` on ``on``; auto as it would choose there."""
+        here = None
+        if decision is not None:
+            here = choose(model, nodes, ns.ranks_per_node, on, ns.compute_s)
+        out = []
+        for s in priced(chosen, here):
+            flow = flows[s.name] if here is None or s.name != AUTO_SCHEME else plan.traffic(
+                model, s.replicator, ns.ranks_per_node)
+            out.append(plan.predict_traffic(s, model, flow, nodes, ns.ranks_per_node, on,
+                                            ns.compute_s))  # fmt: skip
+        return out
 
     predictions = at(ns.nodes, link)
     if ns.plot:
@@ -236,5 +261,7 @@ def cmd_plan(ns: argparse.Namespace) -> int:
           f"{format_bandwidth(round(link.bandwidth_bps))} per node, latency "
           f"{link.latency_s * 1e3:g} ms, compute {ns.compute_s:g} s/step")  # fmt: skip
     print(table(predictions))
+    if decision is not None:
+        print(f"{AUTO_SCHEME}: would train {decision.chosen.name}: {decision.reason}")
     print("\n".join(crossover_lines(crossovers(flows), lambda nodes: at(nodes, link))))
     return 0

@@ -210,3 +210,20 @@ def test_streaming_diloco_averages_the_buffers_on_each_fragment_s_sync() -> None
     flow = plan.traffic(shapes, deto.StreamingDiLoCo(every=4, fragments=2), 1)
     buffers = [plan.Collective("all_reduce", 4 * 16)]  # running mean and variance, fp32
     assert [list(step[0][:1]) == buffers for step in flow.steps] == [False, True, False, True]
+
+
+@pytest.mark.parametrize("bandwidth", ["10gbit", "1mbit"])
+def test_deto_plan_prices_auto_as_the_setting_it_would_train(
+    bandwidth: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``auto`` is priced as the ladder's choice on the given link: the default's bytes on a
+    fast link, fewer on a slow one; the table says what it would train and why."""
+    base = ["plan", "--model", "gpt", "--nodes", "2", "--ranks-per-node", "2",
+            "--bandwidth", bandwidth, "--compute-s", "0.2", "--schemes", "flexdemo,auto"]
+    assert main([*base, "--json"]) == 0
+    rows = {r["scheme"]: r for r in json.loads(capsys.readouterr().out)}
+    fast = bandwidth == "10gbit"
+    assert (rows["auto"]["bytes_per_step"] == rows["flexdemo"]["bytes_per_step"]) is fast
+    assert main(base) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("auto: "))
+    assert line.startswith("auto: would train flexdemo: " if fast else "auto: would train ")
