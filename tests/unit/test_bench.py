@@ -289,6 +289,27 @@ def test_an_overlapped_variant_is_judged_against_max_of_compute_and_exchange():
     assert exposed[0][1] is False  # above 1.1 x 0.25 s
 
 
+def test_auto_is_judged_against_the_fastest_fixed_preset_beside_it():
+    def agg(scheme: str, seconds: float | None) -> dict:
+        return {
+            "scheme": scheme, "bandwidth": "25mbit", "seeds": [0, 1],
+            "reached_target": 0 if seconds is None else 2,
+            "time_to_target_s": None if seconds is None else {"mean": seconds},
+            "replicas_identical_runs": [2, 2],
+        }  # fmt: skip
+
+    rows = [{"scheme": "auto", "bandwidth": "25mbit", "auto_choice": c}
+            for c in ("flexdemo", "flexdemo+overlap")]  # fmt: skip
+    group = [agg("hsdp", 90.0), agg("full", 40.0), agg("diloco+every=5", 30.0),
+             agg("none", None), agg("diloco", None)]  # fmt: skip
+    claim, met, evidence = sweep.targets([*group, agg("auto", 38.0)], rows=rows)[0]
+    assert claim == "auto reaches the target no later than the best fixed preset (25mbit)"
+    assert met is True  # a variant is not a fixed preset; full is the best of them
+    assert "full's 40.0 s" in evidence and "flexdemo (1x), flexdemo+overlap (1x)" in evidence
+    assert sweep.targets([*group, agg("auto", 41.0)], rows=rows)[0][1] is False
+    assert sweep.targets([*group, agg("auto", None)], rows=rows)[0][1] is False
+
+
 def test_bench_passes_arguments_after_the_separator_to_every_run(tmp_path, monkeypatch):
     from deto import cli
 

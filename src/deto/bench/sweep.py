@@ -28,6 +28,7 @@ from deto.bench import report as bench_report
 from deto.bench.stats import ratio_of_means, spread
 from deto.proc.processes import run_child
 from deto.run import provenance, report
+from deto.run.presets import AUTO_SCHEME
 
 logger = logging.getLogger(__name__)
 
@@ -311,6 +312,7 @@ def derive(runs: Sequence[RunResult]) -> list[dict[str, Any]]:
                     "replicas_identical": s["replicas_identical"],
                     "wall_time_s": s["wall_time_s"],
                     "link": s.get("link"),
+                    "auto_choice": (s.get("auto") or {}).get("chosen"),
                 }
             )
     return rows
@@ -482,6 +484,8 @@ def targets(
             )
         if bw is not None and FLOOR in group:
             out.extend(_overlap_target(spec, group, bw) for spec in group if _overlaps(spec))
+        if AUTO_SCHEME in group:
+            out.append(_auto_target(group, rows or [], bw))
     if rows is not None:
         out.append(_prediction_target(rows))
     promised = [x["replicas_identical_runs"] for x in aggregates if x["replicas_identical_runs"][1]]
@@ -592,6 +596,33 @@ def _overlap_target(
         evidence += f"; without overlap: {plain['step_time_s_median']['mean']:.3f} s"
     claim = f"{spec} s/step <= {OVERLAP_SLACK} x max(compute, exchange) ({bw})"
     return claim, step <= bound, evidence
+
+
+def _auto_target(
+    group: dict[str, dict[str, Any]], rows: Sequence[dict[str, Any]], bw: str | None
+) -> tuple[str, bool | None, str]:
+    """``auto`` reaches the target no later than the fastest fixed preset that ran beside it
+    (presets only: variants and the ``none`` control are not fixed presets)."""
+    at = bw or "unshaped"
+    claim = f"{AUTO_SCHEME} reaches the target no later than the best fixed preset ({at})"
+    mine = group[AUTO_SCHEME]
+    seeds = len(mine["seeds"])
+    fixed = {s: a for s, a in group.items()
+             if s not in (AUTO_SCHEME, FLOOR) and "+" not in s
+             and a["reached_target"] == len(a["seeds"]) and a["time_to_target_s"]}  # fmt: skip
+    picked = [r["auto_choice"] for r in rows
+              if r["scheme"] == AUTO_SCHEME and r["bandwidth"] == bw]  # fmt: skip
+    chose = "chose " + ", ".join(f"{c} ({picked.count(c)}x)" if len(picked) > 1 else str(c)
+                                 for c in dict.fromkeys(picked))  # fmt: skip
+    if mine["reached_target"] < seeds:
+        return claim, False, f"{chose}; reached the target in {mine['reached_target']} of {seeds}"
+    if not fixed:
+        return claim, None, f"{chose}; no fixed preset reached the target"
+    best = min(fixed, key=lambda s: fixed[s]["time_to_target_s"]["mean"])
+    t, b = mine["time_to_target_s"]["mean"], fixed[best]["time_to_target_s"]["mean"]
+    evidence = (f"{chose}: {t:.1f} s against {best}'s {b:.1f} s ({t / b:.2f}x, means over "
+                f"{seeds} seed{'s' if seeds > 1 else ''})")  # fmt: skip
+    return claim, t <= b, evidence
 
 
 def _time_target(

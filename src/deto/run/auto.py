@@ -94,10 +94,13 @@ def with_choice(cfg: TrainConfig, options: Options) -> TrainConfig:
     return dataclasses.replace(cfg, replicator=options)
 
 
-def record(decision: Decision | None, saved: Options | None) -> dict[str, Any] | None:
-    """The summary's ``auto`` entry: this run's decision, or the setting it continued with."""
+def record(
+    decision: Decision | None, saved: Options | None, deciding_s: float = 0.0
+) -> dict[str, Any] | None:
+    """The summary's ``auto`` entry: this run's decision and the seconds its measurements took
+    (before the first step, so not in the run's wall time), or the setting it continued with."""
     if decision is not None:
-        return {"source": "measured", **decision.as_dict()}
+        return {"source": "measured", "deciding_s": deciding_s, **decision.as_dict()}
     if saved is None:
         return None
     named = next((r.name for r in LADDER if r.options == saved), None)

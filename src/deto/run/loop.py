@@ -88,11 +88,13 @@ def run(
     params = count_params(task.model)
     shapes = plan.from_module(task.model) if cfg.scheme == AUTO_SCHEME else None
     model, opt = build_training(cfg, topo, task.model)
-    decision, saved = None, None
+    decision, saved, deciding_s = None, None, 0.0
     if shapes is not None:  # --scheme auto: the setting a resumed run had, or a measured one
         chosen = saved = earlier_choice(out, resume, snapshot_step)
         if chosen is None:
+            began = time.perf_counter()
             decision = auto.decide(cfg, topo, shapes, model, task, data_rank)
+            deciding_s = time.perf_counter() - began
             chosen = decision.chosen.options
         if chosen != cfg.replicator:  # the model is sharded already: only the optimizer changes
             cfg = auto.with_choice(cfg, chosen)
@@ -228,7 +230,7 @@ def run(
     summary = build_summary(cfg, task, params, state, full_sync, identical, digest, rss, out)
     summary["resumed_from"] = str(resumed_from) if resumed_from is not None else None
     if shapes is not None:
-        summary["auto"] = auto.record(decision, saved)
+        summary["auto"] = auto.record(decision, saved, deciding_s)
     if axis is not None:
         summary["torchft"] = {
             "node_index": cfg.node_index,
