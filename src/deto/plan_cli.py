@@ -43,9 +43,10 @@ def add_parser(sub: Any) -> None:
     """Add ``deto plan`` to the ``deto`` command's subparsers."""
     p = sub.add_parser("plan", help="predict bytes, step time and memory of every scheme",
                        description=DESCRIPTION)  # fmt: skip
-    p.add_argument("--model", required=True, metavar="NAME|PARAMS",
+    p.add_argument("--model", required=True, metavar="NAME|CONFIG|PARAMS",
                    help=f"a deto train --model ({', '.join(config.MODEL_TASKS)}) at its task's "
-                   "defaults, or a parameter count such as 1.3e9 (a Llama-like layout)")
+                   "defaults, a Hugging Face config.json (or its folder), or a parameter count "
+                   "such as 1.3e9 (a Llama-like layout)")
     p.add_argument("--nodes", type=int, default=2, metavar="R", help="nodes (default: 2)")
     p.add_argument("--ranks-per-node", type=int, default=1, metavar="G",
                    help="FSDP2 ranks per node (default: 1)")
@@ -67,7 +68,8 @@ def add_parser(sub: Any) -> None:
 
 
 def model_shapes(text: str) -> plan.ModelShapes:
-    """``--model``: a ``deto train`` model built on the meta device, or a parameter count."""
+    """``--model``: a ``deto train`` model built on the meta device, a Hugging Face config, or
+    a parameter count."""
     if text in config.MODEL_TASKS:
         try:
             cfg = config.resolve({"model": text})
@@ -78,17 +80,45 @@ def model_shapes(text: str) -> plan.ModelShapes:
         return plan.from_module(
             module, f"deto train --model {text} (d_model {cfg.d_model}, {cfg.layers} layers)"
         )
+    if text.endswith(".json") or Path(text).is_dir():
+        return hf_config_shapes(Path(text))
     try:
         count = float(text)
     except ValueError:
         raise UsageError(
-            f"Invalid --model: {text!r} (a model, one of {', '.join(config.MODEL_TASKS)}, or a "
-            "parameter count such as 1.3e9)"
+            f"Invalid --model: {text!r} (a model, one of {', '.join(config.MODEL_TASKS)}, a "
+            "Hugging Face config.json or its folder, or a parameter count such as 1.3e9)"
         ) from None
     try:
         return plan.from_param_count(count)
     except ValueError as exc:
         raise UsageError(f"Invalid --model: {exc}") from None
+
+
+def hf_config_shapes(path: Path) -> plan.ModelShapes:
+    """``--model config.json`` (or its folder): the Hugging Face model it describes, built on
+    the meta device (no weights, no download): a causal LM's head where the config has one."""
+    file = path / "config.json" if path.is_dir() else path
+    if not file.is_file():
+        raise UsageError(f"Invalid --model: no Hugging Face config at {file}")
+    try:
+        import transformers
+    except ImportError:
+        raise UsageError("--model with a Hugging Face config needs transformers: "
+                         "pip install 'deto[hf]'") from None  # fmt: skip
+    try:
+        hf = transformers.AutoConfig.from_pretrained(str(file))
+    except (OSError, ValueError, KeyError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(
+            f"Invalid --model: {file} is not a Hugging Face config ({reason})"
+        ) from None
+    with torch.device("meta"):
+        try:
+            module = transformers.AutoModelForCausalLM.from_config(hf)
+        except ValueError:  # an encoder-decoder or encoder: the bare model
+            module = transformers.AutoModel.from_config(hf)
+    return plan.from_module(module, f"{type(module).__name__} from {file}")
 
 
 def schemes(text: str | None, ranks_per_node: int) -> list[plan.Scheme]:

@@ -227,3 +227,24 @@ def test_deto_plan_prices_auto_as_the_setting_it_would_train(
     assert main(base) == 0
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("auto: "))
     assert line.startswith("auto: would train flexdemo: " if fast else "auto: would train ")
+
+
+def test_deto_plan_takes_a_hf_config(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A config.json (or its folder) is built on the meta device: its parameters are the
+    model's, counted exactly; a file that is not a config is one line, exit 2."""
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4, vocab_size=300)  # fmt: skip
+    hf.to_json_file(str(tmp_path / "config.json"))
+    with torch.device("meta"):
+        expected = sum(p.numel() for p in transformers.LlamaForCausalLM(hf).parameters())
+    for where in (tmp_path, tmp_path / "config.json"):
+        argv = ["plan", "--model", str(where), "--bandwidth", "1gbit", "--schemes", "hsdp",
+                "--json"]  # fmt: skip
+        assert main(argv) == 0
+        (row,) = json.loads(capsys.readouterr().out)
+        assert row["memory"]["params"] == 4 * expected  # one rank per node holds all of it
+    (tmp_path / "other.json").write_text('{"a": 1}')
+    assert main(["plan", "--model", str(tmp_path / "other.json"), "--bandwidth", "1gbit"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not a Hugging Face config" in err[0]
