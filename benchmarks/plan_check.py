@@ -41,6 +41,7 @@ from typing import Any
 
 from deto import plan
 from deto.bench import predicted
+from deto.run import report
 
 logger = logging.getLogger("plan_check")
 
@@ -175,19 +176,20 @@ def _cell(value: float | None, spec: str) -> str:
     return "–" if value is None else format(value, spec)
 
 
-def markdown(rows: Sequence[dict[str, Any]], shas: Sequence[str]) -> str:
+def markdown(rows: Sequence[dict[str, Any]], shas: Sequence[str], sha: str | None) -> str:
     """The report: how the check is made, then one line per row."""
     head = [
         "# deto plan's step time against measured s/step",
         "",
-        "Made by `python -m benchmarks.plan_check` from the committed bench results named in the "
-        f"table (recorded at {', '.join(shas)}). Predicted: the plan's s/step for each run's "
-        "own configuration, with the compute time the `none` run's s/step at the same "
-        "bandwidth and seed, latency 0; *probe*: on the rate the link's probe measured "
-        "instead of the configured one; *with tbf burst*: adding the emulation's token bucket "
-        "(schemes without overlap). Measured: the median s/step (mean over the logged steps "
-        "for schemes with a sync period, marked *mean*). Seed means; ratio = predicted / "
-        f"measured; within {TOLERANCE:.0%}: |ratio - 1| <= {TOLERANCE}. Bytes: the measured "
+        f"Made by `python -m benchmarks.plan_check` at {sha or 'an unknown commit'} from the "
+        f"committed bench results named in the table (recorded at {', '.join(shas)}). "
+        "Predicted: the plan's s/step for each run's own configuration, with the compute "
+        "time the `none` run's s/step at the same bandwidth and seed, latency 0; *probe*: on "
+        "the rate the link's probe measured instead of the configured one; *with tbf burst*: "
+        "adding the emulation's token bucket (schemes without overlap). Measured: the median "
+        "s/step (the mean over the logged steps for schemes with a sync period, marked "
+        "*mean*). Seed means; ratio = predicted / measured; within "
+        f"{TOLERANCE:.0%}: |ratio - 1| <= {TOLERANCE}. *Bytes exact*: whether the measured "
         "inter-node bytes per step equal the plan's, to the byte.",
         "",
         "| folder | bandwidth | scheme | seeds | measured s/step | compute s/step | predicted "
@@ -216,6 +218,7 @@ def plot(rows: Sequence[dict[str, Any]], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FormatStrFormatter
 
     markers = "osD^v<>phX*"
     schemes = list(dict.fromkeys(r["scheme"] for r in rows))
@@ -236,6 +239,10 @@ def plot(rows: Sequence[dict[str, Any]], path: Path) -> None:
     ax.set(xscale="log", yscale="log", xlim=(lo, hi), ylim=(lo, hi),
            xlabel="measured s/step", ylabel="deto plan's predicted s/step",
            title="Predicted against measured step time (seed means)")  # fmt: skip
+    for axis in (ax.xaxis, ax.yaxis):  # seconds as plain numbers, not powers of ten
+        axis.set_major_formatter(FormatStrFormatter("%g"))
+        axis.set_minor_formatter(FormatStrFormatter("%g"))
+    ax.tick_params(which="minor", labelsize=6)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -261,12 +268,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("no shaped run with a none run beside it in the folders given")
     rows = aggregate(checks)
     ns.out.mkdir(parents=True, exist_ok=True)
-    shas = shas_of(ns.folders)
-    data = {"meta": {"folders": [f.name for f in ns.folders], "git_shas": shas,
-                     "tolerance": TOLERANCE},
+    shas, sha = shas_of(ns.folders), report.git_sha()
+    data = {"meta": {"folders": [f.name for f in ns.folders], "git_sha": sha,
+                     "results_git_shas": shas, "tolerance": TOLERANCE},
             "rows": rows, "runs": [asdict(c) for c in checks]}  # fmt: skip
     (ns.out / "plan_check.json").write_text(json.dumps(data, indent=2) + "\n")
-    (ns.out / "report.md").write_text(markdown(rows, shas))
+    (ns.out / "report.md").write_text(markdown(rows, shas, sha))
     plot(rows, ns.out / "plan_check.png")
     logger.info("%d of %d rows within %.0f%%; wrote %s", sum(r["within_tolerance"] for r in rows),
                 len(rows), 100 * TOLERANCE, ns.out / "report.md")  # fmt: skip
