@@ -27,12 +27,14 @@ def test_the_bucket_sends_its_share_at_line_rate_and_the_rate_still_bounds_the_s
     assert plan_check.burst_step_s(flow, 2, link, compute_s=0.02) == pytest.approx(0.1)
 
 
+def _run(folder: str, scheme: str) -> dict:
+    runs = json.loads((RESULTS / folder / "results.json").read_text())["runs"]
+    return next(r for r in runs if r["scheme"] == scheme and r["seed"] == 0)
+
+
 def test_a_recorded_run_is_held_to_the_plan_with_none_as_its_compute() -> None:
-    folder = RESULTS / "2026-11-28-cpu-2x2-25mbit"
-    runs = json.loads((folder / "results.json").read_text())["runs"]
-    hsdp, none = (next(r for r in runs if r["scheme"] == s and r["seed"] == 0)
-                  for s in ("hsdp", "none"))  # fmt: skip
-    check = plan_check.check_run(folder.name, hsdp, none)
+    hsdp, none = (_run("2026-11-28-cpu-2x2-25mbit", s) for s in ("hsdp", "none"))
+    check = plan_check.check_run("x", hsdp, none)
     assert check.statistic == "median" and check.period == 1
     assert check.compute_s == none["summary"]["step_time_s_median"]
     assert check.predicted_s == pytest.approx(check.compute_s + 8 * 1_882_112 / 25e6)
@@ -40,3 +42,13 @@ def test_a_recorded_run_is_held_to_the_plan_with_none_as_its_compute() -> None:
     row = plan_check.aggregate([check])[0]
     assert row["predicted_ratio"] == pytest.approx(check.predicted_s / check.measured_s)
     assert row["within_tolerance"]
+
+
+def test_a_scheme_with_a_sync_period_is_compared_by_its_mean() -> None:
+    diloco = _run("2026-12-07-sparseloco-cpu-2x2-100mbit", "diloco")
+    none = _run("2026-11-28-cpu-2x2", "none")  # a none run at the same link, from another folder
+    check = plan_check.check_run("x", diloco, none)
+    assert check.statistic == "mean" and check.period == 25
+    assert check.measured_s == plan_check.mean_step_s(diloco["trace"])
+    assert check.compute_s == plan_check.mean_step_s(none["trace"])
+    assert check.predicted_s == pytest.approx(check.compute_s + 8 * 1_882_112 / 25 / 100e6)
