@@ -8,9 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from deto import plan
 from deto.bench import predicted, sweep
 
 RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+SPARSELOCO = "2026-12-07-sparseloco-cpu-2x2-100mbit"
 
 
 def _recorded() -> list[tuple[str, str, dict]]:
@@ -46,3 +48,20 @@ def test_the_target_row_names_a_run_the_plan_missed() -> None:
     assert claim == "inter-node bytes/step as deto plan predicts" and met is False
     assert evidence.startswith("1/2 runs exact") and "diloco (unshaped, seed 0)" in evidence
     assert sweep._prediction_target([_row("x", 1.0, None)])[1] is None
+
+
+def _run(folder: str, scheme: str, seed: int = 0) -> dict:
+    runs = json.loads((RESULTS / folder / "results.json").read_text())["runs"]
+    return next(r for r in runs if r["scheme"] == scheme and r["seed"] == seed)
+
+
+def test_a_recorded_runs_step_time_is_its_compute_plus_its_bytes_over_the_link() -> None:
+    link = plan.Link(100e6)
+    hsdp = predicted.recorded_run(_run(SPARSELOCO, "hsdp")["summary"]["config"])
+    p = hsdp.predict(link, 0.25)
+    assert p.period == 1 and p.step_s == pytest.approx(0.25 + 8 * 1_882_112 / 100e6)
+    diloco = predicted.recorded_run(_run(SPARSELOCO, "diloco")["summary"]["config"])
+    p = diloco.predict(link, 0.25)  # one full all-reduce every 25 steps, averaged over them
+    assert p.period == 25 and p.peak_node_bytes == 1_882_112
+    assert p.step_s == pytest.approx(0.25 + 8 * 1_882_112 / 25 / 100e6)
+    assert diloco.node_bytes_per_step == pytest.approx(1_882_112 / 25)
