@@ -117,6 +117,9 @@ def test_keyed_topk_is_exact(nb, m, k, data):
     chosen = mag.gather(1, idx).sort(dim=1, descending=True).values
     assert torch.equal(chosen, mag.sort(dim=1, descending=True).values[:, :k])
     assert torch.equal(topk_indices(mag, k, keys).sort(1).values, idx.sort(1).values)
+    # signed values rank by magnitude, exactly as their magnitudes do
+    signs = torch.randint(0, 2, (nb, m), generator=g).float().mul_(2).sub_(1)
+    assert torch.equal(keyed_topk(mag * signs, k, keys), idx)
 
 
 def test_topk_rejects_bad_k():
