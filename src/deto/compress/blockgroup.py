@@ -123,7 +123,7 @@ class BlockGroup:
         self.dc = transform_matrix(transform, self.b1, device, torch.float32)
         # the momentum (state) and the reused workspaces
         self.coeffs = torch.zeros(self.numel, device=device)
-        self._scratch = torch.empty(self.numel, device=device)  # column products, blocks
+        self._scratch = torch.empty(self.numel, device=device)  # column products, magnitudes
         self._aggregate = torch.zeros(self.numel, device=device)  # all-zero between steps
         self._count = torch.zeros(self.numel, dtype=torch.int32, device=device)  # senders, kept so
         self._out = torch.empty(self.numel, device=device)  # decoded updates; top-k keys
@@ -193,16 +193,13 @@ class BlockGroup:
                 torch.mm(x.reshape(-1, self.b1), self.dc.T, out=v.scratch_rows)
                 v.coeffs_3d.baddbmm_(v.dr, v.scratch_3d, beta=decay, alpha=lr)
 
-    def blocks(self, present: list[int]) -> torch.Tensor:
-        """The coefficients of the members ``present`` as ``(blocks, b0 * b1)``, in block
-        order: a view where they already are (1-D blocks of the whole group), else a copy."""
-        if self.b0 == 1 and present == self._all:
-            return self.coeffs.view(-1, self.m)
+    def magnitudes(self, present: list[int]) -> torch.Tensor:
+        """``|coeffs|`` of the members ``present`` as ``(blocks, b0 * b1)``, in block order."""
         start = 0
         for i in present:
             (g0, g1), n = self.members[i].layout.grid, self.members[i].layout.num_blocks
             dst = self._scratch[start * self.m : (start + n) * self.m]
-            dst.view(g0, g1, self.b0, self.b1).copy_(self._views[i].coeffs_blocks)
+            torch.abs(self._views[i].coeffs_blocks, out=dst.view(g0, g1, self.b0, self.b1))
             start += n
         return self._scratch[: start * self.m].view(start, self.m)
 
@@ -215,9 +212,12 @@ class BlockGroup:
         values, and the values as :meth:`WireFormat.encode_values` puts them on the wire. What
         the receivers will read for them (:meth:`WireFormat.send_values`) leaves the momentum.
         """
-        blocks = self.blocks(present)
-        scratch = self._out.view(torch.int32)[: blocks.numel()]  # keys or magnitudes
-        indices = topk_indices(blocks, self.k, scratch)
+        if self.b0 == 1 and present == self._all:  # 1-D blocks are already in block order
+            ranked, signed = self.coeffs.view(-1, self.m), True
+        else:  # blocked by a copy, which may as well be of the magnitudes
+            ranked, signed = self.magnitudes(present), False
+        scratch = self._out.view(torch.int32)[: ranked.numel()]  # keys or magnitudes
+        indices = topk_indices(ranked, self.k, scratch, signed=signed)
         flat = self.flat_index(present, indices)
         values = self.coeffs.index_select(0, flat).view_as(indices)
         encoded, sent = wire.send_values(values)

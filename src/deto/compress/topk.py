@@ -20,21 +20,24 @@ KEYED_MAX_ROW = 256
 
 
 def topk_indices(
-    values: torch.Tensor, k: int, scratch: torch.Tensor | None = None
+    values: torch.Tensor, k: int, scratch: torch.Tensor | None = None, *, signed: bool = True
 ) -> torch.Tensor:
     """Positions of the ``k`` largest magnitudes of each row of ``(blocks, m)`` float32 values.
 
     Returns ``(blocks, k)`` ``int64`` indices, in no particular order within a row; among equal
     magnitudes any choice is a correct one. An ``int32`` ``scratch`` of the same size holds the
     magnitudes (no allocation), and with a small ``k`` on short rows :func:`keyed_topk`'s keys.
+    ``signed=False`` says the values are magnitudes already, which saves a pass of ``abs``.
     """
     m = values.shape[-1]
     if not 1 <= k <= m:
         raise ValueError(f"Invalid top-k: {k} (block has {m} coefficients)")
     if scratch is not None and k <= KEYED_MAX_K and k < m <= KEYED_MAX_ROW:
         return keyed_topk(values, k, scratch.view(values.shape))
-    out = None if scratch is None else scratch.view(values.shape).view(values.dtype)
-    return torch.abs(values, out=out).topk(k, dim=-1, sorted=False).indices
+    if signed:
+        out = None if scratch is None else scratch.view(values.shape).view(values.dtype)
+        values = torch.abs(values, out=out)
+    return values.topk(k, dim=-1, sorted=False).indices
 
 
 def keyed_topk(values: torch.Tensor, k: int, keys: torch.Tensor) -> torch.Tensor:
