@@ -4,20 +4,23 @@ One process, no network: collectives are replaced by a loopback that keeps their
 (packing, unpacking, one copy of the payload per node), so what is timed is what a rank
 computes per step besides forward, backward and the wire. Contenders run in interleaved rounds
 (every contender once per round), so a busy machine slows them alike; ratios are taken per
-round and reported with their spread.
+round and reported with their spread, on wall-clock time and on the thread's CPU time (which
+a loaded machine inflates far less).
 
     python -m benchmarks.micro                        # byte GPT 4x256, 2 ranks per node, 2 nodes
-    python -m benchmarks.micro --only demo-1d-top4 --reference ~/src/DeToNATION
-    python -m benchmarks.micro --baseline-src ../old/src --only demo,demo-flexdemo
+    python -m benchmarks.micro --only demo,demo-lean --reference ~/src/DeToNATION
+    python -m benchmarks.micro --baseline-src ../old/src --only demo,demo-lean
 
 ``--reference`` takes a checkout of the reference implementation (its ``detonation`` package
-and its dependencies importable); it runs in this process on flat shards. ``--baseline-src``
-takes another deto's ``src`` folder; its contenders run in a child process, in the same rounds.
+and its dependencies importable); it runs in this process, once at the block settings of each
+DeMo contender (see :func:`reference_settings`). ``--baseline-src`` takes another deto's
+``src`` folder; its contenders run in a child process, in the same rounds.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import logging
@@ -39,18 +42,35 @@ import torch
 logger = logging.getLogger("benchmarks.micro")
 
 REPO = Path(__file__).resolve().parent.parent
-# name -> (registry name, options); demo-flexdemo is the flexdemo preset's DeMo settings
+# name -> (registry name, options)
 CONTENDERS: dict[str, tuple[str, dict[str, Any]]] = {
-    "demo": ("demo", {}),
-    "demo-flexdemo": ("demo", {"topk": 14, "chunk": 32, "values": "int8"}),
-    "demo-1d-top4": ("demo", {"topk": 4, "chunk": 64, "blocks": "1d"}),
+    "demo": ("demo", {}),  # DeMo()'s defaults, the flexdemo preset's: 1-D, top 4 of 64, int2
+    "demo-lean": ("demo", {"blocks": "2d", "chunk": 32, "topk": 14, "values": "int8"}),
+    "demo-1d-top4-fp32": ("demo", {"values": "fp32"}),  # the reference's settings, fp32 values
     "random": ("random", {}),
     "striding": ("striding", {}),
     "slicing": ("slicing", {}),
     "full": ("full", {}),
     "diloco": ("diloco", {"every": 1}),
 }
-REFERENCE = "reference-1d-top4"  # the reference implementation at demo-1d-top4's settings
+
+
+def reference_settings(name: str) -> tuple[str, int, int] | None:
+    """``(blocks, chunk, topk)`` at which the reference runs beside DeMo contender ``name``
+    (``None`` for other replicators). The reference always sends fp32 values with int32
+    indices; it has no value codecs."""
+    kind, options = CONTENDERS[name]
+    if kind != "demo":
+        return None
+    from deto.replicators.demo import DeMoOptions
+
+    demo = DeMoOptions(**options)
+    return demo.blocks, demo.chunk, demo.topk
+
+
+def reference_label(settings: tuple[str, int, int]) -> str:
+    blocks, chunk, topk = settings
+    return f"reference-{blocks}-{chunk}-top{topk}"
 
 
 # -- shard shapes ----------------------------------------------------------------------------
@@ -106,18 +126,22 @@ def loopback_comm(nodes: int) -> Any:
 
 
 # -- contenders ------------------------------------------------------------------------------
+# one step's (wall-clock seconds, this thread's CPU seconds)
+Timing = tuple[float, float]
+
+
 class Contender:
     """Something that does one step's local work; :meth:`run` times ``steps`` of them."""
 
     def __init__(self, label: str, step: Callable[[int], None]) -> None:
         self.label, self._step, self._count = label, step, 0
 
-    def run(self, steps: int) -> list[float]:
+    def run(self, steps: int) -> list[Timing]:
         times = []
         for _ in range(steps):
-            start = time.perf_counter()
+            wall, cpu = time.perf_counter(), time.thread_time()
             self._step(self._count)
-            times.append(time.perf_counter() - start)
+            times.append((time.perf_counter() - wall, time.thread_time() - cpu))
             self._count += 1
         return times
 
@@ -165,10 +189,20 @@ def deto_contender(
 
 
 def reference_contender(
-    path: str, shapes: list[tuple[str, tuple[int, ...]]], nodes: int
+    path: str,
+    shapes: list[tuple[str, tuple[int, ...]]],
+    nodes: int,
+    settings: tuple[str, int, int],
 ) -> Contender:
-    """The reference implementation's DeMo replicator on flat shards (its FSDP1 layout)."""
-    sys.path.insert(0, str(Path(path).expanduser()))
+    """The reference implementation's DeMo replicator at ``(blocks, chunk, topk)``.
+
+    ``1d`` hands it flat shards (its FSDP1 layout), which it cuts into chunks; ``2d`` hands
+    it the shards in their own shapes, which it cuts into 2-D blocks (1-D tensors in chunks).
+    """
+    blocks, chunk, topk = settings
+    path = str(Path(path).expanduser())
+    if path not in sys.path:
+        sys.path.insert(0, path)
     from detonation.repl import demo_replicator  # type: ignore[import-not-found]
 
     def all_gather(
@@ -179,16 +213,21 @@ def reference_contender(
         return types.SimpleNamespace(wait=lambda: None)
 
     demo_replicator.dist = types.SimpleNamespace(all_gather=all_gather)
-    params = [torch.nn.Parameter(torch.zeros(math.prod(s))) for _, s in shapes]
+    layout = [(math.prod(s),) if blocks == "1d" else s for _, s in shapes]
+    params = [torch.nn.Parameter(torch.zeros(s)) for s in layout]
     group = {"params": params, "lr": 1e-3}
     optim = types.SimpleNamespace(
         param_groups=[group],
         state={p: {} for p in params},
         replication_parallel_group=types.SimpleNamespace(size=lambda: nodes),
     )
-    rep = demo_replicator.DeMoReplicator(compression_topk=4, compression_chunk=64)
-    rep.init(optim)
-    grads = [[g.reshape(-1) for g in gs] for gs in _gradients([s for _, s in shapes], 0)]
+    rep = demo_replicator.DeMoReplicator(compression_topk=topk, compression_chunk=chunk)
+    with contextlib.redirect_stdout(sys.stderr):  # it prints its chunk sizes
+        rep.init(optim)
+    grads = [
+        [g.reshape(s) for g, s in zip(gs, layout, strict=True)]
+        for gs in _gradients([s for _, s in shapes], 0)
+    ]
 
     def step(i: int) -> None:
         rep.pre_step()
@@ -196,7 +235,7 @@ def reference_contender(
             rep.replicate(g, p, optim.state[p], group)
         rep.post_step()
 
-    return Contender(REFERENCE, step)
+    return Contender(reference_label(settings), step)
 
 
 class RemoteContender:
@@ -205,11 +244,11 @@ class RemoteContender:
     def __init__(self, worker: subprocess.Popen[str], name: str) -> None:
         self.label, self._worker, self._name = f"baseline:{name}", worker, name
 
-    def run(self, steps: int) -> list[float]:
+    def run(self, steps: int) -> list[Timing]:
         assert self._worker.stdin is not None and self._worker.stdout is not None
         self._worker.stdin.write(json.dumps({"run": self._name, "steps": steps}) + "\n")
         self._worker.stdin.flush()
-        return json.loads(self._worker.stdout.readline())
+        return [(wall, cpu) for wall, cpu in json.loads(self._worker.stdout.readline())]
 
 
 def start_baseline(
@@ -256,47 +295,50 @@ def rank_shapes(args: argparse.Namespace) -> list[tuple[str, tuple[int, ...]]]:
     return [(n, shard_shape(s, args.ranks_per_node)) for n, s in model_shapes(args.model)]
 
 
-def interleave(contenders: list[Any], rounds: int, steps: int) -> dict[str, list[list[float]]]:
+def interleave(contenders: list[Any], rounds: int, steps: int) -> dict[str, list[list[Timing]]]:
     """Per contender, per round, the step times; every contender runs once per round."""
-    times: dict[str, list[list[float]]] = {c.label: [] for c in contenders}
+    times: dict[str, list[list[Timing]]] = {c.label: [] for c in contenders}
     for r in range(rounds):
         for c in contenders if r % 2 == 0 else contenders[::-1]:
             times[c.label].append(c.run(steps))
     return times
 
 
+def _quartiles(values: list[float]) -> list[float]:
+    return statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
+
+
 def summarize(
-    times: dict[str, list[list[float]]], elements: int, pairs: list[tuple[str, str]]
+    times: dict[str, list[list[Timing]]], elements: int, pairs: list[tuple[str, str]]
 ) -> dict[str, Any]:
+    """Per contender the step-time quartiles; per ``(slower, faster)`` pair the speedups, a
+    ratio of medians per round, on the wall clock and on CPU time."""
     rows = []
     for label, per_round in times.items():
-        flat = sorted(t for r in per_round for t in r)
-        q = statistics.quantiles(flat, n=4) if len(flat) > 1 else [flat[0]] * 3
+        wall = _quartiles(sorted(t[0] for r in per_round for t in r))
+        cpu = _quartiles(sorted(t[1] for r in per_round for t in r))
         rows.append(
             {
                 "contender": label,
-                "ms_median": 1e3 * q[1],
-                "ms_p25": 1e3 * q[0],
-                "ms_p75": 1e3 * q[2],
-                "elements_per_s": elements / q[1],
-                "steps": len(flat),
+                "ms_median": 1e3 * wall[1],
+                "ms_p25": 1e3 * wall[0],
+                "ms_p75": 1e3 * wall[2],
+                "cpu_ms_median": 1e3 * cpu[1],
+                "elements_per_s": elements / wall[1],
+                "steps": sum(len(r) for r in per_round),
             }
         )
     ratios = []
     for slow, fast in pairs:
-        per_round = sorted(
-            statistics.median(a) / statistics.median(b)
-            for a, b in zip(times[slow], times[fast], strict=True)
-        )
-        ratios.append(
-            {
-                "slower": slow,
-                "faster": fast,
-                "speedup_median": statistics.median(per_round),
-                "speedup_min": per_round[0],
-                "speedup_max": per_round[-1],
-            }
-        )
+        entry: dict[str, Any] = {"slower": slow, "faster": fast}
+        for clock, key in ((0, "speedup"), (1, "cpu_speedup")):
+            per_round = sorted(
+                statistics.median(t[clock] for t in a) / statistics.median(t[clock] for t in b)
+                for a, b in zip(times[slow], times[fast], strict=True)
+            )
+            entry[f"{key}_median"] = statistics.median(per_round)
+            entry[f"{key}_min"], entry[f"{key}_max"] = per_round[0], per_round[-1]
+        ratios.append(entry)
     return {"results": rows, "speedups": ratios}
 
 
@@ -312,23 +354,25 @@ def markdown(report: dict[str, Any]) -> str:
         f"load average {env['load_average'][0]:.1f}); "
         f"{report['rounds']} interleaved rounds x {report['steps_per_round']} steps.",
         "",
-        "| contender | ms/step (median) | p25 | p75 | elements/s |",
-        "|---|---|---|---|---|",
+        "| contender | ms/step (median) | p25 | p75 | CPU ms/step (median) | elements/s |",
+        "|---|---|---|---|---|---|",
     ]
     lines += [
         f"| {r['contender']} | {r['ms_median']:.1f} | {r['ms_p25']:.1f} | {r['ms_p75']:.1f} | "
-        f"{r['elements_per_s']:.3g} |"
+        f"{r['cpu_ms_median']:.1f} | {r['elements_per_s']:.3g} |"
         for r in report["results"]
     ]
     if report["speedups"]:
         lines += [
             "",
-            "| faster | slower | speedup (median of rounds) | range over rounds |",
-            "|---|---|---|---|",
+            "| faster | slower | speedup (median of rounds) | range over rounds "
+            "| CPU-time speedup | range |",
+            "|---|---|---|---|---|---|",
         ]
         lines += [
             f"| {s['faster']} | {s['slower']} | {s['speedup_median']:.2f}x | "
-            f"{s['speedup_min']:.2f}-{s['speedup_max']:.2f}x |"
+            f"{s['speedup_min']:.2f}-{s['speedup_max']:.2f}x | {s['cpu_speedup_median']:.2f}x | "
+            f"{s['cpu_speedup_min']:.2f}-{s['cpu_speedup_max']:.2f}x |"
             for s in report["speedups"]
         ]
     return "\n".join(lines) + "\n"
@@ -405,10 +449,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ]
     pairs: list[tuple[str, str]] = []
     if args.reference:
-        contenders.append(reference_contender(args.reference, shapes, args.nodes))
-        if "demo-1d-top4" in args.only:
-            pairs.append((REFERENCE, "demo-1d-top4"))
-        pairs += [(REFERENCE, n) for n in args.only if n.startswith("demo") and n != "demo-1d-top4"]
+        demos = {n: reference_settings(n) for n in args.only}
+        for settings in dict.fromkeys(s for s in demos.values() if s is not None):
+            contenders.append(reference_contender(args.reference, shapes, args.nodes, settings))
+        pairs += [(reference_label(s), n) for n, s in demos.items() if s is not None]
     worker = None
     if args.baseline_src:
         worker, remote = start_baseline(args.baseline_src, args.only, args)
@@ -443,24 +487,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.rounds,
         args.steps,
     )
-    logger.info("%-28s %10s %10s %10s %14s", "contender", "ms/step", "p25", "p75", "elements/s")
+    columns = ("contender", "ms/step", "p25", "p75", "CPU ms", "elements/s")
+    logger.info("%-28s %10s %10s %10s %10s %14s", *columns)
     for r in report["results"]:
         logger.info(
-            "%-28s %10.2f %10.2f %10.2f %14.3g",
+            "%-28s %10.2f %10.2f %10.2f %10.2f %14.3g",
             r["contender"],
             r["ms_median"],
             r["ms_p25"],
             r["ms_p75"],
+            r["cpu_ms_median"],
             r["elements_per_s"],
         )
     for s in report["speedups"]:
         logger.info(
-            "%s is %.2fx faster than %s (per-round range %.2f-%.2f)",
+            "%s is %.2fx faster than %s (per-round range %.2f-%.2f; CPU time %.2fx, %.2f-%.2f)",
             s["faster"],
             s["speedup_median"],
             s["slower"],
             s["speedup_min"],
             s["speedup_max"],
+            s["cpu_speedup_median"],
+            s["cpu_speedup_min"],
+            s["cpu_speedup_max"],
         )
     if args.out:
         out = Path(args.out)

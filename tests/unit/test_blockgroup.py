@@ -68,7 +68,9 @@ def test_dct_domain_momentum_matches_parameter_space(shapes, mode, values):
     for step in range(6):
         grads = [torch.randn(s, generator=g) for s in shapes]
         group.accumulate(present, grads, [0.1] * len(shapes), 0.9)
-        idx, vals = group.select(present, wire)
+        idx, vals, encoded = group.select(present, wire)
+        assert torch.equal(wire.decode_values(encoded, vals.shape, torch.float32),
+                           wire.round_trip(vals))
         ref = [
             reference_step(d, lay, gr, 0.1, 0.9, group.k, wire)
             for d, lay, gr in zip(deltas, layouts, grads, strict=True)
@@ -143,7 +145,7 @@ def test_subset_of_members_and_bad_groups():
     layouts, group = _group(SHAPES_2D, 8, "2d")
     grads = [torch.randn(s) for s in SHAPES_2D]
     group.accumulate([1, 3], [grads[1], grads[3]], [1.0, 1.0], 0.0)
-    idx, _ = group.select([1, 3], WireFormat("fp32"))
+    idx, _, _ = group.select([1, 3], WireFormat("fp32"))
     assert idx.shape == (layouts[1].num_blocks + layouts[3].num_blocks, group.k)
     assert group.momentum(0).abs().sum() == 0  # an absent member is untouched
     with pytest.raises(ValueError, match="one block shape"):

@@ -117,6 +117,12 @@ def test_keyed_topk_is_exact(nb, m, k, data):
     chosen = mag.gather(1, idx).sort(dim=1, descending=True).values
     assert torch.equal(chosen, mag.sort(dim=1, descending=True).values[:, :k])
     assert torch.equal(topk_indices(mag, k, keys).sort(1).values, idx.sort(1).values)
+    # signed values rank by magnitude, exactly as their magnitudes do
+    signs = torch.randint(0, 2, (nb, m), generator=g).float().mul_(2).sub_(1)
+    assert torch.equal(keyed_topk(mag * signs, k, keys), idx)
+    plain = mag.topk(k, dim=-1, sorted=False).indices  # magnitudes need no abs pass
+    assert torch.equal(topk_indices(mag * signs, k), plain)
+    assert torch.equal(topk_indices(mag, k, signed=False), plain)
 
 
 def test_topk_rejects_bad_k():

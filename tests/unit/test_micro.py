@@ -31,13 +31,21 @@ def test_loopback_returns_every_node_the_same_payload():
     assert torch.equal(comm.all_reduce_mean([torch.full((2,), 3.0)])[0], torch.full((2,), 3.0))
 
 
+def test_reference_runs_at_each_demo_contenders_block_settings():
+    assert micro.reference_settings("demo") == ("1d", 64, 4)
+    assert micro.reference_settings("demo-1d-top4-fp32") == ("1d", 64, 4)
+    assert micro.reference_settings("demo-lean") == ("2d", 32, 14)
+    assert micro.reference_settings("full") is None
+    assert micro.reference_label(("2d", 32, 14)) == "reference-2d-32-top14"
+
+
 def test_run_writes_results(tmp_path):
     report = micro.main(
         [
             "--model",
             "bytegpt-1x16",
             "--only",
-            "demo-1d-top4,full,diloco",
+            "demo,full,diloco",
             "--rounds",
             "2",
             "--steps",
@@ -50,9 +58,10 @@ def test_run_writes_results(tmp_path):
     )
     saved = json.loads((tmp_path / "micro.json").read_text())
     assert saved["elements_per_rank"] == report["elements_per_rank"] > 0
-    assert [r["contender"] for r in saved["results"]] == ["demo-1d-top4", "full", "diloco"]
+    assert [r["contender"] for r in saved["results"]] == ["demo", "full", "diloco"]
     assert all(r["steps"] == 2 and r["ms_median"] > 0 for r in saved["results"])
+    assert all(r["cpu_ms_median"] > 0 for r in saved["results"])
     assert saved["environment"]["torch"] == torch.__version__
-    assert "| demo-1d-top4 |" in (tmp_path / "report.md").read_text()
+    assert "| demo |" in (tmp_path / "report.md").read_text()
     with pytest.raises(SystemExit):
         micro.parse_args(["--only", "nope"])

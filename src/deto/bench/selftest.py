@@ -221,7 +221,7 @@ def check_micro(device: str, quick: bool) -> Check:
         micro = importlib.import_module("benchmarks.micro")
         model = "bytegpt-2x128" if quick else "bytegpt-4x256"
         shapes = [(n, micro.shard_shape(s, 2)) for n, s in micro.model_shapes(model)]
-        names = ["demo", "demo-flexdemo", "demo-1d-top4"]
+        names = ["demo", "demo-lean", "demo-1d-top4-fp32"]
         contenders = [micro.deto_contender(n, shapes, 2, device) for n in names]
         for c in contenders:
             c.run(1)  # kernels and caches warm

@@ -195,8 +195,6 @@ class BlockGroup:
 
     def magnitudes(self, present: list[int]) -> torch.Tensor:
         """``|coeffs|`` of the members ``present`` as ``(blocks, b0 * b1)``, in block order."""
-        if self.b0 == 1 and present == self._all:  # 1-D blocks are already in block order
-            return torch.abs(self.coeffs, out=self._scratch).view(-1, self.m)
         start = 0
         for i in present:
             (g0, g1), n = self.members[i].layout.grid, self.members[i].layout.num_blocks
@@ -205,22 +203,28 @@ class BlockGroup:
             start += n
         return self._scratch[: start * self.m].view(start, self.m)
 
-    def select(self, present: list[int], wire: WireFormat) -> tuple[torch.Tensor, torch.Tensor]:
+    def select(
+        self, present: list[int], wire: WireFormat
+    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         """Top-k of each block of the members ``present``, with error feedback.
 
-        Returns ``(indices, values)`` of shape ``(blocks, k)``, block-local indices. What the
-        receivers will read for the values (:meth:`WireFormat.round_trip`) leaves the momentum.
+        Returns ``(indices, values, encoded)``: ``(blocks, k)`` block-local indices and the
+        values, and the values as :meth:`WireFormat.encode_values` puts them on the wire. What
+        the receivers will read for them (:meth:`WireFormat.send_values`) leaves the momentum.
         """
-        magnitudes = self.magnitudes(present)
-        keys = self._out.view(torch.int32)[: magnitudes.numel()]
-        indices = topk_indices(magnitudes, self.k, keys)
+        if self.b0 == 1 and present == self._all:  # 1-D blocks are already in block order
+            ranked, signed = self.coeffs.view(-1, self.m), True
+        else:  # blocked by a copy, which may as well be of the magnitudes
+            ranked, signed = self.magnitudes(present), False
+        scratch = self._out.view(torch.int32)[: ranked.numel()]  # keys or magnitudes
+        indices = topk_indices(ranked, self.k, scratch, signed=signed)
         flat = self.flat_index(present, indices)
         values = self.coeffs.index_select(0, flat).view_as(indices)
-        sent = wire.round_trip(values)
+        encoded, sent = wire.send_values(values)
         self.coeffs.index_copy_(0, flat, (values - sent).view(-1))
         if any(self._views[i].pad is not None for i in present):
             self._restore_padding(present, indices, sent)
-        return indices, values
+        return indices, values, encoded
 
     def _restore_padding(
         self, present: list[int], indices: torch.Tensor, sent: torch.Tensor

@@ -39,8 +39,9 @@ def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
     bit first; value ``i`` starts at bit ``i * bits``. The inverse is :func:`unpack_bits`.
 
     Widths whose values tile whole bytes within 64 bits (6 bits: 4 values in 3 bytes; 10, 12,
-    any width up to 8, ...) are packed word by word with dense shifts; others byte span by byte
-    span. Both write the same stream.
+    any width up to 8, ...) are packed word by word with dense shifts, in the narrowest integer
+    type that holds a word (a byte for 1, 2, 4 and 8 bits); others byte span by byte span. All
+    write the same stream.
     """
     if not 1 <= bits <= 31:
         raise ValueError(f"Invalid bit width: {bits} (expected 1..31)")
@@ -70,31 +71,42 @@ def _word(bits: int) -> tuple[int, int] | None:
     return (run // bits, run // 8) if run <= 63 else None
 
 
+@functools.lru_cache(maxsize=32)
+def _word_shifts(
+    bits: int, device: torch.device
+) -> tuple[torch.dtype, torch.Tensor, torch.Tensor]:
+    """The integer type of a packed word of ``bits``-bit values (the narrowest whose
+    non-negative range holds it), and the shifts that take each value and each byte out of it."""
+    per_word, nbytes_word = _word(bits)  # type: ignore[misc]
+    dtype = torch.uint8 if nbytes_word == 1 else torch.int32 if nbytes_word <= 3 else torch.int64
+    values = torch.arange(per_word, device=device).mul_(bits).to(dtype)
+    nbytes = torch.arange(nbytes_word, device=device).mul_(8).to(dtype)
+    return dtype, values, nbytes
+
+
 def _pack_words(flat: torch.Tensor, bits: int) -> torch.Tensor:
     per_word, nbytes_word = _word(bits)  # type: ignore[misc]
+    dtype, _, byte_shifts = _word_shifts(bits, flat.device)
     count = flat.numel()
-    values = torch.nn.functional.pad(flat, (0, -count % per_word)).view(-1, per_word)
+    values = torch.nn.functional.pad(flat, (0, -count % per_word)).view(-1, per_word).to(dtype)
     word = values[:, 0].clone()
-    for i in range(1, per_word):
+    for i in range(1, per_word):  # a column at a time: faster than a broadcast shift
         word |= values[:, i] << (i * bits)
-    out = torch.empty(word.numel(), nbytes_word, dtype=torch.uint8, device=flat.device)
-    for b in range(nbytes_word):
-        out[:, b] = (word >> (8 * b)) & 0xFF
-    return out.view(-1)[: packed_nbytes(count, bits)]
+    if nbytes_word > 1:
+        word = ((word.unsqueeze(1) >> byte_shifts) & 0xFF).to(torch.uint8)
+    return word.view(-1)[: packed_nbytes(count, bits)]
 
 
 def _unpack_words(buffer: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     per_word, nbytes_word = _word(bits)  # type: ignore[misc]
+    dtype, value_shifts, byte_shifts = _word_shifts(bits, buffer.device)
     groups = -(-count // per_word)
     raw = torch.nn.functional.pad(buffer, (0, groups * nbytes_word - buffer.numel()))
-    raw = raw.view(groups, nbytes_word).to(torch.int64)
-    word = raw[:, 0].clone()
-    for b in range(1, nbytes_word):
-        word |= raw[:, b] << (8 * b)
-    out = torch.empty(groups, per_word, dtype=torch.int64, device=buffer.device)
-    for i in range(per_word):
-        out[:, i] = (word >> (i * bits)) & ((1 << bits) - 1)
-    return out.view(-1)[:count]
+    word = raw.view(groups, nbytes_word).to(dtype)
+    if nbytes_word > 1:
+        word = (word << byte_shifts).sum(dim=1, dtype=dtype, keepdim=True)
+    out = (word >> value_shifts) & ((1 << bits) - 1)
+    return out.view(-1)[:count].to(torch.int64)
 
 
 def _pack_spans(flat: torch.Tensor, bits: int) -> torch.Tensor:
@@ -178,7 +190,11 @@ class WireFormat:
 
     def encode(self, indices: torch.Tensor, values: torch.Tensor, m: int) -> list[torch.Tensor]:
         """``(num_blocks, k)`` indices and float values -> the tensors to send."""
-        return [pack_bits(indices, index_bits(m)), *self.encode_values(values)]
+        return [self.encode_indices(indices, m), *self.encode_values(values)]
+
+    def encode_indices(self, indices: torch.Tensor, m: int) -> torch.Tensor:
+        """Block-local indices into blocks of ``m`` coefficients -> their packed bits."""
+        return pack_bits(indices, index_bits(m))
 
     def decode(
         self, parts: list[torch.Tensor], num_blocks: int, k: int, m: int, dtype: torch.dtype
@@ -192,18 +208,36 @@ class WireFormat:
 
     def round_trip(self, values: torch.Tensor) -> torch.Tensor:
         """What receivers will read for ``values``, in ``values``' dtype (for error feedback)."""
-        shape = (values.shape[0], values.shape[-1])
-        return self.decode_values(self.encode_values(values), shape, values.dtype)
+        return self.send_values(values)[1]
 
     def encode_values(self, values: torch.Tensor) -> list[torch.Tensor]:
         """``(blocks, n)`` float values -> the tensors to send (codes, and scales per block)."""
+        return self._pack(self._levels(values))
+
+    def send_values(self, values: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """:meth:`encode_values` and :meth:`round_trip` of ``values`` from one quantization;
+        the read-back comes from the codes before bit packing, which unpacking restores
+        exactly, so it is bitwise what :meth:`decode_values` gives the receivers."""
+        levels = self._levels(values)
+        shape = (values.shape[0], values.shape[-1])
+        return self._pack(levels), self._values(levels, shape, values.dtype)
+
+    def decode_values(
+        self, parts: list[torch.Tensor], shape: tuple[int, int], dtype: torch.dtype
+    ) -> torch.Tensor:
+        """The tensors of :meth:`encode_values` -> the ``shape`` values receivers read."""
+        return self._values(self._unpack(parts, shape), shape, dtype)
+
+    def _levels(self, values: torch.Tensor) -> list[torch.Tensor]:
+        """What is sent for ``(blocks, n)`` values, before bit packing: the values themselves
+        (fp32, bf16), or integer codes (in any dtype) and one scale per block."""
         v = values.float()
         if self.values == "fp32":
             return [v]
         if self.values == "bf16":
             return [values.to(torch.bfloat16)]
         if self.values == "sign":
-            return [pack_bits(torch.signbit(v) & (v != 0), 1), v.abs().mean(dim=-1, keepdim=True)]
+            return [torch.signbit(v) & (v != 0), v.abs().mean(dim=-1, keepdim=True)]
         # A non-finite value makes its block's scale non-finite, which is what carries it to the
         # receivers (where the optimizer's non-finite check sees it on every node alike); the
         # codes themselves only need to stay in range, so NaN codes become 0.
@@ -213,27 +247,35 @@ class WireFormat:
             scale = peak / top
             safe = torch.where(scale > 0, scale, torch.ones_like(scale))
             codes = torch.round(v / safe).nan_to_num_(0.0).clamp_(-top, top)
-            if self.values == "int8":
-                return [codes.to(torch.int8), scale]
-            return [pack_bits(codes.add_(INT4_MAX), 4), scale]
+            return [codes.to(torch.int8) if self.values == "int8" else codes, scale]
         # int2: level q in 0..3 is (2q - 3) / 3 of the peak; the nearest one
         safe = torch.where(peak > 0, peak, torch.ones_like(peak))
-        codes = torch.floor(v / safe * 1.5).add_(2).nan_to_num_(0.0).clamp_(0, 3)
-        return [pack_bits(codes, 2), peak]
+        return [torch.floor(v / safe * 1.5).add_(2).nan_to_num_(0.0).clamp_(0, 3), peak]
 
-    def decode_values(
-        self, parts: list[torch.Tensor], shape: tuple[int, int], dtype: torch.dtype
+    def _pack(self, levels: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Bit-pack the codes of the sub-byte codecs (int4's shifted to be non-negative)."""
+        if self.values not in ("int4", "int2", "sign"):
+            return levels
+        codes = levels[0] + INT4_MAX if self.values == "int4" else levels[0]
+        return [pack_bits(codes, SCALED_BITS[self.values]), levels[1]]
+
+    def _unpack(self, parts: list[torch.Tensor], shape: tuple[int, int]) -> list[torch.Tensor]:
+        """Inverse of :meth:`_pack`."""
+        if self.values not in ("int4", "int2", "sign"):
+            return parts
+        codes = unpack_bits(parts[0], SCALED_BITS[self.values], shape[0] * shape[1]).view(shape)
+        return [codes - INT4_MAX if self.values == "int4" else codes, parts[1]]
+
+    def _values(
+        self, levels: list[torch.Tensor], shape: tuple[int, int], dtype: torch.dtype
     ) -> torch.Tensor:
-        """The tensors of :meth:`encode_values` -> the ``shape`` values receivers read."""
-        if self.values == "int8":
-            return (parts[0].to(torch.float32) * parts[1]).to(dtype)
-        if self.values == "int4":
-            codes = unpack_bits(parts[0], 4, shape[0] * shape[1]).view(shape)
-            return ((codes - INT4_MAX).to(torch.float32) * parts[1]).to(dtype)
-        if self.values in ("int2", "sign"):
-            bits = SCALED_BITS[self.values]
-            codes = unpack_bits(parts[0], bits, shape[0] * shape[1]).view(shape)
-            if self.values == "sign":
-                return ((1 - 2 * codes).to(torch.float32) * parts[1]).to(dtype)
-            return ((2 * codes - 3).to(torch.float32) / 3 * parts[1]).to(dtype)
-        return parts[0].to(dtype).reshape(shape)
+        """The values that :meth:`_levels`' output stands for (integer codes in any dtype
+        give the same floats)."""
+        codes = levels[0]
+        if self.values in ("int8", "int4"):
+            return (codes.to(torch.float32) * levels[1]).to(dtype)
+        if self.values == "sign":
+            return ((1 - 2 * codes.to(torch.int64)).to(torch.float32) * levels[1]).to(dtype)
+        if self.values == "int2":
+            return ((2 * codes - 3).to(torch.float32) / 3 * levels[1]).to(dtype)
+        return codes.to(dtype).reshape(shape)

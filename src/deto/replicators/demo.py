@@ -339,8 +339,8 @@ class DeMo(MomentumReplicator):
         active = sorted((g, sorted(members)) for g, members in present.items())
         payload: list[torch.Tensor] = []
         for g, members in active:
-            idx, vals = self.groups[g].select(members, self.wire)
-            payload += self.wire.encode(idx, vals, self.groups[g].m)
+            idx, _, values = self.groups[g].select(members, self.wire)
+            payload += [self.wire.encode_indices(idx, self.groups[g].m), *values]
 
         if dense:
             averaged = comm.all_reduce_mean([deltas[j] for j in dense])
