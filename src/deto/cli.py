@@ -35,6 +35,14 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
+    def _get_values(self, action: argparse.Action, arg_strings: list[str]) -> Any:
+        # Python 3.11's argparse drops the "--" of "--flag=--" and hands the flag [] for its
+        # one argument, which every flag's parsing then trips over: say what argparse says of
+        # a missing argument instead.
+        if action.nargs is None and action.option_strings and arg_strings == ["--"]:
+            raise argparse.ArgumentError(action, "expected one argument")
+        return super()._get_values(action, arg_strings)
+
 
 def _log_level(ns: argparse.Namespace) -> int:
     return logging.DEBUG if ns.verbose else logging.WARNING if ns.quiet else logging.INFO

@@ -22,6 +22,13 @@ MESH_DIMS = ("replicate", "shard")
 DEFAULT_TIMEOUT_S = 60.0
 """Collective timeout: long enough for a slow link's largest exchange, short enough that a
 silent peer (a hung host, a dead link) stops the run in a minute, not torch's 10-30."""
+MIN_TIMEOUT_S = 1e-3
+"""The shortest collective timeout: torch counts it in whole milliseconds, and a timeout that
+rounds to 0 ms there means no timeout at all."""
+MAX_TIMEOUT_S = 7 * 24 * 3600.0
+"""The longest collective timeout: a week, beyond any exchange or checkpoint save. Finite,
+because the timeout becomes a ``datetime.timedelta`` (at most 1e9 days) and torch's millisecond
+clocks: ``--timeout 1e20`` overflowed there, on every rank, after the launch."""
 TIMEOUT_ENV = "DETO_TIMEOUT"
 NODES_ENV = "DETO_NODES"
 
@@ -35,7 +42,8 @@ class Topology:
         ranks_per_node: accelerators per node (S), the size of the ``shard`` axis.
         device: ``"cpu"``, ``"cuda"`` or ``None`` (CUDA when available, else CPU).
         timeout: seconds a collective may wait for a peer before it fails, on the world and
-            on both mesh axes (torch's default is 10 minutes for NCCL, 30 for gloo).
+            on both mesh axes (torch's default is 10 minutes for NCCL, 30 for gloo); at most
+            :data:`MIN_TIMEOUT_S` to :data:`MAX_TIMEOUT_S`.
     """
 
     nodes: int
@@ -46,7 +54,7 @@ class Topology:
     def __post_init__(self) -> None:
         check_int("nodes", self.nodes, 1)
         check_int("ranks_per_node", self.ranks_per_node, 1)
-        check_float("timeout", self.timeout, 0.0, float("inf"), low_open=True, high_open=True)
+        check_float("timeout", self.timeout, MIN_TIMEOUT_S, MAX_TIMEOUT_S)
         if self.device is not None:
             try:
                 kind = torch.device(self.device).type
@@ -187,7 +195,7 @@ def timeout_from_env(env: dict[str, str] | None = None) -> float:
         value = float(text)
     except ValueError:
         raise ValueError(f"Invalid {TIMEOUT_ENV}: {text!r} (expected seconds, e.g. 60)") from None
-    return check_float(TIMEOUT_ENV, value, 0.0, float("inf"), low_open=True, high_open=True)
+    return check_float(TIMEOUT_ENV, value, MIN_TIMEOUT_S, MAX_TIMEOUT_S)
 
 
 def _set_timeouts(mesh: DeviceMesh, timeout: datetime.timedelta) -> None:

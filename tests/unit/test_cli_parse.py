@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import datetime
 import functools
+import math
 import random
 import string
 
 import pytest
 
+import deto
 from deto import cli
 from deto.replicators.options import in_range
 from deto.run import provenance
@@ -53,15 +56,34 @@ def test_every_numeric_key_declares_its_range() -> None:
     assert len(NUMERIC) > 20
 
 
+def test_every_float_key_has_a_finite_upper_bound() -> None:
+    """A float past its bound is refused when read: none reaches a conversion that overflows
+    (``--timeout 1e20`` did, in ``datetime.timedelta``, on every rank after the launch)."""
+    floats = [name for name in NUMERIC if KEYS[name].type == "float"]
+    assert {"lr", "timeout", "outer_lr"} <= set(floats)
+    for name in floats:
+        assert math.isfinite(KEYS[name].metadata["high"]), name
+    for bound, ms in (("low", 1), ("high", 604_800_000)):  # torch's whole milliseconds
+        timeout = deto.Topology(nodes=1, timeout=KEYS["timeout"].metadata[bound])
+        assert timeout.collective_timeout == datetime.timedelta(milliseconds=ms)
+    for wrong in (1e-4, 1e20):  # 0 ms would mean no timeout; 1e20 s overflows timedelta
+        with pytest.raises(ValueError, match="timeout"):
+            deto.Topology(nodes=1, timeout=wrong)
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
         (["train", "--seq-len", "0"], "--seq-len must be an integer >= 1, got 0"),
         (["train", "--nodes=-3"], "--nodes must be an integer >= 1, got -3"),
         (["train", "--steps", "2.5"], "--steps must be an integer >= 1, got '2.5'"),
-        (["train", "--lr", "nan"], "--lr must be a number in (0.0, inf), got nan"),
-        (["train", "--lr", "1e400"], "--lr must be a number in (0.0, inf), got 1e400"),
-        (["train", "--timeout", "0"], "--timeout must be a number in (0.0, inf), got 0"),
+        (["train", "--lr", "nan"], "--lr must be a number in (0.0, 1000.0], got nan"),
+        (["train", "--lr", "1e400"], "--lr must be a number in (0.0, 1000.0], got 1e400"),
+        (["train", "--timeout", "0"], "--timeout must be a number in [0.001, 604800.0], got 0"),
+        (["train", "--timeout", "1e20"],
+         "--timeout must be a number in [0.001, 604800.0], got 1e20"),
+        (["train", "--grad-clip", "1e308"],
+         "--grad-clip must be a number in [0.0, 1000000000.0], got 1e308"),
         (["train", "--decay", "1"], "--decay must be a number in [0.0, 1.0), got 1"),
         (["train", "--seed", str(2**64)],
          f"--seed must be an integer in [0, {2**64 - 1}], got {2**64}"),
@@ -87,8 +109,10 @@ def test_a_flag_and_a_config_file_share_one_range(capsys) -> None:
 
 
 SPECIAL = [
-    "0", "-0", "1", "-1", "2", "7", "0.5", "1.5", "-1.5", "1e-300", "1e3", "1e400", "-1e400",
-    "nan", "NaN", "-nan", "inf", "-inf", "Infinity", str(2**31), str(2**63), str(2**64 - 1),
+    "0", "-0", "1", "-1", "2", "7", "0.5", "1.5", "-1.5", "1e-300", "1e3", "1e20", "1e308",
+    "-1e308", "1.7976931348623157e308", "1e400", "-1e400", "nan", "NaN", "-nan", "inf", "-inf",
+    "Infinity", "604800", "604800.0001", "1000.0", "1000.0001", "1e9", "1000000001", "1e-4",
+    str(2**31), str(2**63), str(2**64 - 1),
     str(2**64), str(10**30), "9" * 5000, "x", "", " ", "\n5", "-5\n", "1,2", "0x10", "1_000",
     "\uff11", "--", "-", "True", "None", "1 2",
 ]  # fmt: skip
@@ -120,8 +144,9 @@ def _context(name: str) -> list[str]:
 
 
 def test_fuzz_every_numeric_flag(capsys, monkeypatch) -> None:
-    """Random values for every numeric flag of every subcommand, parsed and validated (never
-    run): each either parses into a valid config or ends with one line naming the flag, exit 2."""
+    """Random values for every numeric flag of every subcommand, huge ones (1e20, 1e308, inf)
+    and nan among them, parsed and validated (never run): each either parses into a valid,
+    finite config or ends with one line naming the flag and its range, exit 2."""
     from deto.launch import dispatch
 
     parsed: dict[str, object] = {}
@@ -155,7 +180,10 @@ def test_fuzz_every_numeric_flag(capsys, monkeypatch) -> None:
                 f = KEYS[name]
                 value = parsed[name]
                 assert type(value) is (int if f.type == "int" else float), what
-                assert in_range(f, value), what
+                assert in_range(f, value) and math.isfinite(value), what
+                if name == "timeout":  # what every rank turns it into
+                    ms = deto.Topology(nodes=1, timeout=value).collective_timeout / 1e-3
+                    assert 1 <= ms.total_seconds() < 2**63, what  # torch's milliseconds, not 0
                 continue
             assert code == 2 and out == "", what
             lines = err.splitlines()

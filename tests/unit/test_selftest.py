@@ -41,6 +41,8 @@ def test_the_quick_dry_run_needs_only_torch_and_writes_its_results(tmp_path) -> 
         assert checks[name]["status"] == "pass"
         assert checks[name]["numbers"]["replicas_identical"] is True
         assert checks[name]["numbers"]["inter_node_bytes_sent_per_step"] > 0
+        memory = checks[name]["numbers"]
+        assert memory["memory_held_bytes"] == memory["memory_plan_bytes"] > 0  # deto.plan's
     assert checks["demo microbenchmark"]["numbers"]["demo_ms"] > 0
     assert checks["peak memory"]["numbers"]["rss_mb"] > 0
     assert checks["integration hf_trainer.py"]["status"] == "skip"
@@ -114,3 +116,38 @@ def test_an_out_that_cannot_be_a_folder_is_one_line(tmp_path, capsys) -> None:
     assert main(["selftest", "--device", "cpu", "--quick", "--out", str(tmp_path / "taken")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "cannot make the folder" in err[0]
+
+
+PLANNED = {"params": 400, "grads": 400, "optimizer": 800, "replicator": 400}
+
+
+def test_the_counted_state_must_equal_the_plan_kind_by_kind() -> None:
+    held = {**PLANNED, "optimizer_other": 32}  # AdamW's step counters: outside the plan
+    numbers, reason = selftest.compare_memory(held, PLANNED)
+    assert reason == "" and numbers["memory_held_bytes"] == numbers["memory_plan_bytes"] == 2000
+    assert numbers["optimizer_other_bytes_not_in_plan"] == 32
+    _, reason = selftest.compare_memory({**held, "replicator": 0}, PLANNED)
+    assert reason == "persistent state differs from deto.plan: replicator 0 B, plan 400 B"
+
+
+def test_a_cuda_peak_below_the_band_of_the_plan_fails() -> None:
+    held = {**PLANNED, "optimizer_other": 0}
+    numbers, reason = selftest.compare_memory(held, PLANNED, peak_bytes=3 * 2000, copies=2)
+    assert reason == "" and numbers["memory_peak_vs_plan"] == 1.5  # two ranks in one process
+    numbers, reason = selftest.compare_memory(held, PLANNED, peak_bytes=1700)
+    assert numbers["memory_peak_vs_plan"] == 0.85
+    assert reason == "peak 1700 B is 0.85 x the plan's 1 x 2000 B, below 0.9"
+
+
+@pytest.mark.skipif(torch.distributed.is_initialized(), reason="needs this process's world")
+def test_fsdp2_state_off_the_plan_fails_the_check(monkeypatch) -> None:
+    """The live FSDP2 run's counted state against a plan that is one byte off."""
+    from deto.bench import selftest_fsdp
+
+    monkeypatch.setattr(selftest_fsdp, "SCHEMES", {"full": selftest_fsdp.SCHEMES["full"]})
+    true_plan = selftest_fsdp.planned_bytes
+    monkeypatch.setattr(selftest_fsdp, "planned_bytes", lambda scheme, ranks: {
+        **true_plan(scheme, ranks), "grads": true_plan(scheme, ranks)["grads"] + 1})
+    [check] = selftest.check_fsdp_one_rank("cpu")
+    assert check.status == "fail"
+    assert check.reason.startswith("persistent state differs from deto.plan: grads ")

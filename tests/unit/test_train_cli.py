@@ -24,7 +24,7 @@ def _run(capsys, *argv: str) -> tuple[int, str, str]:
     [
         (["--nodes", "0"], "--nodes must be an integer >= 1, got 0"),
         (["--nodes", "two"], "--nodes must be an integer >= 1, got 'two'"),
-        (["--lr", "fast"], "--lr must be a number in (0.0, inf), got 'fast'"),
+        (["--lr", "fast"], "--lr must be a number in (0.0, 1000.0], got 'fast'"),
         (["--scheme", "dmeo"], "invalid choice: 'dmeo'"),
         (["--config", "/nonexistent/run.toml"], "Config file not found"),
         (["--scheme", "demo", "--ranks-per-node", "2"], "Invalid topology"),

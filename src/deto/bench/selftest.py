@@ -47,6 +47,12 @@ ATOL = 2e-4
 steps move a weight by at most ~4e-3; summation order differs between devices, and a top-k tie
 broken the other way moves single weights by about one step, so 2e-4 separates rounding from a
 wrong result. Two runs on one device must agree bitwise (deto promises it, on every device)."""
+MEMORY_BAND = 0.9
+"""On CUDA a rank's measured peak (``torch.cuda.max_memory_allocated``) must reach this share of
+the persistent state ``deto.plan`` predicts. The plan counts parameters, gradients, optimizer
+and replicator state only; activations, FSDP2's unsharded parameters and workspaces come on
+top, so the band is a lower bound: a peak below it means the plan counts state a run does not
+keep. On every device the state counted from the live tensors must equal the plan's."""
 SUBPROCESS_TIMEOUT_S = 150
 """An integration example's child process: a few steps take seconds; a hang must not eat the
 lent machine's minutes."""
@@ -144,6 +150,36 @@ def check_replicators(device: str) -> list[Check]:
     return out
 
 
+def compare_memory(
+    held: dict[str, int], planned: dict[str, int], peak_bytes: int | None = None,
+    copies: int = 1,
+) -> tuple[dict[str, Any], str]:
+    """A rank's persistent state (``selftest_fsdp.held_bytes``) and, on CUDA, its measured peak
+    (of ``copies`` such ranks in one process) against ``deto.plan``'s prediction: the numbers
+    to report, and why the check fails ('' when it passes). The counted state must equal the
+    plan kind by kind; the peak must reach :data:`MEMORY_BAND` of the plan."""
+    counted = {kind: held[kind] for kind in planned}
+    plan_total = sum(planned.values())
+    numbers: dict[str, Any] = {
+        "memory_held_bytes": sum(counted.values()), "memory_plan_bytes": plan_total,
+        "memory_held_by_kind": counted,
+        "optimizer_other_bytes_not_in_plan": held.get("optimizer_other", 0),
+    }
+    reason = ""
+    if counted != planned:
+        wrong = ", ".join(f"{kind} {counted[kind]} B, plan {planned[kind]} B"
+                          for kind in planned if counted[kind] != planned[kind])  # fmt: skip
+        reason = f"persistent state differs from deto.plan: {wrong}"
+    if peak_bytes is not None:
+        ratio = peak_bytes / (copies * plan_total)
+        numbers.update(memory_peak_bytes=peak_bytes, memory_peak_vs_plan=round(ratio, 3),
+                       memory_band=f">= {MEMORY_BAND}")  # fmt: skip
+        if not reason and ratio < MEMORY_BAND:
+            reason = (f"peak {peak_bytes} B is {ratio:.2f} x the plan's {copies} x {plan_total} "
+                      f"B, below {MEMORY_BAND}")
+    return numbers, reason
+
+
 def check_fsdp_one_rank(device: str) -> list[Check]:
     """FSDP2 + DeMo and Full on a one-rank world of ``device``'s backend, 2 FakeComm nodes:
     replicas bitwise equal, parameters equal to the same run without FSDP2 within ATOL."""
@@ -159,16 +195,22 @@ def check_fsdp_one_rank(device: str) -> list[Check]:
     try:
         for scheme in selftest_fsdp.SCHEMES:
             with timed(Check(f"fsdp2 {scheme} 2 fake nodes x 1 {backend} rank")) as check:
-                found = selftest_fsdp.fake_nodes_run(scheme, meshes, initial)
+                with selftest_fsdp.peak_window(meshes[0].device_type) as peak:  # both nodes
+                    found = selftest_fsdp.fake_nodes_run(scheme, meshes, initial)
                 plain = selftest_fsdp.plain_run(scheme, device, initial)
                 diff = max_diff(found["params"], plain)
+                memory, memory_failed = compare_memory(
+                    found["held_bytes"], selftest_fsdp.planned_bytes(scheme, 1),
+                    peak[0] if peak else None, copies=len(meshes))
                 check.numbers = {
                     "replicas_identical": found["replicas_identical"],
                     "max_abs_diff_vs_unsharded": diff, "atol": ATOL,
-                    "inter_node_bytes_sent_per_step": found["bytes_sent_per_step"],
+                    "inter_node_bytes_sent_per_step": found["bytes_sent_per_step"], **memory,
                     "peak_memory_mb_so_far": _peak_mb(device),  # the process's: both nodes
                 }
-                if not found["sharded"]:
+                if memory_failed:
+                    check.fail(memory_failed)
+                elif not found["sharded"]:
                     check.fail("FSDP2 left parameters unsharded")
                 elif not found["replicas_identical"]:
                     check.fail("replicas differ across nodes")
@@ -200,10 +242,21 @@ def check_fsdp_torchrun(device: str, work: Path) -> Check:
         per_rank = [json.loads((out / f"rank{r}.json").read_text()) for r in range(ranks)]
         check.numbers = {"peak_memory_mb_per_rank": [r["peak_memory_mb"] for r in per_rank]}
         for scheme in selftest_fsdp.SCHEMES:
-            check.numbers[f"{scheme}_node_bytes_sent_per_step"] = per_rank[0][scheme][
+            mine = [r[scheme] for r in per_rank]
+            check.numbers[f"{scheme}_node_bytes_sent_per_step"] = mine[0][
                 "node_bytes_sent_per_step"]
-            if not all(r[scheme]["replicas_identical"] for r in per_rank):
+            # the plan's rank is rank 0 (the largest shards; the net's dims divide evenly, so
+            # every rank's are the same size): each rank's state and peak against it
+            found = [compare_memory(r["held_bytes"], r["planned_bytes"], r["peak_bytes"])
+                     for r in mine]  # fmt: skip
+            check.numbers[f"{scheme}_memory"] = found[0][0]
+            check.numbers[f"{scheme}_memory_peak_vs_plan_per_rank"] = [
+                n.get("memory_peak_vs_plan") for n, _ in found]
+            failed = next((reason for _, reason in found if reason), "")
+            if not all(r["replicas_identical"] for r in mine):
                 check.fail(f"{scheme}: replicas differ across nodes")
+            elif failed:
+                check.fail(f"{scheme}: {failed}")
     return check
 
 

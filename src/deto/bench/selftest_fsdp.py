@@ -8,6 +8,10 @@ one-rank group (NCCL does not promise that two threads may drive one communicato
 each node's thread gets its own). Where there are
 several GPUs, :func:`main` is the body of a ``torchrun`` launch with ``DETO_NODES=2``: real
 NCCL inside and across the nodes.
+
+Each run also counts the persistent state a rank holds, from its live tensors, in the kinds of
+:func:`deto.plan.memory_per_rank` (:func:`held_bytes`), so the self-check can hold the plan's
+memory model to what a real FSDP2 run keeps (:func:`planned_bytes`).
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ import json
 import os
 import resource
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +33,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
 import deto
+from deto import plan
 from deto.replicators.base import local_tensor
 from deto.sharding import shard_model
 
@@ -68,10 +74,85 @@ def train_steps(model: nn.Module, opt: deto.DecoupledOptimizer, node: int) -> No
         opt.zero_grad()
 
 
+def _nbytes(tensors: Sequence[torch.Tensor]) -> int:
+    """Bytes of this rank's part of ``tensors``, each tensor once."""
+    unique = {id(t): local_tensor(t) for t in tensors}.values()
+    return sum(t.numel() * t.element_size() for t in unique)
+
+
+def held_bytes(model: nn.Module, opt: deto.DecoupledOptimizer) -> dict[str, int]:
+    """The persistent state this rank holds after a step, counted from the live tensors in
+    :func:`deto.plan.memory_per_rank`'s kinds: parameter and gradient shards, the base
+    optimizer's parameter-sized state, every replicator's buffers (call it before
+    ``zero_grad``, while the gradients exist). Parameter-sized is the plan's rule
+    (:func:`deto.plan.cost.optimizer_state_copies`): as many elements as the parameter's
+    shard. ``optimizer_other`` is the rest of the base optimizer's state (AdamW's ``step``,
+    one 4-byte tensor per parameter), which the plan leaves out and the comparison skips."""
+    params: list[torch.Tensor] = list(model.parameters())
+    sized: list[torch.Tensor] = []
+    other: list[torch.Tensor] = []
+    for p in params:
+        for t in opt.base.state.get(p, {}).values():
+            if isinstance(t, torch.Tensor):
+                same = local_tensor(t).numel() == local_tensor(p).numel()
+                (sized if same else other).append(t)
+    return {
+        "params": _nbytes(params),
+        "grads": _nbytes([p.grad for p in params if p.grad is not None]),
+        "optimizer": _nbytes(sized),
+        "replicator": _nbytes([t for r in opt.replicators for s in r.state for t in s.values()]),
+        "optimizer_other": _nbytes(other),
+    }
+
+
+def planned_bytes(scheme: str, ranks_per_node: int) -> dict[str, int]:
+    """What :func:`deto.plan.memory_per_rank` predicts rank 0 holds for ``scheme`` on
+    :func:`net` (AdamW, as the runs here) with ``ranks_per_node`` FSDP2 ranks per node."""
+    with torch.device("meta"):
+        shapes = plan.from_module(net(), "the self-check's net")
+    return plan.memory_per_rank(
+        plan.Scheme(scheme, SCHEMES[scheme](), torch.optim.AdamW), shapes, ranks_per_node
+    )
+
+
+class CudaPeak:
+    """The CUDA allocator's peak within a window of this process, and over the whole process.
+
+    torch keeps one peak counter, which a window must reset to see its own peak; the highest
+    peak before each reset is kept, so the process's peak stays what it was."""
+
+    def __init__(self) -> None:
+        self._before = 0
+
+    @contextmanager
+    def window(self, device: torch.device) -> Iterator[list[int]]:
+        """Yields a list that holds the window's peak in bytes once the block ends."""
+        self._before = max(self._before, torch.cuda.max_memory_allocated(device))
+        torch.cuda.reset_peak_memory_stats(device)
+        found: list[int] = []
+        yield found
+        found.append(torch.cuda.max_memory_allocated(device))
+
+    def process_bytes(self, device: torch.device) -> int:
+        return max(self._before, torch.cuda.max_memory_allocated(device))
+
+
+CUDA_PEAK = CudaPeak()
+"""This process's one: every window and the process's peak read the same counter."""
+
+
+def peak_window(device_type: str) -> AbstractContextManager[list[int]]:
+    """The CUDA allocator's peak inside the block, on the current GPU (:meth:`CudaPeak.window`);
+    on the CPU an empty list: no allocator counts a peak there."""
+    if device_type == "cuda":
+        return CUDA_PEAK.window(torch.device("cuda", torch.cuda.current_device()))
+    return nullcontext([])
+
+
 def peak_memory_mb(device: torch.device) -> float:
     """This process's peak: the CUDA allocator's on a GPU, the resident set on the CPU."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 1e6
+        return CUDA_PEAK.process_bytes(device) / 1e6
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3
 
 
@@ -94,10 +175,11 @@ def fake_nodes_run(
     """``scheme`` across one FakeComm node per mesh, each an FSDP2 model sharded on its mesh.
 
     Returns node 0's parameters, whether every node's are bitwise equal, the inter-node bytes
-    node 0 sent per step, and whether FSDP2 made every parameter a DTensor.
+    node 0 sent per step, whether FSDP2 made every parameter a DTensor, and the persistent
+    state node 0 holds after its last step (:func:`held_bytes`).
     """
 
-    def node(comm: deto.Comm) -> tuple[list[torch.Tensor], int, bool]:
+    def node(comm: deto.Comm) -> tuple[list[torch.Tensor], int, bool, dict[str, int]]:
         mesh = meshes[comm.rank]
         cuda = mesh.device_type == "cuda"
         device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
@@ -112,20 +194,23 @@ def fake_nodes_run(
             x = batch(t, comm.rank, device)
             model(x).sub(x.flip(1)).pow(2).mean().backward()
             opt.step()
+            held = held_bytes(model, opt)
             opt.zero_grad()
             sent += opt.stats().bytes_sent
         sharded = all(isinstance(p, DTensor) for p in model.parameters())
-        return [local_tensor(p).detach().cpu().clone() for p in model.parameters()], sent, sharded
+        params = [local_tensor(p).detach().cpu().clone() for p in model.parameters()]
+        return params, sent, sharded, held
 
     found = deto.FakeComm(nodes=len(meshes), timeout_s=120).run(node)
-    params = [p for p, _, _ in found]
+    params = [p for p, _, _, _ in found]
     return {
         "params": params[0],
         "replicas_identical": all(
             torch.equal(a, b) for other in params[1:] for a, b in zip(params[0], other, strict=True)
         ),
         "bytes_sent_per_step": found[0][1] // STEPS,
-        "sharded": all(sharded for _, _, sharded in found),
+        "sharded": all(sharded for _, _, sharded, _ in found),
+        "held_bytes": found[0][3],
     }
 
 
@@ -155,22 +240,28 @@ def main(argv: list[str] | None = None) -> int:
     initial = net().state_dict()
     topology = deto.Topology.from_env(device=args.device)
     found: dict[str, Any] = {"nodes": topology.nodes, "ranks_per_node": topology.ranks_per_node}
+    device = topology.torch_device
     for scheme in SCHEMES:
         model = net()
         model.load_state_dict(initial)
-        model, opt = deto.prepare(model, topology, replicator=SCHEMES[scheme](),
-                                  optimizer=torch.optim.AdamW, lr=LR, sign=False)
-        sent = 0
-        for t in range(STEPS):
-            x = batch(t, topology.node, topology.torch_device)
-            model(x).sub(x.flip(1)).pow(2).mean().backward()
-            opt.step()
-            opt.zero_grad()
-            sent += opt.stats().node_bytes_sent
+        with peak_window(device.type) as peak:  # the scheme's own
+            model, opt = deto.prepare(model, topology, replicator=SCHEMES[scheme](),
+                                      optimizer=torch.optim.AdamW, lr=LR, sign=False)
+            sent = 0
+            for t in range(STEPS):
+                x = batch(t, topology.node, device)
+                model(x).sub(x.flip(1)).pow(2).mean().backward()
+                opt.step()
+                held = held_bytes(model, opt)
+                opt.zero_grad()
+                sent += opt.stats().node_bytes_sent
         report = deto.check_replicas(model, opt, repair=False)
         found[scheme] = {"replicas_identical": not report.diverged,
-                         "node_bytes_sent_per_step": sent // STEPS}
-    found["peak_memory_mb"] = peak_memory_mb(topology.torch_device)
+                         "node_bytes_sent_per_step": sent // STEPS, "held_bytes": held,
+                         "planned_bytes": planned_bytes(scheme, topology.ranks_per_node),
+                         "peak_bytes": peak[0] if peak else None}
+        del model, opt  # the next scheme's peak is its own
+    found["peak_memory_mb"] = peak_memory_mb(device)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"rank{dist.get_rank()}.json").write_text(json.dumps(found))
     dist.destroy_process_group()

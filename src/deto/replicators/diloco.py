@@ -24,7 +24,7 @@ from deto.compress.chunking import BlockMode
 from deto.compress.wire import VALUE_CODECS
 from deto.replicators.base import ParamReplicator, Slot, register
 from deto.replicators.demo import DeMo
-from deto.replicators.options import ReplicatorOptions, knob
+from deto.replicators.options import MAX_LR, ReplicatorOptions, knob
 
 COMPRESSION = ("none", "topk", "demo")
 """How the pseudo-gradient crosses nodes: exactly (an all-reduce), or its top-k per block of
@@ -37,7 +37,9 @@ class OuterOptions(ReplicatorOptions):
     the outer momentum."""
 
     every: int = knob(100, "inner steps between synchronisations (H)", low=1, metavar="N")
-    outer_lr: float = knob(0.7, "outer learning rate", low=0.0, low_open=True, metavar="LR")
+    outer_lr: float = knob(
+        0.7, "outer learning rate", low=0.0, low_open=True, high=MAX_LR, metavar="LR"
+    )
     outer_momentum: float = knob(
         0.9, "outer momentum", low=0.0, high=1.0, high_open=True, metavar="M"
     )

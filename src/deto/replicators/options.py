@@ -19,6 +19,12 @@ from typing import Any, TypeVar
 
 OptionsT = TypeVar("OptionsT", bound="Options")
 
+MAX_LR = 1e3
+"""The largest learning rate a knob or ``deto train`` flag takes (``--lr``, ``--outer-lr``): far
+above any that trains (peaks lie near 1e-4 to 1, DiLoCo's outer rate near 1). Finite, so that
+a slip such as ``1e20`` is refused when the flag is read, not found as non-finite weights on
+every rank after the first steps."""
+
 
 class KnobTypeError(TypeError, ValueError):
     """A knob given a value of the wrong type."""

@@ -24,7 +24,7 @@ from typing import Any
 
 from deto.plan.auto import DEFAULT_BUDGET
 from deto.replicators import Options
-from deto.replicators.options import check_knob, knob
+from deto.replicators.options import MAX_LR, check_knob, knob
 from deto.run.presets import (
     AUTO_SCHEME,
     DEFAULT_SCHEME,
@@ -34,6 +34,7 @@ from deto.run.presets import (
     Preset,
     default_lr,
 )
+from deto.topology import MAX_TIMEOUT_S, MIN_TIMEOUT_S
 
 TASKS = ("lm", "vision")
 MODEL_TASKS: Mapping[str, str] = {
@@ -67,6 +68,12 @@ STRUCTURAL = (
 
 SEED_MAX = 2**64 - 1
 """The largest seed torch takes (``torch.manual_seed``)."""
+MAX_WEIGHT_DECAY = 1e3
+"""The largest decoupled weight decay (``p *= 1 - lr * wd``): far above those in use (0.01 to
+0.1); finite, like every float flag, so that a slip is refused when the flag is read."""
+MAX_GRAD_CLIP = 1e9
+"""The largest gradient-norm clip: no gradient these models make comes near it, so it clips
+nothing; finite, like every float flag."""
 
 
 def _f(
@@ -114,14 +121,17 @@ class TrainConfig:
     optimizer: str = _f(None, "base optimizer (preset's default)", choices=tuple(OPTIMIZERS))
     lr: float = _f(None, "peak learning rate (preset's tuned default; with sign, divided by "
                    f"{SIGN_LR_PER_DOUBLING:g} per doubling of --d-model above the task's default)",
-                   meta="LR", low=0.0, low_open=True)
+                   meta="LR", low=0.0, low_open=True, high=MAX_LR)
     sign: bool = _f(None, "use the sign of the replicated gradient (sign-SGD)")
-    weight_decay: float = _f(0.0, "decoupled weight decay", meta="WD", low=0.0)
+    weight_decay: float = _f(
+        0.0, "decoupled weight decay", meta="WD", low=0.0, high=MAX_WEIGHT_DECAY
+    )
     warmup: int = _f(20, "linear warm-up steps", meta="N", low=0)
     lr_schedule: str = _f("cosine", "after warm-up: cosine decay to 10%% of --lr at --steps, "
                           "or constant", choices=LR_SCHEDULES)
     grad_clip: float = _f(
-        0.0, "clip the node's gradient norm to this (0: off)", meta="NORM", low=0.0
+        0.0, "clip the node's gradient norm to this (0: off)", meta="NORM", low=0.0,
+        high=MAX_GRAD_CLIP,
     )
     replicator: Options | None = None  # the scheme's options, see KNOBS (None: the preset's)
     comm_budget: float = _f(DEFAULT_BUDGET, "with --scheme auto: the share of the compute time "
@@ -148,7 +158,7 @@ class TrainConfig:
     max_restarts: int = _f(0, "restart the ranks up to N times after a failure, from the newest "
                            "whole checkpoint (with --checkpoint-every)", meta="N", low=0)
     timeout: float = _f(60.0, "seconds a collective waits for a silent peer before the run "
-                        "fails", meta="SECONDS", low=0.0, low_open=True)
+                        "fails", meta="SECONDS", low=MIN_TIMEOUT_S, high=MAX_TIMEOUT_S)
     check_replicas_every: int = _f(0, "compare the nodes' replicas every N steps and repair "
                                    "divergence (0: never)", meta="N", low=0)
     ft: bool = _f(False, "run the replicate axis on torchft: when a node dies the others go on "
