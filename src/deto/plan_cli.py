@@ -22,6 +22,7 @@ from deto import plan
 from deto.launch.dispatch import UsageError
 from deto.netem.rates import format_bandwidth, parse_latency, parse_rate
 from deto.plan.auto import Decision, choose
+from deto.plan.cost import MAX_NODES
 from deto.replicators import make_replicator
 from deto.run import config, tasks
 from deto.run.presets import AUTO_SCHEME, OPTIMIZERS, PRESETS
@@ -156,11 +157,15 @@ def priced(chosen: list[plan.Scheme], decision: Decision | None) -> list[plan.Sc
             for s in chosen]  # fmt: skip
 
 
+MAX_RANKS_PER_NODE = 1 << 16
+
+
 def _link(ns: argparse.Namespace) -> plan.Link:
-    if ns.nodes < 1:
-        raise UsageError(f"Invalid --nodes: {ns.nodes} (must be >= 1)")
-    if ns.ranks_per_node < 1:
-        raise UsageError(f"Invalid --ranks-per-node: {ns.ranks_per_node} (must be >= 1)")
+    if not 1 <= ns.nodes <= MAX_NODES:
+        raise UsageError(f"Invalid --nodes: {ns.nodes} (must be in [1, {MAX_NODES}])")
+    if not 1 <= ns.ranks_per_node <= MAX_RANKS_PER_NODE:
+        raise UsageError(f"Invalid --ranks-per-node: {ns.ranks_per_node} "
+                         f"(must be in [1, {MAX_RANKS_PER_NODE}])")  # fmt: skip
     if not (math.isfinite(ns.compute_s) and ns.compute_s >= 0):
         raise UsageError(f"Invalid --compute-s: {ns.compute_s} (must be >= 0)")
     try:

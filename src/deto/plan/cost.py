@@ -169,8 +169,12 @@ def memory_per_rank(scheme: Scheme, model: ModelShapes, ranks_per_node: int) -> 
     }
 
 
+MAX_NODES = 1 << 20
+"""The most nodes the plan prices (and the crossover searches)."""
+
+
 def crossover(
-    a: Traffic, b: Traffic, *, max_nodes: int = 1 << 20
+    a: Traffic, b: Traffic, *, max_nodes: int = MAX_NODES
 ) -> int | None:
     """The fewest nodes (>= 2) at which ``a`` sends more per step than ``b`` on average, or
     ``None`` up to ``max_nodes``. Found by doubling and bisection, so it assumes that once

@@ -104,6 +104,12 @@ def from_param_count(count: float) -> ModelShapes:
             f"Parameter count {count:.3g} is below the smallest Llama-like model "
             f"({smallest:,} parameters: one layer and the embeddings); pass a model instead"
         )
+    largest = llama_like(MAX_LAYERS).numel
+    if count > 2 * largest:
+        raise ValueError(
+            f"Parameter count {count:.3g} is above the largest Llama-like model "
+            f"({largest:,} parameters: {MAX_LAYERS} layers); pass a model instead"
+        )
     best = min(range(1, MAX_LAYERS + 1), key=lambda n: abs(llama_like(n).numel - count))
     shapes = llama_like(best)
     return ModelShapes(
