@@ -65,13 +65,23 @@ def batch(step: int, node: int, device: torch.device) -> torch.Tensor:
     return torch.randn(16, 32, generator=g).to(device)
 
 
-def train_steps(model: nn.Module, opt: deto.DecoupledOptimizer, node: int) -> None:
+def train_steps(
+    model: nn.Module, opt: deto.DecoupledOptimizer, node: int
+) -> tuple[int, int, dict[str, int]]:
+    """:data:`STEPS` steps on ``node``'s batches: the rank's and its node's bytes sent over them,
+    and the state the rank holds after the last (:func:`held_bytes`)."""
     device = next(model.parameters()).device
+    sent = node_sent = 0
+    held: dict[str, int] = {}
     for t in range(STEPS):
         x = batch(t, node, device)
         model(x).sub(x.flip(1)).pow(2).mean().backward()
         opt.step()
+        held = held_bytes(model, opt)
         opt.zero_grad()
+        stats = opt.stats()
+        sent, node_sent = sent + stats.bytes_sent, node_sent + stats.node_bytes_sent
+    return sent, node_sent, held
 
 
 def _nbytes(tensors: Sequence[torch.Tensor]) -> int:
@@ -189,14 +199,7 @@ def fake_nodes_run(
         base = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
         names: dict[torch.Tensor, str] = {p: n for n, p in model.named_parameters()}
         opt = deto.DecoupledOptimizer(base, [SCHEMES[scheme]()], comm, param_names=names)
-        sent = 0
-        for t in range(STEPS):
-            x = batch(t, comm.rank, device)
-            model(x).sub(x.flip(1)).pow(2).mean().backward()
-            opt.step()
-            held = held_bytes(model, opt)
-            opt.zero_grad()
-            sent += opt.stats().bytes_sent
+        sent, _, held = train_steps(model, opt, comm.rank)
         sharded = all(isinstance(p, DTensor) for p in model.parameters())
         params = [local_tensor(p).detach().cpu().clone() for p in model.parameters()]
         return params, sent, sharded, held
@@ -247,14 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         with peak_window(device.type) as peak:  # the scheme's own
             model, opt = deto.prepare(model, topology, replicator=SCHEMES[scheme](),
                                       optimizer=torch.optim.AdamW, lr=LR, sign=False)
-            sent = 0
-            for t in range(STEPS):
-                x = batch(t, topology.node, device)
-                model(x).sub(x.flip(1)).pow(2).mean().backward()
-                opt.step()
-                held = held_bytes(model, opt)
-                opt.zero_grad()
-                sent += opt.stats().node_bytes_sent
+            _, sent, held = train_steps(model, opt, topology.node)
         report = deto.check_replicas(model, opt, repair=False)
         found[scheme] = {"replicas_identical": not report.diverged,
                          "node_bytes_sent_per_step": sent // STEPS, "held_bytes": held,
