@@ -89,3 +89,21 @@ def test_a_process_that_ignores_sigterm_keeps_ignoring_it():
             assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGTERM, before)
+
+
+def test_a_stopped_agent_leaves_with_the_signals_status_and_no_traceback(monkeypatch) -> None:
+    """torchrun raises SignalException on SIGTERM (its traceback would reach the terminal); the
+    node's agent turns it into the exit status a death by that signal reports."""
+    import torch.distributed.run
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    from deto.launch import agent
+
+    def stopped() -> None:
+        raise SignalException("got signal: 15", sigval=signal.SIGTERM)
+
+    monkeypatch.setattr(torch.distributed.run, "main", stopped)
+    with pytest.raises(SystemExit) as exit_info:
+        agent.main()
+    assert exit_info.value.code == 128 + signal.SIGTERM
+    assert agent.argv()[-2:] == ["-m", "deto.launch.agent"]

@@ -28,6 +28,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from deto.launch import agent
 from deto.launch.shaped import (
     GRACE_S,
     emulated_cluster,
@@ -169,7 +170,7 @@ def node_argv(
     """argv of ``node``'s own torchrun: a one-node world, restarted on its own; ``prefix``
     places it (a namespace)."""
     return [
-        *prefix, sys.executable, "-m", "torch.distributed.run",
+        *prefix, *agent.argv(),
         "--standalone", "--nnodes=1", f"--nproc-per-node={ranks_per_node}",
         f"--max-restarts={max_restarts}",
         *program, "--node-index", str(node), "--lighthouse", lighthouse,
@@ -195,7 +196,7 @@ def run_torchft_nodes(argvs: list[list[str]], *, log_dir: Path, tmp_dir: Path) -
 
 
 def rank_pids(node: int) -> list[int]:
-    """The pids of ``node``'s ranks on this machine, not its torchrun agent's (what a fault
+    """The pids of ``node``'s ranks on this machine, not its agent's (what a fault
     injection kills, or a monitor watches): the processes whose argv holds ``--node-index
     <node>`` (:func:`node_argv`) and is not torchrun's."""
     pids = []
@@ -206,7 +207,7 @@ def rank_pids(node: int) -> list[int]:
             continue
         if (
             b"--node-index" in argv
-            and b"torch.distributed.run" not in argv
+            and agent.MODULE.encode() not in argv
             and argv[argv.index(b"--node-index") + 1 :][:1] == [str(node).encode()]
         ):
             pids.append(int(proc.name))

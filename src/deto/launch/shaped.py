@@ -14,13 +14,13 @@ import contextlib
 import json
 import logging
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from deto.launch import agent
 from deto.launch.failures import PEER_GONE, TIMEOUT, cause_of
 from deto.netem import (
     EmulatedCluster,
@@ -158,9 +158,7 @@ def node_argv(
         *cluster.exec_prefix(node),
         "env",
         *(f"{k}={v}" for k, v in sorted(env.items())),
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
+        *agent.argv(),
         f"--nnodes={cluster.nodes}",
         f"--nproc-per-node={ranks_per_node}",
         "--rdzv-backend=c10d",
