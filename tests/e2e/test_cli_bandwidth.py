@@ -52,7 +52,7 @@ def test_shaped_run_limits_the_link_restarts_a_killed_rank_and_removes_its_names
         assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint came"
         time.sleep(0.01)
     ranks = [pid for pid in _processes_mentioning(str(out / "train.toml"))
-             if b"torch.distributed.run" not in Path(f"/proc/{pid}/cmdline").read_bytes()]
+             if b"deto.launch.agent" not in Path(f"/proc/{pid}/cmdline").read_bytes()]
     assert ranks, "no rank process found"
     os.kill(max(ranks), signal.SIGKILL)
     _, err = proc.communicate(timeout=240)

@@ -210,7 +210,7 @@ def test_node_argv_runs_torchrun_inside_the_namespace():
     assert argv[:4] == ["ip", "netns", "exec", "deto-123-abc-n1"]
     assert "GLOO_SOCKET_IFNAME=deto0" in argv and "OMP_NUM_THREADS=1" in argv
     assert "TORCH_CPP_LOG_LEVEL=ERROR" in argv
-    i = argv.index("torch.distributed.run")
+    i = argv.index("deto.launch.agent")  # torchrun, through the agent that stops quietly
     assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in argv  # restarts need a fresh store
     assert argv[i + 1 :] == [
         "--nnodes=2", "--nproc-per-node=2", "--rdzv-backend=c10d",
@@ -227,7 +227,7 @@ def test_a_torchft_node_runs_its_own_world_under_a_host_name_of_its_own():
     from deto.launch import ftcluster
     argv = ftcluster.node_argv(1, 2, ["-m", "deto", "train"], lighthouse="http://h:1",
                               max_restarts=2)  # fmt: skip
-    i = argv.index("torch.distributed.run")
+    i = argv.index("deto.launch.agent")  # torchrun, through the agent that stops quietly
     assert argv[i + 1 :] == [
         "--standalone", "--nnodes=1", "--nproc-per-node=2", "--max-restarts=2",
         "-m", "deto", "train", "--node-index", "1", "--lighthouse", "http://h:1",

@@ -705,7 +705,7 @@ def summarise(runs: Sequence[RunResult], cfg: BenchConfig, where: dict[str, Any]
         "schemes": list(cfg.schemes),
         "bandwidths": list(cfg.bandwidths),
         "train_args": list(cfg.train_args),
-        "target": f"{BASELINE}'s validation loss at {TARGET_FRACTION:.0%} of its steps, per seed",
+        "target": f"{target_loss(runs)[1]}, per seed",
         "provenance": where,
         "run_provenance": first.get("provenance"),
     }
