@@ -127,7 +127,8 @@ def recorded_points(out: Path) -> list[dict[str, Any]]:
         name = summary.parent.name
         model = next((m for m in MODELS if name.startswith(m + "-")), None)
         rest = name[len(model) + 1:] if model else ""
-        setting = next((t for t in SETTINGS if rest.startswith(t + "-")), None)
+        # the longest label that fits: "1d-64-4-int2-overlap" before "1d-64-4-int2"
+        setting = max((t for t in SETTINGS if rest.startswith(t + "-")), key=len, default=None)
         if model is None or setting is None:
             continue
         schedule, _, seed = rest[len(setting) + 1:].rpartition("-s")
