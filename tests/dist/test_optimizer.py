@@ -78,6 +78,8 @@ def checkpoint_roundtrip(key: str) -> tuple[list[float], list[float], bool]:
         "demo": {"topk": 8, "chunk": 8},
         "demo-overlap": {"topk": 8, "chunk": 8, "overlap": True},  # a payload in flight
         "demo-delayed": {"topk": 8, "chunk": 8, "overlap": True, "overlap_mode": "delayed"},
+        # saved right after the first overlapped exchange, the first two ran in the step
+        "demo-after": {"topk": 8, "chunk": 8, "overlap": True, "overlap_after": 2},
         "random": {"rate": 0.3},
         "diloco": {"every": 2},
     }
@@ -105,7 +107,9 @@ def checkpoint_roundtrip(key: str) -> tuple[list[float], list[float], bool]:
     return tail, tail2, common.shard_digest(model2) == final
 
 
-@pytest.mark.parametrize("key", ["demo", "demo-overlap", "demo-delayed", "random", "diloco"])
+@pytest.mark.parametrize(
+    "key", ["demo", "demo-overlap", "demo-delayed", "demo-after", "random", "diloco"]
+)
 def test_state_dict_round_trip_resumes_identically(pool, key):
     for tail, tail2, same in pool.run(checkpoint_roundtrip, key):
         assert tail == tail2

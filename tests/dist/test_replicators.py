@@ -25,6 +25,7 @@ SYNCING = {
     "demo-sparse": {"topk": 4, "chunk": 4, "dense_fallback": False},
     "demo-overlap": {"overlap": True, "values": "int8"},
     "demo-delayed": {"overlap": True, "overlap_mode": "delayed", "values": "int8"},
+    "demo-after": {"overlap": True, "overlap_after": 2, "values": "int8"},
     "full": {},
     "full-overlap": {"overlap": True},
     "random": {"rate": 0.3},

@@ -28,9 +28,12 @@ def _net() -> nn.Module:
     return model
 
 
-def _make(comm: deto.Comm, mode: str, base: str):
+def _make(comm: deto.Comm, mode: str | None, base: str, after: int = 0):
+    """``mode`` None: the exchange in the step."""
     model = _net()
-    rep = deto.DeMo(overlap=True, overlap_mode=mode, **OPTIONS)
+    overlap = {} if mode is None else {"overlap": True, "overlap_mode": mode,
+                                       "overlap_after": after}
+    rep = deto.DeMo(**overlap, **OPTIONS)
     if base == "sgd":
         opt = torch.optim.SGD(model.parameters(), lr=LR)
         sign = True
@@ -51,9 +54,9 @@ def _give_grads(model: nn.Module, node: int, t: int) -> None:
         p.grad = torch.randn(p.shape, generator=g)
 
 
-def _trajectory(mode: str, base: str, steps: int) -> list:
+def _trajectory(mode: str | None, base: str, steps: int, after: int = 0) -> list:
     def node(comm):
-        model, rep, opt = _make(comm, mode, base)
+        model, rep, opt = _make(comm, mode, base, after)
         out = []
         for t in range(steps):
             _give_grads(model, comm.rank, t)
@@ -68,9 +71,10 @@ def _trajectory(mode: str, base: str, steps: int) -> list:
     return deto.FakeComm(nodes=2).run(node)
 
 
+@pytest.mark.parametrize("after", [0, 2])
 @pytest.mark.parametrize("base", ["sgd", "adamw"])
-def test_consensus_moves_exactly_as_the_plain_delay(base: str) -> None:
-    eager, delayed = _trajectory("eager", base, 5), _trajectory("delayed", base, 5)
+def test_consensus_moves_exactly_as_the_plain_delay(base: str, after: int) -> None:
+    eager, delayed = _trajectory("eager", base, 5, after), _trajectory("delayed", base, 5, after)
     for node_eager, node_delayed in zip(eager, delayed, strict=True):
         for (_, agreed, _), (params, _, _) in zip(node_eager, node_delayed, strict=True):
             assert all(torch.equal(a, b) for a, b in zip(agreed, params, strict=True))
@@ -129,11 +133,30 @@ def test_consensus_starts_from_the_weights_the_first_step_sees() -> None:
         assert torch.equal(params[0], torch.full_like(params[0], 0.5) * (1 - LR * 0.1))
 
 
+@pytest.mark.parametrize("mode", ["eager", "delayed"])
+def test_overlap_after_runs_the_first_exchanges_in_the_step(mode: str) -> None:
+    """With ``overlap_after=2`` steps 1-2 are the in-step path's bytes, with nothing
+    provisional; from step 3 on the exchange is in flight and the paths part."""
+    in_step, late = _trajectory(None, "sgd", 4), _trajectory(mode, "sgd", 4, after=2)
+    for node_in_step, node_late in zip(in_step, late, strict=True):
+        for step, ((want, _, _), (live, agreed, own)) in enumerate(
+            zip(node_in_step, node_late, strict=True), start=1
+        ):
+            same = all(torch.equal(a, b) for a, b in zip(want, agreed, strict=True))
+            assert same == (step <= 2), step
+            assert bool(own) == (mode == "eager" and step > 2), step
+            if step <= 2:
+                assert all(torch.equal(a, b) for a, b in zip(live, agreed, strict=True))
+
+
 def test_overlap_mode_is_checked_and_shown() -> None:
     assert "overlap_mode" not in repr(deto.DeMo(overlap=True))
     assert "overlap_mode='delayed'" in repr(deto.DeMo(overlap=True, overlap_mode="delayed"))
     with pytest.raises(ValueError, match="expected one of eager, delayed"):
         deto.DeMo(overlap=True, overlap_mode="late")
+    assert "overlap_after=30" in repr(deto.DeMo(overlap=True, overlap_after=30))
+    with pytest.raises(ValueError, match="overlap_after"):
+        deto.DeMo(overlap=True, overlap_after=-1)
 
 
 def test_a_deferred_step_keeps_the_update_in_flight_on_the_live_shard() -> None:

@@ -98,7 +98,9 @@ class DeMoOptions(MomentumOptions, OverlapOptions):
     consensus, applies the aggregate that arrived, and re-derives the live shard. Consensus
     copies are bitwise identical on every node (live shards differ by the provisional part);
     they cost one more copy of every sparse shard. Checkpoints hold the payload in flight and
-    the consensus.
+    the consensus. With ``overlap_after`` N, the first N exchanges run in the step (nothing in
+    flight, nothing provisional: the in-step path's numbers) and overlap starts at exchange
+    N + 1; most of what the delay costs is paid early, at the peak learning rate.
     """
 
     topk: int = knob(4, "DCT coefficients kept per chunk", low=1, metavar="K")
@@ -128,6 +130,11 @@ class DeMoOptions(MomentumOptions, OverlapOptions):
         "eager (this node's own selection at once, corrected by the aggregate a step later) or "
         "delayed (only the previous step's aggregate)", choices=OVERLAP_MODES,
     )
+    overlap_after: int = knob(
+        0, "with --overlap, run the first N exchanges in the step and overlap from then on "
+        "(the delay costs most in the steps at the peak learning rate right after warm-up)",
+        low=0, metavar="N",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -145,7 +152,7 @@ class DeMo(MomentumReplicator):
 
     Keyword arguments: the knobs of :class:`DeMoOptions` (``topk=4, chunk=64, decay=0.999,
     blocks="1d", values="int2", aggregation="selected", dense_fallback=True, overlap=False,
-    overlap_mode="eager", every=1``), and the schedule's ``skip_every``, ``offset`` and
+    overlap_mode="eager", overlap_after=0, every=1``), and the schedule's ``skip_every``, ``offset`` and
     ``include`` (see :class:`Replicator`). The defaults come from a loss-vs-bytes sweep over
     four models (docs/benchmarks.md, "Choosing DeMo's defaults"): 4 of the 64 coefficients of
     each 1-D chunk, 2-bit values, 1/32 of a full all-reduce's bytes, at or below HSDP's loss on
@@ -294,6 +301,8 @@ class DeMo(MomentumReplicator):
         extra = ", overlap=True" if self.overlap else ""
         if self.overlap and not self.eager:
             extra += f", overlap_mode={self.options.overlap_mode!r}"
+        if self.overlap and self.options.overlap_after:
+            extra += f", overlap_after={self.options.overlap_after}"
         if self.transform != "dct":
             extra += f", transform={self.transform!r}"
         return (
@@ -348,10 +357,12 @@ class DeMo(MomentumReplicator):
                 deltas[j].zero_()
                 out[j] = avg
         if payload:
+            overlapping = self.overlapping
             if self.eager:  # this node's estimate of the aggregate now sent: its own selection
                 # (copies: a group decodes into one buffer, which the aggregate's decode reuses)
-                self._own = {p: t.clone() for p, t in self._decode(active, [payload]).items()}
-            if self.overlap:
+                self._own = ({p: t.clone() for p, t in self._decode(active, [payload]).items()}
+                             if overlapping else {})
+            if overlapping:
                 previous = self._in_flight
                 self._in_flight = (comm.all_gather_async(payload).wait, active)
                 if previous is not None:
@@ -369,6 +380,13 @@ class DeMo(MomentumReplicator):
                     if out[j] is None:  # nothing in flight for it yet: no update this step
                         out[j] = torch.zeros(self.slots[pos].local.shape, device=deltas[j].device)
         return [t for t in out if t is not None]
+
+    @property
+    def overlapping(self) -> bool:
+        """Whether the exchange about to run is left in flight: ``overlap`` is on and the first
+        ``overlap_after`` exchanges, which run in the step, are done (``fired`` counts them, and
+        a checkpoint keeps it, so a resume is in the same phase)."""
+        return self.overlap and self.fired >= self.options.overlap_after
 
     def _decode(
         self, active: list[tuple[int, list[int]]], nodes: list[list[torch.Tensor]]
