@@ -7,7 +7,8 @@ the bandwidth, plus the link's latency once per sequential ring step of the busi
 run under ``h`` steps of compute (DeMo and Full with ``overlap``, Streaming DiLoCo's
 ``overlap_steps``) adds only what exceeds them: ``compute + max(0, comm - h * compute)``, which
 for ``h = 1`` is ``max(compute, comm)``. Times are averaged over the schedule's period
-(DiLoCo's H steps, a Striding cycle); the peak is the busiest step's.
+(DiLoCo's H steps, a Striding cycle); the peak is the busiest step's. They are the steady
+state: DeMo's first ``overlap_after`` exchanges, which run in the step, are not counted.
 
 Memory (fp32, the busiest rank, rank 0, which holds the largest shards): parameters, gradients,
 the base optimizer's per-parameter state, and the replicator's checkpointed state (momenta,
