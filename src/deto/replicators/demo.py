@@ -152,11 +152,12 @@ class DeMo(MomentumReplicator):
 
     Keyword arguments: the knobs of :class:`DeMoOptions` (``topk=4, chunk=64, decay=0.999,
     blocks="1d", values="int2", aggregation="selected", dense_fallback=True, overlap=False,
-    overlap_mode="eager", overlap_after=0, every=1``), and the schedule's ``skip_every``, ``offset`` and
-    ``include`` (see :class:`Replicator`). The defaults come from a loss-vs-bytes sweep over
-    four models (docs/benchmarks.md, "Choosing DeMo's defaults"): 4 of the 64 coefficients of
-    each 1-D chunk, 2-bit values, 1/32 of a full all-reduce's bytes, at or below HSDP's loss on
-    every model swept, where 2-D blocks at 1/50 and beyond fell behind on some.
+    overlap_mode="eager", overlap_after=0, every=1``), and the schedule's ``skip_every``,
+    ``offset`` and ``include`` (see :class:`Replicator`). The defaults come from a
+    loss-vs-bytes sweep over four models (docs/benchmarks.md, "Choosing DeMo's defaults"): 4 of
+    the 64 coefficients of each 1-D chunk, 2-bit values, 1/32 of a full all-reduce's bytes, at or
+    below HSDP's loss on every model swept, where 2-D blocks at 1/50 and beyond fell behind on
+    some.
     """
 
     name = "demo"
