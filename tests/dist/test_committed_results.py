@@ -75,7 +75,14 @@ def test_committed_results_reproduce_their_first_steps(folder, scheme, pool, tmp
     if key not in _reruns:  # runs at several links compute the same: train once
         pool.run(train_prefix, cfg, str(out), timeout=600)
         _reruns[key] = sweep.load_run(scheme, None, first_seed, out)
-    checks = [c for r in runs for c in reproduce.compare_run(r, _reruns[key], same_link=False)]
+    rerun = _reruns[key]
+    checks = [
+        c
+        for r in runs
+        for c in reproduce.compare_run(
+            r, rerun, same_link=False, same_machine=reproduce.same_machine(r, rerun)
+        )
+    ]
     failed = [c for c in checks if c.status == reproduce.FAIL]
     assert not failed, (
         f"{folder} no longer matches the code (regenerate it, see docs/benchmarks.md):\n"

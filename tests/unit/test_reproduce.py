@@ -153,6 +153,17 @@ def test_past_the_first_step_losses_must_match_only_on_the_recording_machine():
     ]
 
 
+def test_the_first_step_is_held_ten_times_looser_on_another_machine():
+    def first(shift, same_machine):
+        checks = reproduce.compare_run(_run(), _run(loss_shift=shift), same_machine=same_machine)
+        return _status(checks)["train loss, first step"]
+
+    # 4.0 - 0.2 at step 2: a shift of 1.9e-4 is 5e-5 relative, 3.8e-3 is 1e-3
+    assert first(1.9e-4, True) == FAIL
+    assert first(1.9e-4, False) == PASS and first(1.9e-4, None) == PASS
+    assert first(3.8e-3, False) == FAIL
+
+
 def test_same_machine_compares_what_changes_rounding():
     where = {
         "cpu": {"model": "A", "vector_flags": ["avx2"], "usable_cores": 2},

@@ -4,9 +4,10 @@ What must reproduce, and how closely:
 
 * the resolved configuration: exactly (a changed preset or default makes the results stale);
 * inter-node bytes: exactly (they depend on the code and the model, never on the machine);
-* the training loss at the first logged step: to a tight relative tolerance. Different CPUs
-  round differently in the last bits, but that early the losses still agree far closer than
-  any code change that alters the numerics leaves them;
+* the training loss at the first logged step: to a tight relative tolerance, ten times
+  looser on another machine. Different CPUs round differently in the last bits, but that
+  early the losses still agree far closer than any code change that alters the numerics
+  leaves them;
 * the training loss at every later logged step: to the same tolerance on the machine that
   recorded it (same CPU, vector extensions, torch build, threads and packages: the run is
   deterministic). On another machine the sparse schemes' discrete choices (top-k, sign) amplify
@@ -45,6 +46,11 @@ LOSS_RTOL = 1e-5
 """Relative tolerance of training and final losses. Measured on the default task at step 10:
 another CPU moved hsdp's training loss by 2e-9 and FlexDeMo's by 0, a 1-ulp change of every
 initial weight FlexDeMo's by 9e-8; FlexDeMo with --topk 15 instead of 14 moves it by 6e-4."""
+FIRST_STEP_RTOL_ELSEWHERE = 1e-4
+"""Relative tolerance of the first logged training loss on another (or an unrecorded) machine.
+AVX2 instead of AVX-512 (torch's CPU capability) moved FlexDeMo's loss at step 10 by 1.3e-5 on
+4 nodes x 1 rank, past :data:`LOSS_RTOL`; one more coefficient per block (the code change
+above) still moves it six times further than this."""
 TIME_TOLERANCE = 0.25
 """Timings pass within a factor 1 + this of the recorded ones, either way."""
 NOT_COMPARED = frozenset({"out", "resume", "stop_at"})
@@ -251,7 +257,8 @@ def compare_run(
     to target and its target loss). ``same_link``: timings are compared only over the link
     they were measured on. ``same_machine``: whether the recorded provenance matches this
     machine in everything that changes rounding (``None``: not recorded); only then must the
-    losses past the first logged step match too.
+    losses past the first logged step match too, and the first to ``loss_rtol`` rather than
+    :data:`FIRST_STEP_RTOL_ELSEWHERE`.
     """
     name = sweep.run_name(recorded.scheme, recorded.bandwidth, recorded.seed)
     checks = []
@@ -304,7 +311,7 @@ def compare_run(
                 rec,
                 cur,
                 common[:1],
-                loss_rtol,
+                loss_rtol if same_machine is True else max(loss_rtol, FIRST_STEP_RTOL_ELSEWHERE),
                 must_match=True,
             )
         )
